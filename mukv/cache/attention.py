@@ -1,0 +1,158 @@
+"""Attention over cached KV, written once for every cache method.
+
+Keys and values are kept un-rotated (B, H_kv, L, d); positions are chosen by the caller and applied with
+``RotaryTable`` right before the dot products. Two layouts cover every method:
+
+* ``SinkWindowKV`` — streaming encoding as in ReKV/InfLLM: token ``i`` attends to the keys ``j`` with
+  ``0 <= i - j < n_local`` at their true relative distance, and to the init (sink) tokens that have left
+  that window at the fixed distance ``n_local``. ``n_local=None`` keeps everything: plain causal attention
+  with contiguous positions, i.e. exactly an offline forward.
+* ``ContextKV`` — answering: a fixed context of already-rotated keys (whatever a method recalled), then
+  the prompt and generated tokens appended causally at positions from ``next_position`` on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mukv.models.rope import RotaryTable
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with grouped KV heads; ``mask`` is boolean (Lq, Lk), True where attention is allowed."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
+    """Queries are the last ``lq`` of ``lk`` keys: every earlier key visible, causal among the new ones."""
+    if lq == 1:
+        return None
+    i = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them."""
+    groups = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+class SinkWindowKV:
+    """One layer's streaming KV: the init sink plus a sliding window of the most recent tokens."""
+
+    def __init__(self, n_local: int | None, query_block: int = 1024) -> None:
+        self.n_local = n_local
+        self.query_block = query_block
+        self.init_k: torch.Tensor | None = None
+        self.init_v: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # most recent tokens, un-rotated
+        self.v: torch.Tensor | None = None
+        self.start = 0  # global index of self.k[..., 0, :]
+
+    @property
+    def n_seen(self) -> int:
+        return self.start + (0 if self.k is None else self.k.shape[-2])
+
+    @property
+    def n_init(self) -> int:
+        return 0 if self.init_k is None else self.init_k.shape[-2]
+
+    def set_init(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Declare the tokens seen so far (the init prompt) as the attention sink."""
+        self.init_k, self.init_v = k, v
+
+    def attend_and_append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                          rope: RotaryTable) -> torch.Tensor:
+        """Attention output of the new tokens (B, Hq, L, d); the new keys join the window."""
+        keys = k if self.k is None else torch.cat((self.k, k), dim=-2)
+        vals = v if self.v is None else torch.cat((self.v, v), dim=-2)
+        first_new = self.n_seen
+        outs = [self._attend_block(q[..., a:a + self.query_block, :], first_new + a, keys, vals, scaling, rope)
+                for a in range(0, q.shape[-2], self.query_block)]
+        if self.n_local is not None and keys.shape[-2] > self.n_local:
+            drop = keys.shape[-2] - self.n_local
+            keys, vals = keys[..., drop:, :], vals[..., drop:, :]
+            self.start += drop
+        self.k, self.v = keys, vals
+        return torch.cat(outs, dim=-2)
+
+    def peek(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+             rope: RotaryTable) -> torch.Tensor:
+        """Like ``attend_and_append`` but leaves the cache unchanged (a question's KV is not kept)."""
+        saved = (self.k, self.v, self.start)
+        out = self.attend_and_append(q, k, v, scaling, rope)
+        self.k, self.v, self.start = saved
+        return out
+
+    def _attend_block(self, q: torch.Tensor, qa: int, keys: torch.Tensor, vals: torch.Tensor,
+                      scaling: float, rope: RotaryTable) -> torch.Tensor:
+        lq = q.shape[-2]
+        qb = qa + lq  # global query range [qa, qb)
+        lo = self.start if self.n_local is None else max(self.start, qa - self.n_local + 1)
+        kw, vw = keys[..., lo - self.start:qb - self.start, :], vals[..., lo - self.start:qb - self.start, :]
+        # Positions relative to the first key in view keep the rotation angles small (as ReKV does).
+        q_rot = rope.rotate(q, torch.arange(qa - lo, qb - lo, device=q.device))
+        k_rot = rope.rotate_range(kw, 0)
+        qi = torch.arange(qa, qb, device=q.device)[:, None]
+        kj = torch.arange(lo, qb, device=q.device)[None, :]
+        band = kj <= qi
+        if self.n_local is not None:
+            band &= (qi - kj) < self.n_local
+        sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
+        if not sink_needed:
+            return grouped_sdpa(q_rot, k_rot, vw, scaling, band)
+        # Sink tokens outside a query's window are seen at the fixed distance n_local.
+        q_sink = rope.rotate(q, torch.full((lq,), self.n_local, device=q.device))
+        sink_mask = (qi - torch.arange(self.n_init, device=q.device)[None, :]) >= self.n_local
+        return _two_part_attention(q_rot, k_rot, vw, band, q_sink, self.init_k, self.init_v, sink_mask, scaling)
+
+
+def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
+    """Softmax over two key sets whose queries are rotated differently (window part and sink part)."""
+    groups = qa.shape[1] // ka.shape[1]
+    b, hq, lq, d = qa.shape
+    hk = ka.shape[1]
+
+    def logits(q, k, mask):
+        qg = q.reshape(b, hk, groups * lq, d)
+        s = torch.matmul(qg, k.transpose(-1, -2)).view(b, hk, groups, lq, -1).float() * scaling
+        return s.masked_fill(~mask, float("-inf"))
+
+    s = torch.cat((logits(qa, ka, mask_a), logits(qb, kb, mask_b)), dim=-1).softmax(dim=-1)
+    vals = torch.cat((va, vb), dim=-2).float()
+    out = torch.matmul(s.view(b, hk, groups * lq, -1), vals).view(b, hq, lq, d)
+    return out.to(qa.dtype)
+
+
+class ContextKV:
+    """One layer's answering KV: a recalled context (already rotated) plus appended new tokens."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, next_position: int, reserve: int = 0) -> None:
+        b, h, n, d = keys.shape
+        self.k = keys.new_empty((b, h, n + reserve, d))
+        self.v = values.new_empty((b, h, n + reserve, d))
+        self.k[..., :n, :], self.v[..., :n, :] = keys, values
+        self.length = n
+        self.next_position = next_position
+
+    def attend_and_append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                          rope: RotaryTable) -> torch.Tensor:
+        lq = q.shape[-2]
+        pos = torch.arange(self.next_position, self.next_position + lq, device=q.device)
+        q_rot, k_rot = rope.rotate(q, pos), rope.rotate(k, pos)
+        end = self.length + lq
+        if end > self.k.shape[-2]:  # grow (the reserve was too small)
+            extra = end - self.k.shape[-2] + 64
+            self.k = torch.cat((self.k, self.k.new_empty(*self.k.shape[:2], extra, self.k.shape[-1])), dim=-2)
+            self.v = torch.cat((self.v, self.v.new_empty(*self.v.shape[:2], extra, self.v.shape[-1])), dim=-2)
+        self.k[..., self.length:end, :], self.v[..., self.length:end, :] = k_rot, v
+        self.length, self.next_position = end, self.next_position + lq
+        mask = prefix_causal_mask(lq, end, q.device)
+        return grouped_sdpa(q_rot, self.k[..., :end, :], self.v[..., :end, :], scaling, mask)

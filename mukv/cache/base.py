@@ -1,0 +1,165 @@
+"""What the streaming engine asks of a cache method, and nothing more.
+
+A method sees the video as visual tokens (frames x tokens_per_frame x hidden), keeps whatever KV it wants
+while the stream plays (``ingest``), and when a question comes hands back the context the answer attends
+to (``recall``). The engine then decodes over that context with the shared ``ContextKV`` mechanics.
+A new method is one subclass here (a dataclass of its knobs) registered with ``@register_cache`` plus one
+YAML file in ``conf/cache/``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from mukv.cache.attention import ContextKV, SinkWindowKV
+from mukv.models.adapter import KVGeometry, VideoLLM
+
+CACHE_METHODS: dict[str, type["CacheMethod"]] = {}
+
+
+def register_cache(name: str) -> Callable[[type["CacheMethod"]], type["CacheMethod"]]:
+    """Class decorator: make a method available by name (and to ``conf/cache/<name>.yaml``)."""
+
+    def wrap(cls: type["CacheMethod"]) -> type["CacheMethod"]:
+        cls.name = name
+        CACHE_METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class AnswerContext:
+    """The recalled context of one question: per-layer rotated keys and values, in attention order."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    next_position: int  # position of the first prompt token
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def online_tokens(self) -> int:
+        """Tokens the answer attends to before its prompt (what the budget constrains)."""
+        return int(self.keys[0].shape[-2])
+
+
+@dataclass
+class CacheStats:
+    """Bytes a method holds for the current video."""
+
+    kv_tokens: int  # tokens whose KV is stored (device + host + disk)
+    kv_bytes: int  # bytes of that stored KV
+    device_kv_bytes: int  # the part on the accelerator (or in RAM for CPU runs) used while streaming
+    aux_bytes: int = 0  # anything else kept per video (e.g. frame features for uniform sampling)
+
+
+class CacheMethod(abc.ABC):
+    """Base class of cache methods. Subclasses are dataclasses whose fields are their config knobs."""
+
+    name: ClassVar[str] = "base"
+
+    def validate(self, geometry: KVGeometry) -> None:
+        """Raise ``ConfigError`` (naming the ``cache.<field>``) for knobs that do not fit the model.
+
+        Called by the pipeline with the geometry read from the model config, before any weights load.
+        """
+
+    def bind(self, llm: VideoLLM) -> None:
+        """Attach the model; called once before the first video."""
+        self.validate(llm.geometry)
+        self.llm = llm
+        self.geometry = llm.geometry
+
+    @abc.abstractmethod
+    def start_video(self, init_ids: list[int]) -> None:
+        """Forget the previous video and encode the init prompt (the attention sink)."""
+
+    @abc.abstractmethod
+    def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
+        """Take the visual tokens (F, tokens_per_frame, hidden) of frames first_frame..first_frame+F-1."""
+
+    @abc.abstractmethod
+    def recall(self, question: str) -> AnswerContext:
+        """The context to answer ``question`` from; must not change what is kept for later questions."""
+
+    @abc.abstractmethod
+    def stats(self) -> CacheStats:
+        """Bytes held for the current video."""
+
+    # ------------------------------------------------------------------------------ shared helpers
+    def run_layers(self, embeds: torch.Tensor, per_layer: Callable) -> torch.Tensor:
+        """Forward ``embeds`` with ``per_layer(layer_idx, q, k, v, scaling) -> out`` as attention."""
+        return self.llm.forward(embeds, per_layer)
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(int(t.numel() * t.element_size()) for t in tensors if t is not None)
+
+
+class WindowStreamingCache(CacheMethod):
+    """Shared base of methods that encode the stream with sink + sliding-window attention.
+
+    ``n_local=None`` means no window: every token attends to the whole history (the ``full`` method).
+    """
+
+    n_local: int | None
+    query_block: int
+
+    def start_video(self, init_ids: list[int]) -> None:
+        self.layers = [SinkWindowKV(self.n_local, self.query_block) for _ in range(self.geometry.num_layers)]
+        self.run_layers(self.llm.embed_ids(init_ids), self._encode_layer)
+        for layer in self.layers:
+            layer.set_init(layer.k, layer.v)
+        self.n_init = len(init_ids)
+        self.frames_seen = 0
+
+    def _encode_layer(self, idx: int, q, k, v, scaling):
+        return self.layers[idx].attend_and_append(q, k, v, scaling, self.llm.rope)
+
+    def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
+        embeds = visual.reshape(1, -1, visual.shape[-1])
+        self.on_new_tokens_start()
+        self.run_layers(embeds, self._encode_and_capture)
+        self.frames_seen = first_frame + visual.shape[0]
+
+    def on_new_tokens_start(self) -> None:
+        """Hook for subclasses that also keep the new tokens' KV elsewhere (e.g. ReKV's block store)."""
+
+    def _encode_and_capture(self, idx: int, q, k, v, scaling):
+        self.capture_new_kv(idx, k, v)
+        return self._encode_layer(idx, q, k, v, scaling)
+
+    def capture_new_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hook: the un-rotated KV of the tokens being ingested, per layer."""
+
+    def window_context(self) -> AnswerContext:
+        """Init sink + the tokens in the window, re-rotated to contiguous positions 0..N-1."""
+        keys, values = [], []
+        for layer in self.layers:
+            if layer.start == 0:  # the sink is still inside the window
+                k, v = layer.k, layer.v
+            else:
+                k, v = torch.cat((layer.init_k, layer.k), dim=-2), torch.cat((layer.init_v, layer.v), dim=-2)
+            keys.append(self.llm.rope.rotate_range(k, 0))
+            values.append(v)
+        return AnswerContext(keys, values, next_position=int(keys[0].shape[-2]))
+
+    def window_stats(self) -> CacheStats:
+        layer_bytes = [tensor_bytes(L.k, L.v) + (tensor_bytes(L.init_k, L.init_v) if L.start else 0)
+                       for L in self.layers]
+        tokens = self.layers[0].k.shape[-2] + (self.layers[0].n_init if self.layers[0].start else 0)
+        return CacheStats(kv_tokens=int(tokens), kv_bytes=sum(layer_bytes), device_kv_bytes=sum(layer_bytes))
+
+
+def decode_attention(context: AnswerContext, llm: VideoLLM, reserve: int) -> Callable:
+    """The attention callable the engine decodes with: each layer appends to its ``ContextKV``."""
+    layers = [ContextKV(k, v, context.next_position, reserve) for k, v in zip(context.keys, context.values)]
+
+    def attend(idx: int, q, k, v, scaling):
+        return layers[idx].attend_and_append(q, k, v, scaling, llm.rope)
+
+    return attend

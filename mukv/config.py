@@ -1,0 +1,151 @@
+"""Structured config schemas, registered in Hydra's ConfigStore so that typos fail at compose time.
+
+Every group's YAML files extend a schema stored here: ``model``, ``dataset``, ``judge``, ``logger``,
+``engine`` and ``paths`` have fixed schemas; ``cache`` schemas are generated from the registered cache
+method dataclasses (``<name>_schema``), so a method's knobs are declared once, in its Python file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyDims:
+    """Dimensions of a model built from config (model.kind=tiny)."""
+
+    image_size: int = 112
+    text_layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 32
+    vision_layers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    kind: str = "tiny"  # tiny (built here, random weights) | pretrained (Hub id or local folder)
+    path: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed and on CUDA, else sdpa) | sdpa | eager
+    seed: int = 0
+    tiny: TinyDims = field(default_factory=TinyDims)
+
+
+@dataclass
+class SyntheticConfig:
+    num_videos: int = 2
+    duration_s: float = 120.0
+    questions_per_video: int = 4
+    frame_size: int = 112
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: str = MISSING  # rvs | synthetic
+    sample_fps: float = 0.5
+    annotation: Optional[str] = None  # rvs: the annotation JSON
+    data_root: Optional[str] = None  # rvs: where '/data/rvs/...' video paths are resolved
+    video_path_prefix: str = "/data/rvs"
+    limit_videos: Optional[int] = None
+    limit_questions: Optional[int] = None  # per video, the first N by end_time
+    video_ids: list[str] = field(default_factory=list)
+    check_videos: bool = True  # rvs: fail before the model loads if video files are missing
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class JudgeConfig:
+    name: str = "exact"  # exact | none
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none (local files only) | wandb
+    project: str = "mukv"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    dir: Optional[str] = None  # defaults to the run's output folder
+
+
+@dataclass
+class EngineConfig:
+    encode_chunk_size: int = 64
+    max_new_tokens: int = 256
+    progress: bool = True
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    cache: Any = MISSING
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    mode: str = "eval"  # eval | train
+    task_name: str = "eval"
+    seed: int = 0
+    tags: list[str] = field(default_factory=list)
+
+
+def _plain_type(tp: Any) -> Any:
+    """OmegaConf wants typing.Optional / typing.List rather than ``X | None`` / ``list[X]``."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return Optional[_plain_type(args[0])] if len(args) == 1 else Any
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return typing.List[_plain_type(arg)]
+    return tp
+
+
+def cache_schema(cls: type) -> type:
+    """A structured-config dataclass with ``_target_`` plus the method dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    specs: list[tuple[str, Any, Any]] = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for f in dataclasses.fields(cls):
+        default = (field(default_factory=f.default_factory) if f.default_factory is not dataclasses.MISSING
+                   else field(default=f.default))
+        specs.append((f.name, _plain_type(hints[f.name]), default))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", specs)
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    import mukv.cache  # noqa: F401  (registers the methods)
+    from mukv.cache.base import CACHE_METHODS
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="judge", name="judge_schema", node=JudgeConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="engine", name="engine_schema", node=EngineConfig)
+    cs.store(group="paths", name="paths_schema", node=PathsConfig)
+    for name, cls in CACHE_METHODS.items():
+        cs.store(group="cache", name=f"{name}_schema", node=cache_schema(cls))

@@ -1,0 +1,202 @@
+"""The streaming loop (the published protocol), independent of the cache method it drives.
+
+Per video: the method encodes the init prompt (the sink); questions are taken in ``end_time`` order;
+before each, every frame up to ``end_time * sample_fps`` is encoded in chunks of ``encode_chunk_size``
+frames (from where the previous question stopped); the method recalls a context; the answer is decoded
+greedily over it (the question's KV is never kept). Timing and memory are measured here, once, for all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from mukv.cache.base import CacheMethod, decode_attention
+from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
+from mukv.models.adapter import VideoLLM
+
+
+@dataclass
+class EngineSettings:
+    encode_chunk_size: int = 64
+    max_new_tokens: int = 256
+    progress: bool = True
+
+
+@dataclass
+class Answer:
+    """A decoded answer and how it was produced."""
+
+    text: str
+    token_ids: list[int]
+    first_token_logits: torch.Tensor
+    prefill_s: float  # prompt prefill until the first token's logits (time to first token after recall)
+    decode_s: float
+
+
+@dataclass
+class AnswerRecord:
+    """One row of predictions.csv."""
+
+    video_id: str
+    qid: str
+    question: str
+    answer: str
+    prediction: str
+    start_time: float
+    end_time: float
+    qtype: str | None
+    method: str
+    frames_seen: int
+    online_tokens: int
+    kv_tokens: int
+    kv_bytes: int
+    encode_s: float  # encoding the frames shown since the previous question
+    recall_s: float  # the method's recall (retrieval, fresh encoding for uniform sampling)
+    ttft_s: float  # question arrives -> first answer token (recall + prompt prefill)
+    latency_s: float  # question arrives -> full answer
+    new_tokens: int
+    error: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """A flat row; ``meta`` (keys vary by question type) stays one JSON column."""
+        d = asdict(self)
+        d["meta"] = json.dumps(d["meta"], sort_keys=True, default=str)
+        return d
+
+
+@dataclass
+class VideoRecord:
+    """One row of memory_stats.csv."""
+
+    video_id: str
+    method: str
+    frames_encoded: int
+    questions: int
+    kv_tokens: int
+    kv_bytes: int
+    peak_kv_bytes: int
+    aux_bytes: int
+    encode_s: float
+    encode_fps: float
+    peak_rss_bytes: int
+    peak_cuda_bytes: int
+    error: str = ""
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (VmHWM), 0 where /proc is unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class StreamingEngine:
+    """Streams videos through a cache method and answers their questions."""
+
+    def __init__(self, llm: VideoLLM, method: CacheMethod, settings: EngineSettings) -> None:
+        self.llm, self.method, self.settings = llm, method, settings
+        method.bind(llm)
+        self._sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
+
+    # ------------------------------------------------------------------------------------ answering
+    @torch.inference_mode()
+    def answer(self, question: str) -> tuple[Answer, Any, float]:
+        """Recall a context for ``question`` and decode greedily; returns (answer, context, recall_s)."""
+        t0 = time.perf_counter()
+        context = self.method.recall(question)
+        self._sync()
+        recall_s = time.perf_counter() - t0
+        prompt = self.llm.question_prompt_ids(question)
+        attend = decode_attention(context, self.llm, reserve=len(prompt) + self.settings.max_new_tokens)
+        t1 = time.perf_counter()
+        logits = self.llm.logits(self.llm.forward(self.llm.embed_ids(prompt), attend)[:, -1])[0]
+        self._sync()
+        t2 = time.perf_counter()
+        first_logits, tokens = logits.clone(), []
+        for _ in range(self.settings.max_new_tokens):
+            token = int(logits.argmax())
+            tokens.append(token)
+            if token in self.llm.eos_token_ids or len(tokens) == self.settings.max_new_tokens:
+                break
+            logits = self.llm.logits(self.llm.forward(self.llm.embed_ids([token]), attend)[:, -1])[0]
+        self._sync()
+        t3 = time.perf_counter()
+        text = self.llm.decode(tokens).replace("\n", " ").strip()
+        return Answer(text, tokens, first_logits, t2 - t1, t3 - t2), context, recall_s
+
+    # ------------------------------------------------------------------------------------ streaming
+    def encode_until(self, sample: VideoSample, done: int, need: int, bar: tqdm | None) -> int:
+        """Encode frames done..need-1 in chunks; returns the new number of frames encoded."""
+        for first, frames in iter_chunks(sample.source, done, need, self.settings.encode_chunk_size):
+            visual = self.llm.encode_frames(frames)
+            self.method.ingest(visual, first)
+            done = first + len(frames)
+            self._peak_kv = max(self._peak_kv, self.method.stats().kv_bytes)
+            if bar is not None:
+                bar.update(len(frames))
+        return done
+
+    @torch.inference_mode()
+    def run_video(self, sample: VideoSample, on_answer: Callable[[AnswerRecord], None],
+                  skip: Iterable[str] = ()) -> VideoRecord:
+        """Stream one video, answering every question not in ``skip``; each answer goes to ``on_answer``."""
+        skip = set(skip)
+        if self.llm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._peak_kv = 0
+        self.method.start_video(self.llm.init_prompt_ids())
+        questions = sorted(sample.questions, key=lambda q: q.end_time)
+        last_needed = max((frames_until(sample.source, q.end_time) for q in questions if q.qid not in skip),
+                          default=0)
+        show = self.settings.progress
+        frame_bar = tqdm(total=last_needed, desc=f"{sample.video_id} frames", unit="fr", leave=False,
+                         disable=not show)
+        q_bar = tqdm(total=len(questions), desc=f"{sample.video_id} questions", unit="q", leave=False,
+                     disable=not show)
+        done, encode_total, answered = 0, 0.0, 0
+        for q in questions:
+            if q.qid in skip:
+                q_bar.update(1)
+                continue
+            t0 = time.perf_counter()
+            done = self.encode_until(sample, done, frames_until(sample.source, q.end_time), frame_bar)
+            self._sync()
+            encode_s = time.perf_counter() - t0
+            encode_total += encode_s
+            on_answer(self._answer_record(sample, q, done, encode_s))
+            answered += 1
+            q_bar.update(1)
+        frame_bar.close()
+        q_bar.close()
+        stats = self.method.stats()
+        return VideoRecord(
+            video_id=sample.video_id, method=self.method.name, frames_encoded=done, questions=answered,
+            kv_tokens=stats.kv_tokens, kv_bytes=stats.kv_bytes, peak_kv_bytes=max(self._peak_kv, stats.kv_bytes),
+            aux_bytes=stats.aux_bytes, encode_s=encode_total, encode_fps=done / encode_total if encode_total else 0.0,
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_cuda_bytes=torch.cuda.max_memory_allocated() if self.llm.device.type == "cuda" else 0,
+        )
+
+    def _answer_record(self, sample: VideoSample, q: Question, frames_seen: int, encode_s: float) -> AnswerRecord:
+        answer, context, recall_s = self.answer(q.question)
+        stats = self.method.stats()
+        return AnswerRecord(
+            video_id=sample.video_id, qid=q.qid, question=q.question, answer=q.answer, prediction=answer.text,
+            start_time=q.start_time, end_time=q.end_time, qtype=q.qtype, method=self.method.name,
+            frames_seen=frames_seen, online_tokens=context.online_tokens, kv_tokens=stats.kv_tokens,
+            kv_bytes=stats.kv_bytes, encode_s=encode_s, recall_s=recall_s, ttft_s=recall_s + answer.prefill_s,
+            latency_s=recall_s + answer.prefill_s + answer.decode_s, new_tokens=len(answer.token_ids),
+            meta=dict(q.meta),
+        )

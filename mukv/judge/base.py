@@ -1,0 +1,20 @@
+"""The judge interface: a verdict per answer; failures are verdicts too (never silently dropped)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool | None  # None when the judge failed or its reply could not be parsed
+    score: float | None  # 0-5 (Video-ChatGPT style); exact match gives 5 or 0
+    error: str = ""
+
+
+class Judge(abc.ABC):
+    name: str = "judge"
+
+    @abc.abstractmethod
+    def judge(self, question: str, reference: str, prediction: str) -> Verdict: ...

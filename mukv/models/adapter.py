@@ -1,0 +1,154 @@
+"""``VideoLLM``: the surface of a LLaVA-OneVision model that the engine and the cache methods use.
+
+It turns frames into visual tokens (vision tower, projector, 2x bilinear pooling, no per-frame newline,
+as the published streaming code does), text into embeddings, runs the language model with a cache
+method's attention callable, and maps hidden states to logits. Nothing here knows about cache methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mukv.models.attention_hook import LayerAttention
+from mukv.models.rope import RotaryTable
+
+# The published ReKV / MuKV prompts for the Qwen2 chat template.
+DEFAULT_INIT_PROMPT = "<|im_start|>system \nYou are a helpful assistant.<|im_end|><|im_start|>user "
+DEFAULT_QUESTION_TEMPLATE = "\n{question}<|im_end|><|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Shapes that decide KV memory: everything byte accounting and budgets need, no weights."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    tokens_per_frame: int
+    dtype_bytes: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V, every layer, every KV head: 2 x layers x kv_heads x head_dim x bytes."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype) -> "KVGeometry":
+        """Geometry of a ``LlavaOnevisionConfig`` (weights not needed)."""
+        text, vision = config.text_config, config.vision_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        side = vision.image_size // vision.patch_size
+        pooled = -(-side // 2)
+        return cls(
+            num_layers=text.num_hidden_layers,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=head_dim,
+            hidden_size=text.hidden_size,
+            tokens_per_frame=pooled * pooled,
+            dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+        )
+
+
+class VideoLLM:
+    """A LLaVA-OneVision model, its tokenizer and its frame preprocessing, on one device and dtype."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_mean: tuple[float, float, float],
+        image_std: tuple[float, float, float],
+        init_prompt: str = DEFAULT_INIT_PROMPT,
+        question_template: str = DEFAULT_QUESTION_TEMPLATE,
+        name: str = "llava-onevision",
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.config = model.config
+        self.geometry = KVGeometry.from_config(model.config, self.dtype)
+        self.image_size = model.config.vision_config.image_size
+        self._mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.init_prompt = init_prompt
+        self.question_template = question_template
+        lm = self.language_model
+        self.rope = RotaryTable(lm.rotary_emb.inv_freq)
+        self.eos_token_ids = {tokenizer.eos_token_id}
+        if tokenizer.convert_tokens_to_ids("<|im_end|>") is not None:
+            self.eos_token_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+    # ----------------------------------------------------------------------------------------- parts
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    # ------------------------------------------------------------------------------------ vision side
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (n, H, W, 3) -> normalised (n, 3, S, S) in the model dtype, in torch (no torchvision)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+            x = x.clamp_(0, 255)
+        x = (x / 255.0 - self._mean) / self._std
+        return x.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """Visual tokens of each frame: (n, tokens_per_frame, hidden)."""
+        pixels = self.preprocess(frames)
+        cfg = self.config
+        out = self.vision_tower(pixels, output_hidden_states=True)
+        layer = cfg.vision_feature_layer
+        if isinstance(layer, int):
+            feats = out.hidden_states[layer]
+        else:
+            feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        feats = self.model.model.multi_modal_projector(feats)
+        return self.model.model.apply_pooling(feats)
+
+    # -------------------------------------------------------------------------------------- text side
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def init_prompt_ids(self) -> list[int]:
+        return self.tokenize(self.init_prompt)
+
+    def question_prompt_ids(self, question: str) -> list[int]:
+        return self.tokenize(self.question_template.format(question=question))
+
+    def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        ids_t = torch.as_tensor(ids, device=self.device, dtype=torch.long).view(1, -1)
+        return self.language_model.embed_tokens(ids_t)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # --------------------------------------------------------------------------------- language model
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, attention: LayerAttention) -> torch.Tensor:
+        """Run the language model over ``embeds`` (1, L, D) with ``attention`` owning every layer's
+        attention and cache; returns the final normed hidden states (1, L, D)."""
+        pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = self.language_model(
+            inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False, mukv_attention=attention
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()

@@ -1,0 +1,139 @@
+"""Build or load LLaVA-OneVision models: a Hub id or local folder, or the tiny random model (no download)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from mukv.errors import ConfigError
+from mukv.models import attention_hook
+from mukv.models.adapter import VideoLLM
+from mukv.models.tokenizer import build_byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("model.device", f"'{device}' requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype '{dtype}'; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_attn_implementation(choice: str, device: torch.device) -> str:
+    """The attention kernel for the vision tower and for plain (non-streaming) text forwards."""
+    if choice == "auto":
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa"
+    if choice == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation", "flash_attention_2 needs the 'flash' extra (flash-attn)")
+    return choice
+
+
+def tiny_config(vocab_size: int, image_size: int = 112, text_layers: int = 2, hidden: int = 64,
+                heads: int = 4, kv_heads: int = 2, vision_hidden: int = 32, vision_layers: int = 2,
+                max_positions: int = 1 << 20) -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision config of tiny dimensions (Qwen2 text, SigLIP vision, real architecture)."""
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=2, image_size=image_size, patch_size=14,
+    )
+    text = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        rope_theta=1_000_000.0, tie_word_embeddings=True,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_token_index=vocab_size - 1, video_token_index=vocab_size - 2,
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny(seed: int, device: torch.device, dtype: torch.dtype, **dims) -> VideoLLM:
+    """A seeded, random-initialised tiny LLaVA-OneVision with a locally built tokenizer."""
+    tokenizer = build_byte_tokenizer()
+    config = tiny_config(len(tokenizer), **dims)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model = model.to(device=device, dtype=dtype)
+    _set_text_attention(model, "sdpa")
+    return VideoLLM(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), name="tiny")
+
+
+def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str) -> VideoLLM:
+    """Load weights, tokenizer and image statistics from a Hub id or a local folder."""
+    from transformers import AutoProcessor
+
+    local = Path(path).expanduser()
+    source = str(local) if local.exists() else path
+    processor = AutoProcessor.from_pretrained(source)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation
+    ).to(device)
+    _set_text_attention(model, attn_implementation)
+    stats = getattr(processor, "video_processor", None) or processor.image_processor
+    return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path)
+
+
+def _set_text_attention(model, fallback: str) -> None:
+    """Point the text model at the mukv_stream implementation (its plain path is SDPA)."""
+    name = attention_hook.register()
+    model.model.language_model.config._attn_implementation = name
+    del fallback  # the registered function falls back to SDPA itself
+
+
+def load_video_llm(kind: str, path: str | None, device: str = "auto", dtype: str = "auto",
+                   attn_implementation: str = "auto", seed: int = 0, **dims) -> VideoLLM:
+    """Entry point used by the pipeline: ``kind`` is 'tiny' (built here) or 'pretrained' (``path``)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if kind == "tiny":
+        return build_tiny(seed, dev, dt, **dims)
+    if kind == "pretrained":
+        if not path:
+            raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
+        return load_pretrained(path, dev, dt, resolve_attn_implementation(attn_implementation, dev))
+    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny' or 'pretrained'")
+
+
+def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str = "auto", **dims):
+    """The model's KV geometry from its config alone (no weights), for validating cache knobs early."""
+    from mukv.models.adapter import KVGeometry
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if kind == "tiny":
+        return KVGeometry.from_config(tiny_config(len(build_byte_tokenizer()), **dims), dt)
+    if kind == "pretrained":
+        if not path:
+            raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
+        local = Path(path).expanduser()
+        try:
+            config = LlavaOnevisionConfig.from_pretrained(str(local) if local.exists() else path)
+        except OSError as err:
+            raise ConfigError("model.path", f"cannot read a LLaVA-OneVision config from '{path}': {err}") from err
+        return KVGeometry.from_config(config, dt)
+    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny' or 'pretrained'")

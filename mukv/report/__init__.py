@@ -1,0 +1,1 @@
+"""Run outputs: predictions, memory statistics, metrics, and loggers (W&B)."""

@@ -1,0 +1,168 @@
+"""The streaming engine and the first cache methods against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ArrayFrames, random_frames
+from mukv.cache import FullCache, SlidingWindowCache, UniformSampling
+from mukv.cache.attention import SinkWindowKV
+from mukv.data.types import Question, VideoSample
+from mukv.engine import EngineSettings, StreamingEngine
+from mukv.models.rope import RotaryTable
+
+
+def stream(llm, method, frames, chunk: int):
+    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=4, progress=False))
+    method.start_video(llm.init_prompt_ids())
+    engine._peak_kv = 0
+    engine.encode_until(VideoSample("v", len(frames), [], ArrayFrames(frames)), 0, len(frames), None)
+    return engine
+
+
+def offline_logits(llm, frames, question: str) -> torch.Tensor:
+    """One stock transformers forward over init + all frames + prompt (contiguous positions)."""
+    vis = llm.encode_frames(frames).reshape(1, -1, llm.geometry.hidden_size)
+    emb = torch.cat([llm.embed_ids(llm.init_prompt_ids()), vis, llm.embed_ids(llm.question_prompt_ids(question))], 1)
+    with torch.no_grad():
+        hidden = llm.language_model(inputs_embeds=emb).last_hidden_state
+    return llm.logits(hidden[:, -1])[0]
+
+
+@pytest.mark.parametrize("chunk,query_block", [(3, 7), (64, 4096), (1, 16)])
+def test_full_streaming_equals_offline_forward(tiny_llm, chunk, query_block):
+    frames = random_frames(10)
+    engine = stream(tiny_llm, FullCache(query_block=query_block), frames, chunk)
+    answer, context, _ = engine.answer("what colour was the star?")
+    ref = offline_logits(tiny_llm, frames, "what colour was the star?")
+    torch.testing.assert_close(answer.first_token_logits, ref, atol=1e-5, rtol=1e-5)
+    assert context.online_tokens == len(tiny_llm.init_prompt_ids()) + 10 * tiny_llm.geometry.tokens_per_frame
+
+
+def test_full_streaming_can_fail_when_a_frame_changes(tiny_llm):
+    """The exactness comparison is sensitive: one changed frame changes the logits."""
+    frames = random_frames(6)
+    engine = stream(tiny_llm, FullCache(), frames, 2)
+    answer, _, _ = engine.answer("q")
+    other = frames.copy()
+    other[2] = 255 - other[2]
+    assert (answer.first_token_logits - offline_logits(tiny_llm, other, "q")).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- sliding window
+def reference_sink_window(q, k, v, n_local: int, n_init: int, rope: RotaryTable, scaling: float):
+    """Attention of every token by definition, one query at a time in float64: keys j with
+    0 <= i-j < n_local at distance i-j, sink keys j < n_init with i-j >= n_local at distance n_local."""
+    q, k, v = q.double(), k.double(), v.double()
+    rope64 = RotaryTable(rope.inv_freq.double())
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    n = q.shape[-2]
+    out = torch.zeros_like(q)
+    for i in range(n):
+        scores, values = [], []
+        for j in range(i + 1):
+            if i - j < n_local:
+                dist = i - j
+            elif j < n_init:
+                dist = n_local
+            else:
+                continue
+            qi = rope64.rotate(q[..., i:i + 1, :], torch.tensor([dist]))
+            scores.append((qi * k[..., j:j + 1, :]).sum(-1) * scaling)
+            values.append(v[..., j:j + 1, :])
+        w = torch.cat(scores, -1).softmax(-1)
+        out[..., i, :] = (w[..., None] * torch.cat(values, -2)).sum(-2)
+    return out
+
+
+@pytest.mark.parametrize("n_local,chunks,query_block", [(5, [3, 4, 6, 2], 3), (8, [20], 4), (100, [7, 9], 5)])
+def test_sink_window_matches_direct_masked_attention(n_local, chunks, query_block):
+    torch.manual_seed(0)
+    n_init, hq, hk, d = 3, 4, 2, 16
+    rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    total = n_init + sum(chunks)
+    q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
+    layer = SinkWindowKV(n_local, query_block)
+    outs = [layer.attend_and_append(q[..., :n_init, :], k[..., :n_init, :], v[..., :n_init, :], 0.25, rope)]
+    layer.set_init(layer.k, layer.v)
+    start = n_init
+    for c in chunks:
+        outs.append(layer.attend_and_append(q[..., start:start + c, :], k[..., start:start + c, :],
+                                            v[..., start:start + c, :], 0.25, rope))
+        start += c
+    ref = reference_sink_window(q, k, v, n_local, n_init, rope, 0.25)
+    torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
+    assert layer.k.shape[-2] == min(n_local, total)
+
+
+def test_sliding_window_model_matches_reference_forward(tiny_llm):
+    """The whole model under sliding_window equals one offline forward whose attention is the
+    direct masked reference above, and the answer attends to init + the window re-rotated."""
+    frames = random_frames(6)
+    n_local = 3 * tiny_llm.geometry.tokens_per_frame + 5
+    method = SlidingWindowCache(n_local=n_local, query_block=11)
+    engine = stream(tiny_llm, method, frames, 2)
+    n_init = len(tiny_llm.init_prompt_ids())
+    vis = tiny_llm.encode_frames(frames).reshape(1, -1, tiny_llm.geometry.hidden_size)
+    emb = torch.cat([tiny_llm.embed_ids(tiny_llm.init_prompt_ids()), vis], 1)
+    captured = {}
+
+    def reference(idx, q, k, v, scaling):
+        captured[idx] = (k, v)
+        return reference_sink_window(q, k, v, n_local, n_init, tiny_llm.rope, scaling).to(q.dtype)
+
+    tiny_llm.forward(emb, reference)
+    for idx, layer in enumerate(method.layers):
+        k_ref, v_ref = captured[idx]
+        torch.testing.assert_close(layer.k, k_ref[..., -n_local:, :], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.init_k, k_ref[..., :n_init, :], atol=1e-4, rtol=1e-4)
+    context = method.recall("q")
+    assert context.online_tokens == n_init + n_local
+    k0, _ = captured[0]
+    expected = tiny_llm.rope.rotate_range(torch.cat([k0[..., :n_init, :], k0[..., -n_local:, :]], -2), 0)
+    torch.testing.assert_close(context.keys[0], expected, atol=1e-4, rtol=1e-4)
+    assert method.stats().kv_tokens == n_init + n_local
+
+
+def test_sliding_window_with_everything_in_window_equals_full(tiny_llm):
+    frames = random_frames(5)
+    full = stream(tiny_llm, FullCache(), frames, 2).answer("q")[0]
+    sw = stream(tiny_llm, SlidingWindowCache(n_local=10_000), frames, 2).answer("q")[0]
+    torch.testing.assert_close(sw.first_token_logits, full.first_token_logits, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- uniform
+def test_uniform_sampling_equals_offline_forward_on_sampled_frames(tiny_llm):
+    frames = random_frames(9)
+    method = UniformSampling(num_frames=4)
+    engine = stream(tiny_llm, method, frames, 4)
+    assert method.sampled_frames() == [0, 3, 5, 8] or method.sampled_frames() == [0, 3, 4, 8]
+    answer, context, _ = engine.answer("q")
+    picked = context.info["frames"]
+    torch.testing.assert_close(answer.first_token_logits, offline_logits(tiny_llm, frames[picked], "q"),
+                               atol=1e-5, rtol=1e-5)
+    assert method.stats().kv_bytes == 0 and method.stats().aux_bytes > 0
+
+
+# ---------------------------------------------------------------------------------- protocol
+def test_run_video_answers_in_time_order_and_encodes_up_to_end_time(tiny_llm):
+    frames = random_frames(8)
+    qs = [Question("b", "later?", "x", 0, 6.0), Question("a", "early?", "y", 0, 2.5), Question("c", "end?", "z", 0, 8)]
+    sample = VideoSample("vid", 8, qs, ArrayFrames(frames, sample_fps=1.0))
+    rows = []
+    engine = StreamingEngine(tiny_llm, FullCache(), EngineSettings(encode_chunk_size=3, max_new_tokens=3,
+                                                                   progress=False))
+    record = engine.run_video(sample, rows.append)
+    assert [r.qid for r in rows] == ["a", "b", "c"]
+    assert [r.frames_seen for r in rows] == [2, 6, 8]
+    n_init = len(tiny_llm.init_prompt_ids())
+    assert [r.online_tokens for r in rows] == [n_init + 16 * f for f in (2, 6, 8)]
+    assert all(r.new_tokens <= 3 and r.latency_s >= r.ttft_s > 0 for r in rows)
+    assert record.frames_encoded == 8 and record.kv_bytes == (n_init + 128) * tiny_llm.geometry.kv_bytes_per_token
+    # The question's KV is not kept: the cache holds exactly the stream.
+    assert record.kv_tokens == n_init + 8 * 16
+    assert math.isclose(record.encode_fps, 8 / record.encode_s)
