@@ -1,0 +1,560 @@
+"""A procedurally generated streaming-QA dataset with exact answers, rendered on the fly.
+
+Why: RVS videos are licensed and absent here, and RVS answers are free text judged by an LLM. A synthetic
+stream whose answers follow from its scene description lets every part of the pipeline be checked end to
+end, deterministically, with exact-match scoring, and lets a test control how old the evidence is.
+
+The world: a slowly drifting dark background tint, a 4x4 grid of cells, and in each cell a timeline of
+objects (a shape in a colour) that appear, stay a few seconds and leave, always separated by at least one
+empty frame so that every appearance is a distinct, countable event. Needles are shapes outside the object
+vocabulary (``star``, ``cross``, ``diamond``) shown once, in one frame, in a cell that is empty then.
+
+Question types (answers are single words):
+
+- ``detail``: "What colour was the star?" -- the needle, shown before the question; ``start_time`` is the
+  needle's time. One needle per needle shape, so at most 3 per video; further ones fall back to the spec's
+  other types, then to ``count``.
+- ``count``: "How many red circles have appeared so far?" -- the number of appearances (object instances)
+  of that colour and shape whose first frame is among the frames shown when the question is asked, i.e.
+  first frame ``< frames_until(end_time)``. ``start_time`` is the first counted appearance (0 if none).
+- ``current``: "What shape is in the cell at row r, column c ...?" -- the object in that cell in the last
+  frame shown (frame ``frames_until(end_time) - 1``); ``start_time`` is that frame's time.
+
+For every question ``meta['age_s'] = end_time - start_time``: how far back the oldest needed evidence lies.
+Frames are indexed at the dataset's ``sample_fps`` (frame ``i`` shown at ``i / sample_fps``), the same rate
+the engine samples at, so answers are exact for exactly the frames the model sees.
+
+Extension points: new shapes go in ``_SHAPE_MASKS``; new question types register in ``QUESTION_BUILDERS``;
+new scene content goes in :class:`Scene` (its ``occupancy`` lookup is what rendering and questions share).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mukv.data.types import Question, VideoSample
+from mukv.errors import ConfigError
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (170, 50, 230),
+    "orange": (250, 140, 30),
+}
+COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+OBJECT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+NEEDLE_SHAPES: tuple[str, ...] = ("star", "cross", "diamond")
+SHAPES: tuple[str, ...] = OBJECT_SHAPES + NEEDLE_SHAPES
+QUESTION_TYPES: tuple[str, ...] = ("detail", "count", "current")
+GRID = 4
+# Background channels stay within [30, 90]; every colour above has a channel >= 200: objects never blend in.
+_BG_GREY = (45.0, 75.0)
+_BG_TINT = 8.0
+_BG_DRIFT = 15.0
+
+
+@dataclass
+class SyntheticSpec:
+    """What to generate. ``duration_s * sample_fps`` frames per video (at least 2)."""
+
+    num_videos: int = 4
+    duration_s: float = 60.0
+    sample_fps: float = 1.0
+    frame_size: int = 112
+    questions_per_video: int = 6
+    seed: int = 0
+    question_types: tuple[str, ...] = QUESTION_TYPES
+    mean_object_s: float = 4.0  # mean time an object stays in its cell
+    mean_gap_s: float = 4.0  # mean time a cell stays empty between two objects
+    noise: int = 6  # per-pixel noise, uniform in [-noise, noise]
+
+    def __post_init__(self) -> None:
+        self.question_types = tuple(self.question_types)
+        if self.num_videos < 0:
+            raise ConfigError("num_videos", f"must be >= 0, got {self.num_videos}")
+        if not (self.duration_s > 0 and self.sample_fps > 0):
+            raise ConfigError(
+                "duration_s",
+                f"duration_s and sample_fps must be positive, got {self.duration_s} and {self.sample_fps}",
+            )
+        if self.num_frames < 2:
+            raise ConfigError(
+                "duration_s", f"duration_s * sample_fps must give at least 2 frames, got {self.num_frames}"
+            )
+        if self.frame_size < GRID * 8:
+            raise ConfigError("frame_size", f"must be at least {GRID * 8} pixels, got {self.frame_size}")
+        if self.questions_per_video < 0:
+            raise ConfigError("questions_per_video", f"must be >= 0, got {self.questions_per_video}")
+        unknown = [t for t in self.question_types if t not in QUESTION_BUILDERS]
+        if unknown or not self.question_types:
+            raise ConfigError(
+                "question_types",
+                f"unknown or empty {list(self.question_types)}; known: {sorted(QUESTION_BUILDERS)}",
+            )
+        if not 0 <= self.noise <= 50:
+            raise ConfigError("noise", f"must be in [0, 50], got {self.noise}")
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.duration_s * self.sample_fps)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One appearance: ``shape`` in ``colour`` in grid ``cell`` (row-major) over frames ``[start, stop)``."""
+
+    cell: int
+    shape: str
+    colour: str
+    start: int
+    stop: int
+
+    @property
+    def row(self) -> int:
+        return self.cell // GRID
+
+    @property
+    def col(self) -> int:
+        return self.cell % GRID
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to render any frame of one stream: pure data, so rendering is a pure function."""
+
+    seed: int
+    num_frames: int
+    frame_size: int
+    instances: tuple[Instance, ...]
+    bg_base: tuple[float, float, float]
+    bg_drift: tuple[float, float, float]
+    bg_phase: tuple[float, float, float]
+    bg_period: float  # frames per full drift cycle
+    noise: int
+
+    @cached_property
+    def occupancy(self) -> np.ndarray:
+        """(num_frames, GRID*GRID) index into ``instances`` of what each cell shows, -1 when empty."""
+        occ = np.full((self.num_frames, GRID * GRID), -1, dtype=np.int32)
+        for k, inst in enumerate(self.instances):
+            seg = occ[inst.start : inst.stop, inst.cell]
+            if (seg >= 0).any():
+                raise ValueError(f"scene {self.seed}: instance {inst} overlaps another in its cell")
+            seg[:] = k
+        return occ
+
+    def at(self, frame: int, cell: int) -> Instance | None:
+        k = int(self.occupancy[frame, cell])
+        return None if k < 0 else self.instances[k]
+
+    def background(self, frame: int) -> np.ndarray:
+        """Background RGB (floats) of a frame: a slow sinusoidal drift around a dark grey tint."""
+        angle = 2 * np.pi * frame / self.bg_period + np.asarray(self.bg_phase)
+        return np.asarray(self.bg_base) + np.asarray(self.bg_drift) * np.sin(angle)
+
+
+def cell_size(frame_size: int) -> int:
+    return frame_size // GRID
+
+
+def cell_center(cell: int, frame_size: int) -> tuple[int, int]:
+    """(y, x) pixel at the centre of a cell: inside every shape's mask."""
+    c = cell_size(frame_size)
+    return (cell // GRID) * c + c // 2, (cell % GRID) * c + c // 2
+
+
+def _star(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    r, theta = np.hypot(x, y), np.arctan2(y, x)
+    return r <= 0.3 + 0.5 * ((1 + np.cos(5 * (theta + np.pi / 2))) / 2) ** 2
+
+
+_SHAPE_MASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "circle": lambda x, y: x * x + y * y <= 0.75**2,
+    "square": lambda x, y: (np.abs(x) <= 0.65) & (np.abs(y) <= 0.65),
+    "triangle": lambda x, y: (y <= 0.65) & (np.abs(x) <= 0.8 * (y + 0.75) / 1.4),
+    "star": _star,
+    "cross": lambda x, y: (
+        ((np.abs(x) <= 0.22) & (np.abs(y) <= 0.8)) | ((np.abs(y) <= 0.22) & (np.abs(x) <= 0.8))
+    ),
+    "diamond": lambda x, y: np.abs(x) + np.abs(y) <= 0.8,
+}
+
+
+@lru_cache(maxsize=64)
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape drawn in a cell of ``size`` pixels (cached, read-only)."""
+    u = (np.arange(size) + 0.5) / size * 2 - 1
+    y, x = np.meshgrid(u, u, indexing="ij")
+    mask = _SHAPE_MASKS[shape](x, y)
+    mask.setflags(write=False)
+    return mask
+
+
+def render_frame(scene: Scene, i: int) -> np.ndarray:
+    """Frame ``i`` of a scene as uint8 RGB (S, S, 3); a pure function of (scene, i), noise included."""
+    if not 0 <= i < scene.num_frames:
+        raise IndexError(f"frame {i} outside scene of {scene.num_frames} frames")
+    s, c = scene.frame_size, cell_size(scene.frame_size)
+    frame = np.empty((s, s, 3), dtype=np.int16)
+    frame[:] = np.round(scene.background(i)).astype(np.int16)
+    for cell, k in enumerate(scene.occupancy[i]):
+        if k < 0:
+            continue
+        inst = scene.instances[k]
+        r, q = divmod(cell, GRID)
+        frame[r * c : (r + 1) * c, q * c : (q + 1) * c][shape_mask(inst.shape, c)] = COLOURS[inst.colour]
+    if scene.noise:
+        rng = np.random.default_rng([scene.seed, i])
+        frame += rng.integers(-scene.noise, scene.noise + 1, size=frame.shape, dtype=np.int16)
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+class SyntheticVideoSource:
+    """A :class:`FrameSource` rendering scene frames on demand (never the whole stream).
+
+    Scene frame ``i`` is shown at ``i / sample_fps``; the dataset's answers are exact at the rate it was
+    generated with (``make_synthetic_dataset`` passes it).
+    """
+
+    def __init__(self, scene: Scene, sample_fps: float) -> None:
+        self.scene = scene
+        self.sample_fps = float(sample_fps)
+
+    def __len__(self) -> int:
+        return self.scene.num_frames
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        if start < 0 or stop < 0:
+            raise IndexError(f"frame range {start}:{stop} has a negative bound")
+        idx = range(start, min(stop, len(self)))
+        if len(idx) == 0:
+            s = self.scene.frame_size
+            return np.empty((0, s, s, 3), dtype=np.uint8)
+        return np.stack([render_frame(self.scene, i) for i in idx])
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticVideoSource(seed={self.scene.seed}, frames={len(self)}, sample_fps={self.sample_fps})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def video_seed(seed: int, index: int) -> int:
+    """Seed of video ``index`` of a dataset: independent streams, stable under changing ``num_videos``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def video_id(spec: SyntheticSpec, index: int) -> str:
+    return f"syn-s{spec.seed}-v{index:04d}"
+
+
+def _object_timeline(rng: np.random.Generator, spec: SyntheticSpec) -> list[Instance]:
+    """Per cell: gap, object, gap, object, ... with geometric lengths; gaps >= 1 frame between objects."""
+    n = spec.num_frames
+    p_obj = 1.0 / max(1.0, spec.mean_object_s * spec.sample_fps)
+    p_gap = 1.0 / max(1.0, spec.mean_gap_s * spec.sample_fps)
+    out: list[Instance] = []
+    for cell in range(GRID * GRID):
+        t = int(rng.geometric(p_gap)) - 1  # the first gap may be empty: a cell can start occupied
+        while t < n:
+            length = int(rng.geometric(p_obj))
+            shape = OBJECT_SHAPES[int(rng.integers(len(OBJECT_SHAPES)))]
+            colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+            out.append(Instance(cell, shape, colour, t, min(t + length, n)))
+            t += length + int(rng.geometric(p_gap))
+    return out
+
+
+@dataclass
+class _Builder:
+    """Mutable state while one video's questions are planned (needles are added to the scene as they go)."""
+
+    spec: SyntheticSpec
+    rng: np.random.Generator
+    instances: list[Instance]
+    occupancy: np.ndarray  # (num_frames, cells) int32, kept in sync with ``instances``
+    video_id: str
+
+    def add(self, inst: Instance) -> None:
+        self.occupancy[inst.start : inst.stop, inst.cell] = len(self.instances)
+        self.instances.append(inst)
+
+    def time(self, frame: int) -> float:
+        return frame / self.spec.sample_fps
+
+
+def _question(
+    b: _Builder, k: int, text: str, answer: str, qtype: str, start: float, end: float, **meta: Any
+) -> Question:
+    meta.update(evidence_time=start, age_s=end - start)
+    return Question(
+        qid=f"{b.video_id}_q{k}",
+        question=text,
+        answer=answer,
+        start_time=start,
+        end_time=end,
+        qtype=qtype,
+        meta=meta,
+    )
+
+
+def _detail(b: _Builder, k: int, n: int, end: float) -> Question | None:
+    used = {i.shape for i in b.instances}
+    free_shapes = [s for s in NEEDLE_SHAPES if s not in used]
+    empty = np.argwhere(b.occupancy[:n] < 0)  # (frame, cell) slots free before the question
+    if not free_shapes or len(empty) == 0:
+        return None
+    frame, cell = (int(v) for v in empty[int(b.rng.integers(len(empty)))])
+    shape = free_shapes[int(b.rng.integers(len(free_shapes)))]
+    colour = COLOUR_NAMES[int(b.rng.integers(len(COLOUR_NAMES)))]
+    b.add(Instance(cell, shape, colour, frame, frame + 1))
+    return _question(
+        b,
+        k,
+        f"What colour was the {shape}?",
+        colour,
+        "detail",
+        b.time(frame),
+        end,
+        needle_frame=frame,
+        needle_cell=cell,
+        needle_shape=shape,
+    )
+
+
+def _count(b: _Builder, k: int, n: int, end: float) -> Question | None:
+    shown = [i for i in b.instances if i.shape in OBJECT_SHAPES and i.start < n]
+    combos = sorted({(i.colour, i.shape) for i in shown})
+    if combos:
+        colour, shape = combos[int(b.rng.integers(len(combos)))]
+    else:
+        colour = COLOUR_NAMES[int(b.rng.integers(len(COLOUR_NAMES)))]
+        shape = OBJECT_SHAPES[int(b.rng.integers(len(OBJECT_SHAPES)))]
+    starts = sorted(i.start for i in shown if (i.colour, i.shape) == (colour, shape))
+    start = b.time(starts[0]) if starts else 0.0
+    return _question(
+        b,
+        k,
+        f"How many {colour} {shape}s have appeared so far?",
+        str(len(starts)),
+        "count",
+        start,
+        end,
+        count=len(starts),
+        evidence_frames=starts,
+        colour=colour,
+        shape=shape,
+    )
+
+
+def _current(b: _Builder, k: int, n: int, end: float) -> Question | None:
+    last = n - 1
+    cells = [
+        c
+        for c in range(GRID * GRID)
+        if b.occupancy[last, c] >= 0 and b.instances[b.occupancy[last, c]].shape in OBJECT_SHAPES
+    ]
+    if not cells:
+        return None
+    cell = cells[int(b.rng.integers(len(cells)))]
+    inst = b.instances[b.occupancy[last, cell]]
+    text = (
+        f"What shape is in the cell at row {cell // GRID + 1}, column {cell % GRID + 1} "
+        f"(counting from the top left) right now?"
+    )
+    return _question(
+        b,
+        k,
+        text,
+        inst.shape,
+        "current",
+        b.time(last),
+        end,
+        cell=cell,
+        frame=last,
+        colour=inst.colour,
+        object_since=b.time(inst.start),
+    )
+
+
+QUESTION_BUILDERS: dict[str, Callable[[_Builder, int, int, float], Question | None]] = {
+    "detail": _detail,
+    "count": _count,
+    "current": _current,
+}
+
+
+def make_video(spec: SyntheticSpec, index: int) -> VideoSample:
+    """Video ``index`` of the dataset ``spec`` describes: scene, questions (sorted by time), lazy source."""
+    seed = video_seed(spec.seed, index)
+    rng = np.random.default_rng(seed)
+    n_frames, fps = spec.num_frames, spec.sample_fps
+    bg_base = float(rng.uniform(*_BG_GREY)) + rng.uniform(-_BG_TINT, _BG_TINT, 3)
+    bg_drift = rng.uniform(0.3 * _BG_DRIFT, _BG_DRIFT, 3)
+    bg_phase = rng.uniform(0, 2 * np.pi, 3)
+    bg_period = float(rng.uniform(60.0, 180.0)) * fps
+    objects = _object_timeline(rng, spec)
+    vid = video_id(spec, index)
+    b = _Builder(spec, rng, [], np.full((n_frames, GRID * GRID), -1, dtype=np.int32), vid)
+    for inst in objects:
+        b.add(inst)
+
+    # Question times: frames-shown counts in the last 90% of the stream, mapped to times and back through
+    # the engine's own rule (frames_until = int(t * fps)) so the answers match what the model is shown.
+    q = spec.questions_per_video
+    lo = min(n_frames, max(2, math.ceil(0.1 * n_frames)))
+    choices = np.arange(lo, n_frames + 1)
+    shown = np.sort(rng.choice(choices, size=q, replace=q > len(choices)))
+    types = [spec.question_types[j % len(spec.question_types)] for j in range(q)]
+    types = [types[j] for j in rng.permutation(q)]
+    questions: list[Question] = []
+    for k, (qtype, m) in enumerate(zip(types, shown)):
+        end = float(m) / fps
+        n = min(n_frames, int(end * fps))  # exactly frames_until(source, end); >= 1 since m >= 2
+        # A type that cannot apply here (needle shapes used up, no occupied cell) falls back to the spec's
+        # other types, then to "count", which always applies.
+        for t in dict.fromkeys((qtype, *spec.question_types, "count")):
+            question = QUESTION_BUILDERS[t](b, k, n, end)
+            if question is not None:
+                questions.append(question)
+                break
+        else:  # pragma: no cover - "count" always succeeds
+            raise RuntimeError("no question type applies")
+
+    scene = Scene(
+        seed=seed,
+        num_frames=n_frames,
+        frame_size=spec.frame_size,
+        instances=tuple(b.instances),
+        bg_base=tuple(float(v) for v in bg_base),
+        bg_drift=tuple(float(v) for v in bg_drift),
+        bg_phase=tuple(float(v) for v in bg_phase),
+        bg_period=bg_period,
+        noise=spec.noise,
+    )
+    return VideoSample(
+        video_id=vid,
+        duration=n_frames / fps,
+        questions=questions,
+        source=SyntheticVideoSource(scene, fps),
+        meta={"synthetic": True, "scene_seed": seed, "num_frames": n_frames},
+    )
+
+
+def make_synthetic_dataset(spec: SyntheticSpec) -> list[VideoSample]:
+    """All videos of ``spec``; cheap (scenes only), frames are rendered when the engine asks for them."""
+    return [make_video(spec, i) for i in range(spec.num_videos)]
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def _chunks(sample: VideoSample, repeat: int, chunk: int = 64) -> Iterator[np.ndarray]:
+    src = sample.source
+    for lo in range(0, len(src), chunk):
+        frames = src.frames(lo, lo + chunk)
+        yield np.repeat(frames, repeat, axis=0) if repeat > 1 else frames
+
+
+def _mp4_repeat(fps: float) -> tuple[int, int]:
+    """(repeat, file_fps): the smallest integer file rate that the published mp4 sampling
+    (``step = int(round(file_fps) / sample_fps)``) maps back onto exactly our frames."""
+    for repeat in range(1, 1001):
+        file_fps = round(fps * repeat)
+        if file_fps >= 1 and abs(file_fps - fps * repeat) < 1e-6 and max(1, int(file_fps / fps)) == repeat:
+            return repeat, file_fps
+    raise ValueError(f"sample_fps {fps} has no small integer multiple; cannot export it as mp4")
+
+
+def _npy_repeat(fps: float, n_frames: int) -> int:
+    """Frames stored per sampled frame in a 1-fps ``.npy`` so that the published linspace sampling
+    returns exactly our frames; checked, not assumed, because of float rounding."""
+    repeat = round(1 / fps) if fps <= 1 else 0
+    if repeat >= 1 and abs(repeat * fps - 1) < 1e-9:
+        n = n_frames * repeat
+        idx = np.linspace(0, n - 1, int(n * fps), dtype=int)
+        if len(idx) == n_frames and np.array_equal(idx // repeat, np.arange(n_frames)):
+            return repeat
+    raise ValueError(
+        f".npy videos are stored at 1 fps; sample_fps {fps} is not 1/k for an integer k "
+        f"(use video_format='mp4')"
+    )
+
+
+def export_synthetic(
+    spec: SyntheticSpec,
+    out_dir: str | Path,
+    video_format: str = "mp4",
+    annotation_name: str = "synthetic_oe.json",
+) -> Path:
+    """Write every video (``videos/<id>.mp4`` or ``.npy``) and an RVS-format annotation file; return its path.
+
+    Read it back with ``load_rvs_annotations(path, data_root=out_dir, sample_fps=spec.sample_fps)``: video
+    paths are relative to ``out_dir``. Files are written so that the published sampling at ``sample_fps``
+    returns exactly the rendered frames (mp4 is lossy; ``.npy`` is exact). Frames stream in chunks.
+    """
+    from mukv.video.sources import write_mp4  # lazy: PyAV is only needed for export
+
+    if video_format not in ("mp4", "npy"):
+        raise ValueError(f"video_format must be 'mp4' or 'npy', got {video_format!r}")
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    for sample in make_synthetic_dataset(spec):
+        rel = f"videos/{sample.video_id}.{video_format}"
+        n = len(sample.source)
+        if video_format == "mp4":
+            repeat, file_fps = _mp4_repeat(spec.sample_fps)
+            write_mp4(out / rel, _chunks(sample, repeat), file_fps)
+        else:
+            repeat = _npy_repeat(spec.sample_fps, n)
+            s = spec.frame_size
+            arr = np.lib.format.open_memmap(out / rel, mode="w+", dtype=np.uint8, shape=(n * repeat, s, s, 3))
+            pos = 0
+            for frames in _chunks(sample, repeat):
+                arr[pos : pos + len(frames)] = frames
+                pos += len(frames)
+            arr.flush()
+            del arr
+        records.append(
+            {
+                "video_id": sample.video_id,
+                "video_path": rel,
+                "duration": sample.duration,
+                "conversations": [
+                    {
+                        "question": q.question,
+                        "answer": q.answer,
+                        "start_time": q.start_time,
+                        "end_time": q.end_time,
+                        "qtype": q.qtype,
+                    }
+                    for q in sample.questions
+                ],
+            }
+        )
+    path = out / annotation_name
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+    return path
+
+
+def spec_from_dict(d: dict[str, Any]) -> SyntheticSpec:
+    """A spec from a config mapping, rejecting unknown keys (typos would otherwise be silently ignored)."""
+    known = {f.name for f in fields(SyntheticSpec)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown synthetic dataset option; known: {sorted(known)}")
+    return SyntheticSpec(**d)
