@@ -119,7 +119,7 @@ def _plain_type(tp: Any) -> Any:
         return Optional[_plain_type(args[0])] if len(args) == 1 else Any
     if origin is list:
         (arg,) = typing.get_args(tp) or (Any,)
-        return typing.List[_plain_type(arg)]
+        return list[_plain_type(arg)]
     return tp
 
 

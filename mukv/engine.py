@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -158,8 +159,8 @@ class StreamingEngine:
         self._peak_kv = 0
         self.method.start_video(self.llm.init_prompt_ids())
         questions = sorted(sample.questions, key=lambda q: q.end_time)
-        last_needed = max((frames_until(sample.source, q.end_time) for q in questions if q.qid not in skip),
-                          default=0)
+        todo = [q for q in questions if q.qid not in skip]
+        last_needed = frames_until(sample.source, todo[-1].end_time) if todo else 0
         show = self.settings.progress
         frame_bar = tqdm(total=last_needed, desc=f"{sample.video_id} frames", unit="fr", leave=False,
                          disable=not show)
@@ -167,14 +168,19 @@ class StreamingEngine:
                      disable=not show)
         done, encode_total, answered = 0, 0.0, 0
         for q in questions:
-            if q.qid in skip:
-                q_bar.update(1)
-                continue
+            if not todo:
+                break
             t0 = time.perf_counter()
+            # Encode segment by segment even for questions answered before a resume, so that the
+            # chunk boundaries (which some methods depend on) are those of an uninterrupted run.
             done = self.encode_until(sample, done, frames_until(sample.source, q.end_time), frame_bar)
             self._sync()
             encode_s = time.perf_counter() - t0
             encode_total += encode_s
+            if q.qid in skip:
+                q_bar.update(1)
+                continue
+            todo.pop(0)
             on_answer(self._answer_record(sample, q, done, encode_s))
             answered += 1
             q_bar.update(1)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import ArrayFrames, random_frames
+
 from mukv.cache import FullCache, SlidingWindowCache, UniformSampling
 from mukv.cache.attention import SinkWindowKV
 from mukv.data.types import Question, VideoSample
@@ -105,7 +105,7 @@ def test_sliding_window_model_matches_reference_forward(tiny_llm):
     frames = random_frames(6)
     n_local = 3 * tiny_llm.geometry.tokens_per_frame + 5
     method = SlidingWindowCache(n_local=n_local, query_block=11)
-    engine = stream(tiny_llm, method, frames, 2)
+    stream(tiny_llm, method, frames, 2)
     n_init = len(tiny_llm.init_prompt_ids())
     vis = tiny_llm.encode_frames(frames).reshape(1, -1, tiny_llm.geometry.hidden_size)
     emb = torch.cat([tiny_llm.embed_ids(tiny_llm.init_prompt_ids()), vis], 1)
@@ -166,3 +166,32 @@ def test_run_video_answers_in_time_order_and_encodes_up_to_end_time(tiny_llm):
     # The question's KV is not kept: the cache holds exactly the stream.
     assert record.kv_tokens == n_init + 8 * 16
     assert math.isclose(record.encode_fps, 8 / record.encode_s)
+
+
+def test_skipped_questions_keep_the_chunk_boundaries_of_an_uninterrupted_run(tiny_llm):
+    """Resuming (answered questions skipped) encodes the same chunks and gives the same answers."""
+    frames = random_frames(9)
+    qs = [Question("a", "one?", "x", 0, 2), Question("b", "two?", "y", 0, 5), Question("c", "three?", "z", 0, 9)]
+    chunks = []
+
+    class Recording(FullCache):
+        def ingest(self, visual, first_frame):
+            chunks.append((first_frame, visual.shape[0]))
+            super().ingest(visual, first_frame)
+
+    def run(skip):
+        chunks.clear()
+        rows = []
+        engine = StreamingEngine(tiny_llm, Recording(), EngineSettings(encode_chunk_size=2, max_new_tokens=3,
+                                                                       progress=False))
+        engine.run_video(VideoSample("v", 9, qs, ArrayFrames(frames)), rows.append, skip=skip)
+        return rows, list(chunks)
+
+    full_rows, full_chunks = run(())
+    resumed_rows, resumed_chunks = run({"a", "b"})
+    assert resumed_chunks == full_chunks == [(0, 2), (2, 2), (4, 1), (5, 2), (7, 2)]
+    assert [r.qid for r in resumed_rows] == ["c"]
+    assert resumed_rows[0].prediction == full_rows[2].prediction
+    assert resumed_rows[0].online_tokens == full_rows[2].online_tokens
+    # Nothing left to answer: nothing is encoded.
+    assert run({"a", "b", "c"}) == ([], [])

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-
 from wandb_reader import summary_and_config
 
 ROOT = Path(__file__).resolve().parents[1]

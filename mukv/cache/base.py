@@ -10,21 +10,22 @@ YAML file in ``conf/cache/``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from mukv.cache.attention import ContextKV, SinkWindowKV
 from mukv.models.adapter import KVGeometry, VideoLLM
 
-CACHE_METHODS: dict[str, type["CacheMethod"]] = {}
+CACHE_METHODS: dict[str, type[CacheMethod]] = {}
 
 
-def register_cache(name: str) -> Callable[[type["CacheMethod"]], type["CacheMethod"]]:
+def register_cache(name: str) -> Callable[[type[CacheMethod]], type[CacheMethod]]:
     """Class decorator: make a method available by name (and to ``conf/cache/<name>.yaml``)."""
 
-    def wrap(cls: type["CacheMethod"]) -> type["CacheMethod"]:
+    def wrap(cls: type[CacheMethod]) -> type[CacheMethod]:
         cls.name = name
         CACHE_METHODS[name] = cls
         return cls
@@ -67,6 +68,7 @@ class CacheMethod(abc.ABC):
 
         Called by the pipeline with the geometry read from the model config, before any weights load.
         """
+        return None
 
     def bind(self, llm: VideoLLM) -> None:
         """Attach the model; called once before the first video."""
@@ -157,7 +159,7 @@ class WindowStreamingCache(CacheMethod):
 
 def decode_attention(context: AnswerContext, llm: VideoLLM, reserve: int) -> Callable:
     """The attention callable the engine decodes with: each layer appends to its ``ContextKV``."""
-    layers = [ContextKV(k, v, context.next_position, reserve) for k, v in zip(context.keys, context.values)]
+    layers = [ContextKV(k, v, context.next_position, reserve) for k, v in zip(context.keys, context.values, strict=True)]
 
     def attend(idx: int, q, k, v, scaling):
         return layers[idx].attend_and_append(q, k, v, scaling, llm.rope)

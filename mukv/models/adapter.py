@@ -39,7 +39,7 @@ class KVGeometry:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype) -> "KVGeometry":
+    def from_config(cls, config, dtype: torch.dtype) -> KVGeometry:
         """Geometry of a ``LlavaOnevisionConfig`` (weights not needed)."""
         text, vision = config.text_config, config.vision_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

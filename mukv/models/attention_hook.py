@@ -9,7 +9,8 @@ computations in tests) behave exactly as stock transformers.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
