@@ -112,10 +112,12 @@ class WindowStreamingCache(CacheMethod):
     query_block: int
 
     def start_video(self, init_ids: list[int]) -> None:
-        self.layers = [SinkWindowKV(self.n_local, self.query_block) for _ in range(self.geometry.num_layers)]
+        # The init prompt is the sink: encoded with no window so that all of it is kept.
+        self.layers = [SinkWindowKV(None, self.query_block) for _ in range(self.geometry.num_layers)]
         self.run_layers(self.llm.embed_ids(init_ids), self._encode_layer)
         for layer in self.layers:
             layer.set_init(layer.k, layer.v)
+            layer.n_local = self.n_local
         self.n_init = len(init_ids)
         self.frames_seen = 0
 

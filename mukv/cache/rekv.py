@@ -1,0 +1,126 @@
+"""ReKV (ICLR'25), as the published code behaves: sink + sliding-window encoding, every completed frame
+block offloaded with a representative key, per-layer retrieval from the question's queries, answering
+over init + retrieved blocks re-rotated to contiguous positions.
+
+Retrieval forward: the raw question (no template) runs through the model; at each layer its un-rotated
+queries, averaged over tokens (heads concatenated), score that layer's blocks; the question's tokens then
+attend to init + the layer's retrieved blocks + themselves at contiguous positions, and that output feeds
+the next layer (so deeper layers retrieve with queries shaped by what shallower layers recalled). The
+question's KV is dropped; the answer context of each layer is init + its retrieved blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mukv.cache.attention import grouped_sdpa, prefix_causal_mask
+from mukv.cache.base import AnswerContext, CacheStats, WindowStreamingCache, register_cache, tensor_bytes
+from mukv.cache.block_store import BlockStore
+from mukv.cache.retrieval import block_representatives, question_vector, score_blocks, select_top_blocks
+from mukv.errors import ConfigError
+
+
+@register_cache("rekv")
+@dataclass
+class ReKVCache(WindowStreamingCache):
+    n_local: int = 15000  # encoding window (tokens), the init sink aside
+    retrieve_size: int = 64  # blocks (frames) recalled per layer
+    retrieve_chunk_size: int = 1  # score and take consecutive blocks in groups of this size
+    scoring: str = "dot"  # dot (published code) | cosine (paper)
+    per_layer: bool = True  # per-layer retrieval (code) | one block set for all layers (see recall)
+    pin_memory: bool = True  # pinned host memory for offloaded blocks when on CUDA
+    ram_budget_gb: Optional[float] = None  # spill blocks to disk beyond this much host memory
+    spill_dir: Optional[str] = None
+    query_block: int = 1024
+
+    def validate(self, geometry) -> None:
+        for name in ("n_local", "retrieve_size", "retrieve_chunk_size", "query_block"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cache.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.retrieve_size % self.retrieve_chunk_size:
+            raise ConfigError("cache.retrieve_chunk_size",
+                              f"must divide retrieve_size ({self.retrieve_size}), got {self.retrieve_chunk_size}")
+        if self.scoring not in ("dot", "cosine"):
+            raise ConfigError("cache.scoring", f"unknown scoring '{self.scoring}'; choose dot or cosine")
+        if self.ram_budget_gb is not None and self.ram_budget_gb < 0:
+            raise ConfigError("cache.ram_budget_gb", f"must be >= 0, got {self.ram_budget_gb}")
+
+    # ---------------------------------------------------------------------------------- streaming
+    def start_video(self, init_ids: list[int]) -> None:
+        super().start_video(init_ids)
+        budget = None if self.ram_budget_gb is None else int(self.ram_budget_gb * 1e9)
+        if getattr(self, "store", None) is not None:
+            self.store.clear()
+        self.store = BlockStore(self.pin_memory and self.llm.device.type == "cuda", budget, self.spill_dir)
+        self.reprs = torch.empty(self.geometry.num_layers, 0, self.geometry.num_heads * self.geometry.head_dim,
+                                 device=self.llm.device)
+        self._new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture_new_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._new_kv[layer_idx] = (k, v)
+
+    def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
+        super().ingest(visual, first_frame)
+        frames, t = visual.shape[0], self.geometry.tokens_per_frame
+        layers = range(self.geometry.num_layers)
+        k = torch.cat([self._new_kv[i][0] for i in layers])  # (layers, kv_heads, F*T, d)
+        v = torch.cat([self._new_kv[i][1] for i in layers])
+        self._new_kv.clear()
+        kb = k.unflatten(2, (frames, t))  # (layers, kv_heads, F, T, d)
+        vb = v.unflatten(2, (frames, t))
+        for f in range(frames):
+            start = self.n_init + (first_frame + f) * t
+            self.store.add(kb[:, :, f], vb[:, :, f], torch.arange(start, start + t), first_frame + f, 1)
+        self.reprs = torch.cat((self.reprs, block_representatives(kb, self.geometry.num_heads)), dim=1)
+
+    # ---------------------------------------------------------------------------------- recall
+    def recall(self, question: str) -> AnswerContext:
+        """Per layer: init + retrieved blocks (time order), positions 0..L-1.
+
+        ``per_layer=False`` (an option, not in the published code): the question runs over the init prompt
+        only and one block set, chosen with the last layer's queries, serves every layer.
+        """
+        ids = self.llm.tokenize(question)
+        rope = self.llm.rope
+        chosen: list[list[int]] = [[] for _ in range(self.geometry.num_layers)]
+        contexts: list[tuple[torch.Tensor, torch.Tensor]] = [None] * self.geometry.num_layers  # type: ignore
+
+        def retrieve(idx: int, q, k, v, scaling):
+            picked = [] if self.per_layer is False and idx < self.geometry.num_layers - 1 else \
+                select_top_blocks(score_blocks(self.reprs[idx], question_vector(q), self.scoring),
+                                  self.retrieve_size, self.retrieve_chunk_size)
+            chosen[idx] = picked
+            ctx_k, ctx_v = self._layer_context(idx, picked)
+            contexts[idx] = (ctx_k, ctx_v)
+            n = ctx_k.shape[-2]
+            keys = torch.cat((rope.rotate_range(ctx_k, 0), rope.rotate_range(k, n)), dim=-2)
+            vals = torch.cat((ctx_v, v), dim=-2)
+            return grouped_sdpa(rope.rotate_range(q, n), keys, vals, scaling,
+                                prefix_causal_mask(q.shape[-2], keys.shape[-2], q.device))
+
+        self.run_layers(self.llm.embed_ids(ids), retrieve)
+        if not self.per_layer:
+            shared = chosen[-1]
+            chosen = [shared for _ in chosen]
+            contexts = [self._layer_context(i, shared) for i in range(self.geometry.num_layers)]
+        keys = [rope.rotate_range(k, 0) for k, _ in contexts]
+        return AnswerContext(keys, [v for _, v in contexts], next_position=int(keys[0].shape[-2]),
+                             info={"blocks": chosen[0], "layers_differ": any(c != chosen[0] for c in chosen)})
+
+    def _layer_context(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated init + blocks for one layer."""
+        init_k, init_v = self.layers[layer].init_k, self.layers[layer].init_v
+        if not blocks:
+            return init_k, init_v
+        k, v = self.store.layer_kv(blocks, layer, init_k.device, init_k.dtype)
+        return torch.cat((init_k, k), dim=-2), torch.cat((init_v, v), dim=-2)
+
+    def stats(self) -> CacheStats:
+        """kv: the offloaded blocks + the window; device: the window and the representative keys."""
+        window = self.window_stats()
+        return CacheStats(kv_tokens=self.store.tokens + window.kv_tokens,
+                          kv_bytes=self.store.nbytes + window.kv_bytes,
+                          device_kv_bytes=window.device_kv_bytes + tensor_bytes(self.reprs))

@@ -1,0 +1,52 @@
+"""Block scoring and selection shared by retrieval-based methods (ReKV; MuKV reuses the pieces).
+
+Representative keys and question queries are built from un-rotated vectors with grouped KV heads expanded
+to the query heads and all heads concatenated, as ReKV does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_kv_heads(x: torch.Tensor, num_heads: int, head_dim: int = 1) -> torch.Tensor:
+    """(..., kv_heads, n, d) -> (..., num_heads, n, d), each KV head repeated for its query group."""
+    groups = num_heads // x.shape[head_dim]
+    return x.repeat_interleave(groups, dim=head_dim) if groups > 1 else x
+
+
+def block_representatives(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Mean un-rotated key of each block: k (layers, kv_heads, blocks, tokens, d) -> (layers, blocks, H*d)."""
+    mean = k.float().mean(dim=3)  # (layers, kv_heads, blocks, d)
+    mean = expand_kv_heads(mean, num_heads, head_dim=1)  # (layers, H, blocks, d)
+    layers, heads, blocks, d = mean.shape
+    return mean.permute(0, 2, 1, 3).reshape(layers, blocks, heads * d)
+
+
+def question_vector(q: torch.Tensor) -> torch.Tensor:
+    """Mean over question tokens of un-rotated queries: (1, H, L, d) -> (H*d,)."""
+    return q.float().mean(dim=2).reshape(-1)
+
+
+def score_blocks(reprs: torch.Tensor, query: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Dot product (published code) or cosine similarity (the paper) of each block with the query."""
+    if scoring == "cosine":
+        return F.normalize(reprs.float(), dim=-1) @ F.normalize(query.float(), dim=0)
+    return reprs.float() @ query.float()
+
+
+def select_top_blocks(scores: torch.Tensor, k: int, chunk: int = 1) -> list[int]:
+    """Top ``k`` blocks in time order; with ``chunk`` > 1, consecutive blocks are scored by their mean in
+    groups of ``chunk`` (the last, shorter group included) and whole groups are taken. All blocks are
+    taken when there are no more than ``k``."""
+    n = int(scores.shape[0])
+    if n <= k:
+        return list(range(n))
+    full = n - n % chunk
+    grouped = scores[:full].reshape(-1, chunk).mean(dim=-1)
+    if full < n:
+        grouped = torch.cat((grouped, scores[full:].mean(dim=0, keepdim=True)))
+    picked = grouped.topk(min(k // chunk, grouped.shape[0])).indices.sort().values
+    ids = (picked[:, None] * chunk + torch.arange(chunk)[None, :]).reshape(-1)
+    return [int(i) for i in ids if i < n]
