@@ -2,9 +2,10 @@
 
 from mukv.cache.base import CACHE_METHODS, AnswerContext, CacheMethod, CacheStats, register_cache
 from mukv.cache.full import FullCache
+from mukv.cache.mukv import MuKVCache
 from mukv.cache.rekv import ReKVCache
 from mukv.cache.sliding_window import SlidingWindowCache
 from mukv.cache.uniform import UniformSampling
 
 __all__ = ["CACHE_METHODS", "AnswerContext", "CacheMethod", "CacheStats", "register_cache", "FullCache",
-           "SlidingWindowCache", "UniformSampling", "ReKVCache"]
+           "MuKVCache", "SlidingWindowCache", "UniformSampling", "ReKVCache"]

@@ -1,0 +1,487 @@
+"""MuKV (CVPR'26): multi-grained KV blocks, dual-signal token trimming, segment-guided rerank.
+
+While the stream plays, every chunk's visual tokens are flattened and cut into consecutive blocks of each
+granularity (``granularities``, in frames: 0.25 / 1 / 4 = patch / frame / segment; 49 / 196 / 784 tokens for
+LLaVA-OneVision); a partial block at the end of a chunk is dropped, as the published code does. Every block
+is prefilled on its own with only the init prompt as prefix (positions ``n_init .. n_init + g - 1``; the
+init KV is computed once per video and reused); blocks of one granularity are prefilled as one batch (they
+share nothing but the init prefix, so this gives the same KV as one at a time). Each block keeps its
+``int(g * keep_ratio)`` best tokens by ``alpha * attention received + (1 - alpha) * high-frequency energy``
+(:mod:`mukv.cache.signals`), the same indices in every layer; its representative is the mean of the kept
+tokens' last-layer keys, heads concatenated. Kept KV goes to the block store (un-rotated keys with their
+encoding positions).
+
+At a question: the raw question (no template) is prefilled after the init prompt (positions from
+``n_init``) and the last layer's key of its last token is the query vector; like the representatives it is
+taken with RoPE applied, at its position, because the published code reads both from transformers' cache,
+which holds rotated keys; blocks are chosen per granularity by cosine similarity, reranked against the
+mean of the best segments (:mod:`mukv.cache.rerank`), and assembled ``[init | patch | frame | segment]``
+in score order, each token rotated at the position it was encoded with; the prompt follows at position
+= cache length.
+
+Published code vs paper (the code is the default, the paper's reading an option):
+
+* ``query_vector``: ``last_key`` (code) | ``mean_query`` (paper: question queries averaged over tokens,
+  heads concatenated; the representatives are then expanded over the GQA groups to match);
+* ``retrieval_keys``: ``rotated`` (code: the keys transformers caches carry RoPE, so representatives and
+  the query key are rotated at their encoding positions) | ``unrotated``;
+* ``assembly``: ``published`` | ``time_ordered`` (blocks in stream order, contiguous re-rotated positions
+  0..L-1, the prompt at L);
+* ``patch_layout``: ``raster`` (code: 49 consecutive raster tokens) | ``quadrant`` (paper figure: the 2x2
+  quadrants of the frame grid);
+* ``block_context``: ``independent`` (code) | ``shared`` (ablation: the chunk is encoded once as a stream
+  with the sink + sliding-window attention of ReKV (``n_local``), blocks are cut from that contextual KV;
+  their attention signal is the attention of the block's own queries over init + block, and their
+  frequency signal and rotated representatives use the block positions ``n_init..``, as in the independent
+  case; the positions stored (used by ``assembly=published``) are their stream positions).
+
+With ``granularities=[1.0]``, ``keep_ratio=[1.0]``, ``rerank=false``, ``assembly=time_ordered``,
+``query_vector=mean_query``, ``retrieval_keys=unrotated`` and ``block_context=shared`` (ReKV's ``n_local``),
+MuKV retrieves exactly what ReKV with ``scoring=cosine, per_layer=false`` retrieves (tested).
+
+Deviation: a block keeps at least one token (``max(1, int(g * keep_ratio))``) so that small models
+(16 tokens per frame: 0.1 of a 4-token patch block is 0) still run the published configuration; at the
+published sizes this never triggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from mukv.cache import rerank as rr
+from mukv.cache import signals
+from mukv.cache.attention import SinkWindowKV, attention_weights, grouped_sdpa, prefix_causal_mask
+from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, register_cache, tensor_bytes
+from mukv.cache.block_store import Block, BlockStore
+from mukv.errors import ConfigError
+from mukv.models.adapter import KVGeometry
+
+log = logging.getLogger(__name__)
+
+QUERY_VECTORS = ("last_key", "mean_query")
+RETRIEVAL_KEYS = ("rotated", "unrotated")
+ASSEMBLIES = ("published", "time_ordered")
+PATCH_LAYOUTS = ("raster", "quadrant")
+BLOCK_CONTEXTS = ("independent", "shared")
+
+
+# ----------------------------------------------------------------------------------------- budgets
+def block_sizes(granularities: list[float], tokens_per_frame: int) -> list[int]:
+    """Block sizes in tokens; raises ``ConfigError`` if one is not a whole, positive number of tokens."""
+    sizes = []
+    for x in granularities:
+        tokens = float(x) * tokens_per_frame
+        if not math.isfinite(tokens) or tokens <= 0:
+            raise ConfigError("cache.granularities", f"granularities are positive numbers of frames, got {x}")
+        whole = round(tokens)
+        if abs(tokens - whole) > 1e-6 or whole < 1:
+            raise ConfigError(
+                "cache.granularities",
+                f"{x} frame x {tokens_per_frame} tokens per frame = {tokens:g} tokens is not a whole number of "
+                f"tokens for this model; choose granularities that are multiples of 1/{tokens_per_frame} frame")
+        sizes.append(int(whole))
+    return sizes
+
+
+def kept_per_block(size: int, keep_ratio: float) -> int:
+    """Tokens a block keeps: ``int(g * keep_ratio)`` as published, at least one."""
+    return max(1, signals.keep_count(size, keep_ratio))
+
+
+@dataclass(frozen=True)
+class MuKVBudget:
+    """Token arithmetic of a MuKV configuration on a model geometry (no weights needed)."""
+
+    block_sizes: list[int]
+    kept_per_block: list[int]
+    top_k: list[int]
+
+    @property
+    def retrieved_tokens(self) -> int:
+        """Context tokens after the init prompt when every granularity has at least top_k blocks."""
+        return sum(k * n for k, n in zip(self.top_k, self.kept_per_block, strict=True))
+
+    def online_tokens(self, n_init: int, n_prompt: int = 0) -> int:
+        """Tokens the answer's first step attends to: init + retrieved + the question prompt."""
+        return n_init + self.retrieved_tokens + n_prompt
+
+    def stored_tokens(self, n_tokens: int) -> int:
+        """Tokens stored for one chunk of ``n_tokens`` visual tokens (partial blocks dropped)."""
+        return sum((n_tokens // g) * n for g, n in zip(self.block_sizes, self.kept_per_block, strict=True))
+
+
+def mukv_budget(geometry: KVGeometry, cfg: Any) -> MuKVBudget:
+    """The budget of a MuKV config (the dataclass or any object with its knobs) on ``geometry``."""
+    sizes = block_sizes(list(cfg.granularities), geometry.tokens_per_frame)
+    kept = [kept_per_block(g, r) for g, r in zip(sizes, cfg.keep_ratio, strict=True)]
+    return MuKVBudget(sizes, kept, [int(k) for k in cfg.top_k])
+
+
+# ------------------------------------------------------------------------------------------ method
+@register_cache("mukv")
+@dataclass
+class MuKVCache(CacheMethod):
+    """MuKV with the published defaults (LLaVA-OV-0.5B on RVS); see the module docstring."""
+
+    granularities: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # in frames
+    top_k: list[int] = field(default_factory=lambda: [20, 32, 12])
+    keep_ratio: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.8])
+    alpha: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])  # attention weight per granularity
+    frequency: str = "fft"  # fft | diff | spectral_entropy
+    attention_layer: str = "last"  # last | second_last | last_5 | middle
+    scoring_method: str = "attention_fft_weighted"  # | attention_only | fft_only
+    dedup: bool = False
+    dedup_threshold: float = 0.9
+    rerank: bool = True  # applies with exactly three granularities (fine, medium, coarse), as published
+    rerank_alpha: float = 0.3  # frame (medium) candidates
+    rerank_beta: float = 0.3  # patch (fine) candidates
+    rerank_top_n: int = 5
+    query_vector: str = "last_key"  # code | mean_query (paper)
+    retrieval_keys: str = "rotated"  # code | unrotated
+    assembly: str = "published"  # | time_ordered
+    patch_layout: str = "raster"  # code | quadrant (paper figure)
+    block_context: str = "independent"  # code | shared (ablation)
+    n_local: Optional[int] = 15000  # encoding window of block_context=shared (as ReKV)
+    batch_blocks: int = 16  # independent blocks prefilled in one batched forward
+    query_block: int = 1024  # query tiling of the shared stream encoding
+    pin_memory: bool = True  # block store options
+    ram_budget_gb: Optional[float] = None
+    spill_dir: Optional[str] = None
+
+    # ------------------------------------------------------------------------------- validation
+    def validate(self, geometry: KVGeometry) -> None:
+        n = len(self.granularities)
+        if n == 0:
+            raise ConfigError("cache.granularities", "at least one granularity is required")
+        for name in ("top_k", "keep_ratio", "alpha"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(f"cache.{name}", f"has {len(getattr(self, name))} entries but cache.granularities "
+                                                   f"has {n}; give one value per granularity")
+        sizes = block_sizes(list(self.granularities), geometry.tokens_per_frame)
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ConfigError("cache.granularities", f"must be strictly increasing (fine to coarse), got "
+                                                     f"{list(self.granularities)}")
+        for k in self.top_k:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ConfigError("cache.top_k", f"must be positive integers, got {list(self.top_k)}")
+        for r in self.keep_ratio:
+            if not 0 < float(r) <= 1:
+                raise ConfigError("cache.keep_ratio", f"must be in (0, 1], got {list(self.keep_ratio)}")
+        for a in self.alpha:
+            if not 0 <= float(a) <= 1:
+                raise ConfigError("cache.alpha", f"must be in [0, 1], got {list(self.alpha)}")
+        enums = {"frequency": signals.FREQUENCY_METHODS, "attention_layer": signals.ATTENTION_LAYER_STRATEGIES,
+                 "scoring_method": signals.SCORING_METHODS, "query_vector": QUERY_VECTORS,
+                 "retrieval_keys": RETRIEVAL_KEYS, "assembly": ASSEMBLIES, "patch_layout": PATCH_LAYOUTS,
+                 "block_context": BLOCK_CONTEXTS}
+        for name, allowed in enums.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"cache.{name}", f"unknown value '{getattr(self, name)}'; choose one of "
+                                                   f"{', '.join(allowed)}")
+        if not -1 <= self.dedup_threshold <= 1:
+            raise ConfigError("cache.dedup_threshold", f"a cosine similarity in [-1, 1], got {self.dedup_threshold}")
+        for name in ("rerank_alpha", "rerank_beta"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"cache.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+        for name in ("rerank_top_n", "batch_blocks", "query_block"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cache.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.n_local is not None and self.n_local < 1:
+            raise ConfigError("cache.n_local", f"must be a positive number of tokens or null, got {self.n_local}")
+        if self.ram_budget_gb is not None and self.ram_budget_gb <= 0:
+            raise ConfigError("cache.ram_budget_gb", f"must be positive or null, got {self.ram_budget_gb}")
+        if self.patch_layout == "quadrant":
+            t = geometry.tokens_per_frame
+            side = math.isqrt(t)
+            for x, g in zip(self.granularities, sizes, strict=True):
+                if g < t and not (side * side == t and side % 2 == 0 and g * 4 == t):
+                    raise ConfigError("cache.patch_layout",
+                                      f"quadrant blocks are a quarter of a square frame grid with an even side; "
+                                      f"granularity {x} ({g} tokens) of a {t}-token frame is not")
+
+    def budget(self, geometry: KVGeometry | None = None) -> MuKVBudget:
+        return mukv_budget(geometry or self.geometry, self)
+
+    # ---------------------------------------------------------------------------------- binding
+    def bind(self, llm) -> None:
+        super().bind(llm)
+        self.sizes = block_sizes(list(self.granularities), self.geometry.tokens_per_frame)
+        self.kept = [kept_per_block(g, r) for g, r in zip(self.sizes, self.keep_ratio, strict=True)]
+        n_layers = self.geometry.num_layers
+        self.last_layer = n_layers - 1
+        self.att_layers = (signals.attention_layers(self.attention_layer, n_layers)
+                           if self.scoring_method != "fft_only" else [])
+        self.prob_layers = {i for i, _ in self.att_layers}
+        self._warned_large = False
+
+    # ----------------------------------------------------------------------------------- stream
+    def start_video(self, init_ids: list[int]) -> None:
+        n_layers = self.geometry.num_layers
+        layers = [SinkWindowKV(None) for _ in range(n_layers)]
+
+        def attend(idx, q, k, v, scaling):
+            return layers[idx].attend_and_append(q, k, v, scaling, self.llm.rope)
+
+        self.llm.forward(self.llm.embed_ids(init_ids), attend)
+        self.n_init = len(init_ids)
+        self.init_k = [L.k for L in layers]  # (1, H_kv, n_init, d) un-rotated
+        self.init_v = [L.v for L in layers]
+        self.init_k_rot = [self.llm.rope.rotate_range(k, 0) for k in self.init_k]
+        if getattr(self, "store", None) is not None:
+            self.store.clear()
+        budget = None if self.ram_budget_gb is None else int(self.ram_budget_gb * 1e9)
+        self.store = BlockStore(self.pin_memory and self.llm.device.type == "cuda", budget, self.spill_dir)
+        self.block_ids: list[list[int]] = [[] for _ in self.sizes]  # store ids, per granularity
+        width = self.geometry.num_kv_heads * self.geometry.head_dim
+        self._reprs = [torch.zeros(0, width, device=self.llm.device) for _ in self.sizes]  # (blocks, H_kv*d)
+        self._pending: list[list[torch.Tensor]] = [[] for _ in self.sizes]  # added since the last stack
+        self.tokens_seen = 0
+        self.stream = None
+        if self.block_context == "shared":
+            self.stream = [SinkWindowKV(self.n_local, self.query_block) for _ in range(n_layers)]
+            for layer, k, v in zip(self.stream, self.init_k, self.init_v, strict=True):
+                layer.k, layer.v = k, v
+                layer.set_init(k, v)
+
+    def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
+        t = self.geometry.tokens_per_frame
+        n_frames = visual.shape[0]
+        start = first_frame * t
+        flat = visual.reshape(-1, visual.shape[-1])
+        if self.block_context == "shared":
+            self._ingest_shared(flat, start)
+        else:
+            for gi, g in enumerate(self.sizes):
+                tokens = self._layout(visual, g)
+                n_blocks = tokens.shape[0] // g
+                if n_blocks == 0:
+                    self._warn_large(g, n_frames)
+                    continue
+                blocks = tokens[: n_blocks * g].reshape(n_blocks, g, -1)
+                for a in range(0, n_blocks, self.batch_blocks):
+                    batch = blocks[a:a + self.batch_blocks]
+                    kv = self.prefill_blocks(batch)
+                    starts = [start + (a + b) * g for b in range(batch.shape[0])]
+                    positions = self.n_init + torch.arange(g, device=batch.device)
+                    self._trim_and_store(gi, kv, positions.expand(batch.shape[0], g), starts)
+        self.tokens_seen = (first_frame + n_frames) * t
+
+    def _warn_large(self, g: int, n_frames: int) -> None:
+        if not self._warned_large:
+            log.warning("MuKV: a chunk of %d frames holds no complete %d-token block; such blocks are dropped "
+                        "(chunks end at engine.encode_chunk_size frames and at question times)", n_frames, g)
+            self._warned_large = True
+
+    def _layout(self, visual: torch.Tensor, g: int) -> torch.Tensor:
+        """The chunk's tokens in the order blocks of size ``g`` are cut from: raster, or for sub-frame
+        blocks with ``patch_layout=quadrant`` each frame's four quadrants one after another."""
+        f, t, d = visual.shape
+        if self.patch_layout == "quadrant" and g < t:
+            half = math.isqrt(t) // 2
+            grid = visual.reshape(f, 2, half, 2, half, d)  # frame, row half, row, col half, col
+            return grid.permute(0, 1, 3, 2, 4, 5).reshape(f * t, d)
+        return visual.reshape(f * t, d)
+
+    # ------------------------------------------------------------------------- block prefill
+    @torch.inference_mode()
+    def prefill_blocks(self, blocks: torch.Tensor) -> dict[str, Any]:
+        """Prefill a batch of independent blocks (B, g, hidden), each after the init prompt only.
+
+        Returns un-rotated ``keys``/``values`` (B, layers, H_kv, g, d), the last layer's keys rotated at the
+        block positions (``last_keys_rot``, (B, H_kv, g, d)) and ``received``: per attention-signal layer,
+        (attention received (B, g), weight).
+        """
+        bsz, g, _ = blocks.shape
+        n0 = self.n_init
+        rope = self.llm.rope
+        pos = torch.arange(n0, n0 + g, device=blocks.device)
+        mask = prefix_causal_mask(g, n0 + g, blocks.device)
+        ks, vs = [None] * self.geometry.num_layers, [None] * self.geometry.num_layers
+        out: dict[str, Any] = {"received": []}
+
+        def attend(idx, q, k, v, scaling):
+            ks[idx], vs[idx] = k, v
+            q_rot, k_rot = rope.rotate(q, pos), rope.rotate(k, pos)
+            if idx == self.last_layer:
+                out["last_keys_rot"] = k_rot
+            keys = torch.cat((self.init_k_rot[idx].expand(bsz, -1, -1, -1), k_rot), dim=-2)
+            vals = torch.cat((self.init_v[idx].expand(bsz, -1, -1, -1), v), dim=-2)
+            if idx not in self.prob_layers:
+                return grouped_sdpa(q_rot, keys, vals, scaling, mask)
+            probs = attention_weights(q_rot, keys, scaling, mask)  # (B, Hq, g, n0 + g) fp32
+            weight = dict(self.att_layers)[idx]
+            out["received"].append((signals.attention_received(probs, n0, per_block=True), weight))
+            groups = q.shape[1] // vals.shape[1]
+            return torch.matmul(probs, vals.float().repeat_interleave(groups, dim=1)).to(q.dtype)
+
+        self.llm.forward(blocks, attend)
+        out["keys"] = torch.stack(ks, dim=1)
+        out["values"] = torch.stack(vs, dim=1)
+        return out
+
+    def _ingest_shared(self, flat: torch.Tensor, start: int) -> None:
+        """block_context=shared: one stream forward of the chunk (sink + window), blocks cut from its KV."""
+        ks, vs, qs, scale = {}, {}, {}, {}
+
+        def attend(idx, q, k, v, scaling):
+            ks[idx], vs[idx] = k[0], v[0]
+            if idx in self.prob_layers:
+                qs[idx], scale[idx] = q[0], scaling
+            return self.stream[idx].attend_and_append(q, k, v, scaling, self.llm.rope)
+
+        self.llm.forward(flat[None], attend)
+        n_layers = self.geometry.num_layers
+        keys = torch.stack([ks[i] for i in range(n_layers)])  # (layers, H_kv, N, d) un-rotated
+        values = torch.stack([vs[i] for i in range(n_layers)])
+        n0, rope = self.n_init, self.llm.rope
+        t = self.geometry.tokens_per_frame
+        for gi, g in enumerate(self.sizes):
+            order = self._layout(torch.arange(flat.shape[0], device=flat.device).view(-1, t, 1), g).view(-1)
+            n_blocks = order.numel() // g
+            if n_blocks == 0:
+                self._warn_large(g, flat.shape[0] // t)
+                continue
+            blocks = order[: n_blocks * g].view(n_blocks, g)
+            pos = torch.arange(n0, n0 + g, device=flat.device)
+            mask = prefix_causal_mask(g, n0 + g, flat.device)
+            for a in range(0, n_blocks, self.batch_blocks):
+                idx = blocks[a:a + self.batch_blocks]  # (B, g) chunk token indices
+                bsz = idx.shape[0]
+                kb = keys[:, :, idx].permute(2, 0, 1, 3, 4)  # (B, layers, H_kv, g, d)
+                vb = values[:, :, idx].permute(2, 0, 1, 3, 4)
+                received = []
+                for li, w in self.att_layers:
+                    # The block's own queries over init + block (as in the independent case).
+                    q_rot = rope.rotate(qs[li][:, idx].transpose(0, 1), pos)  # (B, Hq, g, d)
+                    k_all = torch.cat((self.init_k_rot[li].expand(bsz, -1, -1, -1), rope.rotate(kb[:, li], pos)), -2)
+                    probs = attention_weights(q_rot, k_all, scale[li], mask)
+                    received.append((signals.attention_received(probs, n0, per_block=True), w))
+                kv = {"keys": kb, "values": vb, "received": received,
+                      "last_keys_rot": rope.rotate(kb[:, self.last_layer], pos)}
+                self._trim_and_store(gi, kv, n0 + start + idx, [start + int(b[0]) for b in idx])
+
+    # ------------------------------------------------------------------------------ trimming
+    def _trim_and_store(self, gi: int, kv: dict[str, Any], positions: torch.Tensor, starts: list[int]) -> None:
+        """Score, trim and store a batch of blocks of granularity ``gi``; positions (B, g)."""
+        g, keep = self.sizes[gi], self.kept[gi]
+        keys_mean = kv["last_keys_rot"].float().mean(dim=1)  # (B, g, d), KV-head mean, with RoPE
+        scores = signals.token_scores(kv["received"] or None, keys_mean, float(self.alpha[gi]), self.scoring_method,
+                                      self.frequency)
+        if self.dedup:
+            chosen = [signals.select_with_dedup(scores[b], keys_mean[b], keep, self.dedup_threshold)
+                      for b in range(scores.shape[0])]
+        else:
+            top = signals.select_top(scores, keep) if keep < g else (
+                torch.arange(g, device=scores.device).expand(scores.shape[0], g))
+            chosen = list(top)
+        for b, idx in enumerate(chosen):
+            k = kv["keys"][b][:, :, idx]  # (layers, H_kv, n, d)
+            v = kv["values"][b][:, :, idx]
+            pos = positions[b][idx]
+            last = kv["last_keys_rot"][b][:, idx] if self.retrieval_keys == "rotated" else k[self.last_layer]
+            repr_vec = last.float().mean(dim=1).reshape(-1)  # heads concatenated
+            t = self.geometry.tokens_per_frame
+            bid = self.store.add(k, v, pos, first_frame=starts[b] / t, num_frames=g / t, meta={"granularity": gi})
+            self.block_ids[gi].append(bid)
+            self._pending[gi].append(repr_vec)
+
+    # ---------------------------------------------------------------------------------- recall
+    @torch.inference_mode()
+    def query(self, question: str) -> torch.Tensor:
+        """The query vector: the raw question prefilled after the init prompt; the last layer's key of the
+        last question token (``last_key``) or its queries averaged over tokens (``mean_query``)."""
+        ids = self.llm.tokenize(question)
+        n0, n = self.n_init, len(ids)
+        if n == 0:  # no question tokens, no query: every block scores 0 (the earliest are taken)
+            heads = self.geometry.num_kv_heads if self.query_vector == "last_key" else self.geometry.num_heads
+            return torch.zeros(heads * self.geometry.head_dim, device=self.llm.device)
+        rope = self.llm.rope
+        pos = torch.arange(n0, n0 + n, device=self.llm.device)
+        mask = prefix_causal_mask(n, n0 + n, self.llm.device)
+        got: dict[str, torch.Tensor] = {}
+
+        def attend(idx, q, k, v, scaling):
+            q_rot, k_rot = rope.rotate(q, pos), rope.rotate(k, pos)
+            if idx == self.last_layer:
+                rotated = self.retrieval_keys == "rotated"
+                got["k"], got["q"] = (k_rot, q_rot) if rotated else (k, q)
+            keys = torch.cat((self.init_k_rot[idx], k_rot), dim=-2)
+            vals = torch.cat((self.init_v[idx], v), dim=-2)
+            return grouped_sdpa(q_rot, keys, vals, scaling, mask)
+
+        self.llm.forward(self.llm.embed_ids(ids), attend)
+        if self.query_vector == "last_key":
+            return got["k"][0, :, -1].float().reshape(-1)  # (H_kv * d)
+        return got["q"][0].float().mean(dim=1).reshape(-1)  # (H_q * d)
+
+    def block(self, gi: int, b: int) -> Block:
+        """Block ``b`` (in storage order) of granularity ``gi``."""
+        return self.store.blocks[self.block_ids[gi][b]]
+
+    def representatives(self, gi: int) -> torch.Tensor:
+        """(blocks, H_kv * d) representatives of granularity ``gi``, in storage order, on the device."""
+        if self._pending[gi]:
+            self._reprs[gi] = torch.cat((self._reprs[gi], torch.stack(self._pending[gi])))
+            self._pending[gi] = []
+        return self._reprs[gi]
+
+    def _retrieval_reprs(self, gi: int) -> torch.Tensor:
+        reprs = self.representatives(gi)
+        if reprs.numel() == 0 or self.query_vector != "mean_query":
+            return reprs
+        groups = self.geometry.num_heads // self.geometry.num_kv_heads
+        n = reprs.shape[0]
+        return reprs.view(n, self.geometry.num_kv_heads, -1).repeat_interleave(groups, dim=1).reshape(n, -1)
+
+    @torch.inference_mode()
+    def recall(self, question: str) -> AnswerContext:
+        qv = self.query(question)
+        reprs = [self._retrieval_reprs(gi) for gi in range(len(self.sizes))]
+        reranked = self.rerank and len(self.sizes) == 3
+        chosen = rr.select_blocks(qv, reprs, list(self.top_k), rerank=reranked, alpha=self.rerank_alpha,
+                                  beta=self.rerank_beta, top_n=self.rerank_top_n)
+        # [patch | frame | segment], each in score order (published), or everything in stream order
+        picks = [(gi, int(b)) for gi, sel in enumerate(chosen) for b in sel.indices.tolist()]
+        if self.assembly == "time_ordered":
+            picks.sort(key=lambda p: (self.block(*p).first_frame, p[0]))
+        ids = [self.block_ids[gi][b] for gi, b in picks]
+        device, rope = self.llm.device, self.llm.rope
+        positions = torch.cat((torch.arange(self.n_init), self.store.positions(ids))).to(device)
+        length = int(positions.numel())
+        if self.assembly == "time_ordered":
+            positions = torch.arange(length, device=device)
+        out_k, out_v = [], []
+        for layer in range(self.geometry.num_layers):
+            k, v = self.init_k[layer], self.init_v[layer]
+            if ids:
+                bk, bv = self.store.layer_kv(ids, layer, device, k.dtype)
+                k, v = torch.cat((k, bk), dim=-2), torch.cat((v, bv), dim=-2)
+            out_k.append(rope.rotate(k, positions))
+            out_v.append(v)
+        names = [f"g{x}" for x in self.granularities]
+        info = {
+            "blocks": {n: sel.indices.tolist() for n, sel in zip(names, chosen, strict=True)},
+            "block_scores": {n: sel.scores.tolist() for n, sel in zip(names, chosen, strict=True)},
+            "online_tokens_per_granularity": {
+                n: sum(self.block(gi, b).tokens for b in sel.indices.tolist())
+                for gi, (n, sel) in enumerate(zip(names, chosen, strict=True))},
+            "reranked": reranked,
+        }
+        return AnswerContext(out_k, out_v, next_position=length, info=info)
+
+    # ----------------------------------------------------------------------------------- stats
+    def stats(self) -> CacheStats:
+        """kv: init + the stored blocks (host / disk); device: init, representatives, the shared stream's
+        window (block_context=shared)."""
+        init = tensor_bytes(*self.init_k, *self.init_v)
+        reprs = sum(self.representatives(gi).numel() * 4 for gi in range(len(self.sizes)))  # fp32
+        device = init + reprs
+        if self.stream is not None:
+            device += sum(tensor_bytes(L.k, L.v) for L in self.stream)
+        return CacheStats(kv_tokens=self.store.tokens + self.n_init, kv_bytes=self.store.nbytes + init,
+                          device_kv_bytes=device, aux_bytes=reprs)
