@@ -12,9 +12,12 @@ TORCH_INDEX ?=
 EXTRAS      ?= dev
 STAMP       := $(VENV)/.installed-$(EXTRAS)
 ARGS        ?=
+# make reproduce-table: which grid (experiments/grids/<DATA>.yaml) and where (default outputs/reproduce/<time>_<DATA>)
+DATA        ?= synthetic
+OUT         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint clean reproduce-table
+.PHONY: bench help install run test test-fast lint clean reproduce-table train-nano wandb-dashboard
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -28,8 +31,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install mukv with the dev extra (CPU torch)
 
-run: $(STAMP) ## run the default pipeline (embedded model and dataset); extra overrides via ARGS="..."
+run: $(STAMP) ## no ARGS: nano model x synthetic benchmark, every cache method, one results table; ARGS="...": one configured run
+ifeq ($(strip $(ARGS)),)
+	$(PY) experiments/nano_benchmark.py --preset quick
+else
 	$(PY) -m mukv.run $(ARGS)
+endif
+
+train-nano: $(STAMP) ## retrain the nano model on this CPU (<= ~50 min) and replace the shipped checkpoint
+	$(PY) -m mukv.run mode=train model=nano dataset=synthetic train.publish=true $(ARGS)
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -q $(ARGS)
@@ -37,8 +47,18 @@ test: $(STAMP) ## run the whole test suite
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
+reproduce-table: $(STAMP) ## run the results grid as one multirun, render table + figures (DATA=synthetic|rvs, OUT=dir, ARGS=overrides)
+	$(PY) experiments/reproduce_table.py --data $(DATA) $(if $(strip $(OUT)),--out $(OUT),) $(ARGS)
+
+wandb-dashboard: $(STAMP) ## create the W&B workspace panels (ARGS="--entity ME --project mukv"; --dry-run prints them)
+	$(PY) experiments/wandb_dashboard.py $(ARGS)
+
 lint: $(STAMP) ## ruff over the package and tests
 	$(PY) -m ruff check mukv tests
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+BENCH_ARGS ?= --model 0.5b --dtype bf16 --frames 8 --chunk 8
+bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights); BENCH_ARGS="..."
+	$(PY) -m mukv.bench $(BENCH_ARGS)

@@ -33,7 +33,9 @@ class TinyDims:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    kind: str = "tiny"  # tiny (built here, random weights) | pretrained (Hub id or local folder)
+    # tiny (built here, random weights) | nano (the trained checkpoint shipped in mukv/assets/nano, or a nano
+    # folder given as path) | pretrained (Hub id or local folder)
+    kind: str = "tiny"
     path: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
@@ -63,12 +65,36 @@ class DatasetConfig:
     limit_questions: Optional[int] = None  # per video, the first N by end_time
     video_ids: list[str] = field(default_factory=list)
     check_videos: bool = True  # rvs: fail before the model loads if video files are missing
+    max_minutes: Optional[float] = None  # truncate streams: drop questions whose end_time is after N minutes
+    num_shards: int = 1  # split the videos over jobs: this job runs videos[shard_index::num_shards]
+    shard_index: int = 0
+    # Question-age buckets for metrics (seconds since the answer's evidence; edges, the last bucket open).
+    age_buckets_s: list[float] = field(default_factory=lambda: [0.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+                                                                1800.0, 2700.0, 3600.0])
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class JudgeConfig:
-    name: str = "exact"  # exact | none
+    name: str = "exact"  # exact | openai | hf | none
+    model: Optional[str] = None  # openai: the model name at the endpoint; hf: a Hub id or local folder
+    prompt_version: str = "v1"  # the pinned prompt (mukv/judge/prompt.py); part of the cache key
+    max_tokens: int = 64  # reply length limit
+    # openai (any OpenAI-compatible chat endpoint)
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # the environment variable holding the key; null: no key
+    temperature: float = 0.0
+    timeout_s: float = 60.0
+    max_retries: int = 5  # retries after the first attempt, exponential backoff
+    backoff_s: float = 1.0  # first retry delay; doubles each retry
+    backoff_max_s: float = 60.0
+    max_consecutive_failures: Optional[int] = 10  # stop calling after N failed requests in a row (null: never)
+    # hf (a local transformers causal LM)
+    device: str = "auto"
+    dtype: str = "auto"
+    # judgment cache (LLM judges): sqlite keyed by question, reference, prediction, judge model, prompt version
+    cache: bool = True
+    cache_path: Optional[str] = None
 
 
 @dataclass
@@ -77,9 +103,11 @@ class LoggerConfig:
     project: str = "mukv"
     entity: Optional[str] = None
     mode: str = "offline"  # offline | online | disabled
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # defaults to task_name (the experiment)
+    job_type: Optional[str] = None  # defaults to the mode (eval)
+    tags: list[str] = field(default_factory=list)  # method, dataset, model and sweep tags are added
     dir: Optional[str] = None  # defaults to the run's output folder
+    plots: bool = True  # log per-run figures (accuracy by age, memory and latency along the stream)
 
 
 @dataclass
@@ -87,6 +115,27 @@ class EngineConfig:
     encode_chunk_size: int = 64
     max_new_tokens: int = 256
     progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """mode=train (model=nano dataset=synthetic): the nano training recipe, see mukv/train.py."""
+
+    steps: int = 8000  # planned steps; the schedule ends at whichever of steps / max_minutes comes first
+    max_minutes: float = 48.0
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.03
+    grad_clip: float = 1.0
+    min_frames: int = 2
+    max_frames: int = 32
+    sample_fps: float = 0.5
+    save_every_s: float = 300.0
+    val_videos: int = 48
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+    publish: bool = False  # copy the best checkpoint over mukv/assets/nano (the shipped one)
 
 
 @dataclass
@@ -105,7 +154,9 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     mode: str = "eval"  # eval | train
+    resume: bool = True  # continue a run folder that holds answers (False: move them aside, start over)
     task_name: str = "eval"
     seed: int = 0
     tags: list[str] = field(default_factory=list)
@@ -139,6 +190,12 @@ def register_configs() -> None:
     import mukv.cache  # noqa: F401  (registers the methods)
     from mukv.cache.base import CACHE_METHODS
 
+    from omegaconf import OmegaConf
+
+    from mukv.resume import short_hash
+
+    if not OmegaConf.has_resolver("mukv_hash"):
+        OmegaConf.register_new_resolver("mukv_hash", lambda text: short_hash(str(text)))
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

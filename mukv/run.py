@@ -6,6 +6,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mukv.config import register_configs
@@ -29,7 +31,8 @@ def main(cfg: DictConfig) -> None:
     print(format_summary(result.metrics))
     if not result.ok:
         print(f"{len(result.failures)} video(s) failed: see memory_stats.csv (error column)", file=sys.stderr)
-        sys.exit(1)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # in a sweep, the other jobs still run
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from mukv.cache.base import CacheMethod
 from mukv.data.types import VideoSample
 from mukv.engine import AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
 from mukv.errors import ConfigError, MukvError
-from mukv.judge import build_judge
+from mukv.judge import build_judge, validate_judge_config
 from mukv.report.metrics import summarize
 from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, CsvAppender, write_json_atomic
 
@@ -54,13 +54,30 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.mode not in ("eval", "train"):
         raise ConfigError("mode", f"unknown mode '{cfg.mode}'; choose eval or train")
     if cfg.mode == "train":
-        raise ConfigError("mode", "mode=train arrives with the trainable nano model; only mode=eval exists now")
+        if cfg.model.kind != "nano":
+            raise ConfigError("model.kind", f"mode=train trains the nano model (model=nano), got '{cfg.model.kind}'")
+        if cfg.dataset.kind != "synthetic":
+            raise ConfigError("dataset.kind", "mode=train trains on the synthetic benchmark (dataset=synthetic)")
+        for key in ("steps", "max_minutes", "batch_size", "lr", "max_frames", "sample_fps"):
+            _positive(cfg.train[key], f"train.{key}")
+        if cfg.train.min_frames < 2 or cfg.train.min_frames > cfg.train.max_frames:
+            raise ConfigError("train.min_frames", "must be in [2, train.max_frames]")
+        return
     _positive(cfg.engine.encode_chunk_size, "engine.encode_chunk_size")
     _positive(cfg.engine.max_new_tokens, "engine.max_new_tokens")
     ds = cfg.dataset
     _positive(ds.sample_fps, "dataset.sample_fps")
     _positive(ds.limit_videos, "dataset.limit_videos", allow_none=True)
     _positive(ds.limit_questions, "dataset.limit_questions", allow_none=True)
+    _positive(ds.max_minutes, "dataset.max_minutes", allow_none=True)
+    if not isinstance(ds.num_shards, int) or ds.num_shards < 1:
+        raise ConfigError("dataset.num_shards", f"must be a positive integer, got {ds.num_shards!r}")
+    if not isinstance(ds.shard_index, int) or not 0 <= ds.shard_index < ds.num_shards:
+        raise ConfigError("dataset.shard_index",
+                          f"must be in [0, dataset.num_shards={ds.num_shards}), got {ds.shard_index!r}")
+    edges = list(ds.age_buckets_s)
+    if any(not math.isfinite(e) for e in edges) or edges != sorted(set(edges)):
+        raise ConfigError("dataset.age_buckets_s", f"must be strictly increasing finite edges, got {edges}")
     if ds.kind not in ("rvs", "synthetic"):
         raise ConfigError("dataset.kind", f"unknown kind '{ds.kind}'; choose rvs or synthetic")
     if ds.kind == "rvs":
@@ -76,7 +93,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("logger.name", f"unknown logger '{cfg.logger.name}'; choose none or wandb")
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logger.mode", f"unknown mode '{cfg.logger.mode}'; choose offline, online or disabled")
-    build_judge(cfg.judge)
+    validate_judge_config(cfg.judge)
 
 
 def build_method(cache_cfg: DictConfig) -> CacheMethod:
@@ -114,10 +131,25 @@ def build_dataset(cfg: DictConfig) -> list[VideoSample]:
             videos = [v for v in videos if v.video_id in set(ds.video_ids)]
         if ds.limit_videos:
             videos = videos[: ds.limit_videos]
+    if ds.max_minutes is not None:  # a stream truncated to N minutes: only questions asked by then
+        horizon = float(ds.max_minutes) * 60.0
+        for v in videos:
+            v.questions = [q for q in v.questions if q.end_time <= horizon]
+        dropped = [v.video_id for v in videos if not v.questions]
+        if dropped:
+            log.info("dataset.max_minutes=%g: %d video(s) have no question left: %s", ds.max_minutes, len(dropped),
+                     ", ".join(dropped))
+        videos = [v for v in videos if v.questions]
     if ds.limit_questions:
         for v in videos:
             v.questions = sorted(v.questions, key=lambda q: q.end_time)[: ds.limit_questions]
-    return videos
+    return shard(videos, ds.shard_index, ds.num_shards)
+
+
+def shard(videos: list[VideoSample], index: int, count: int) -> list[VideoSample]:
+    """This job's share of the videos: every ``count``-th video from ``index``, in dataset order (by video,
+    deterministic, balanced in count; the shards' union is the whole selection, with no overlap)."""
+    return videos[index::count] if count > 1 else videos
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -126,6 +158,8 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
     out = Path(output_dir or cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_config(cfg)
+    if cfg.mode == "train":
+        return train_nano_from_config(cfg, out)
     method = build_method(cfg.cache)
     from mukv.models.loading import load_video_llm, model_geometry
 
@@ -134,10 +168,13 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
     method.validate(model_geometry(m.kind, m.path, m.device, m.dtype, **dims))
     videos = build_dataset(cfg)
     judge = build_judge(cfg.judge)
+    if judge is not None:
+        judge.prepare()  # an LLM judge that cannot load fails here, before anything streams
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("%d videos, %d questions; loading model %s", len(videos), sum(len(v.questions) for v in videos), m.name)
 
+    answered, finished = _prepare_resume(out, cfg.resume)
     llm = load_video_llm(m.kind, m.path, m.device, m.dtype, m.attn_implementation, m.seed, **dims)
     engine = StreamingEngine(llm, method, EngineSettings(**OmegaConf.to_container(cfg.engine, resolve=True)))
     predictions, memory = CsvAppender(out / PREDICTIONS), CsvAppender(out / MEMORY)
@@ -152,8 +189,10 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
 
     started = time.time()
     for video in videos:
+        if video.video_id in finished:
+            continue
         try:
-            record = engine.run_video(video, on_answer)
+            record = engine.run_video(video, on_answer, skip=answered)
         except MukvError as err:  # a broken video is recorded; the run goes on
             log.error("video %s failed: %s", video.video_id, err)
             failures.append(f"{video.video_id}: {err}")
@@ -162,18 +201,101 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
 
     pred_df = _read(out / PREDICTIONS)
     mem_df = _read(out / MEMORY)
-    metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps)
+    if len(mem_df):  # a video that failed and was retried on resume keeps its last row
+        mem_df = mem_df.drop_duplicates("video_id", keep="last")
+    metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s))
     metrics.update(method=method.name, dataset=cfg.dataset.name, model=m.name, wall_s=time.time() - started,
-                   failed_videos=len(failures))
+                   failed_videos=len(failures), shard_index=cfg.dataset.shard_index,
+                   num_shards=cfg.dataset.num_shards, max_minutes=cfg.dataset.max_minutes)
+    if judge is not None:
+        metrics["judge"] = judge.describe()
+        judge.close()
+        if metrics.get("invalid_judgments"):
+            log.warning("%d answer(s) could not be judged (judge_error column); accuracy is over the %d judged",
+                        metrics["invalid_judgments"], metrics.get("judged", 0))
     write_json_atomic(out / METRICS, metrics)
     if cfg.logger.name == "wandb":
-        from mukv.report.wandb_logger import WandbLogger
-
-        wb = WandbLogger(cfg.logger, resolved, out, name=f"{cfg.dataset.name}-{method.name}")
-        wb.log_tables(pred_df, mem_df)
-        wb.log_summary(metrics)
-        wb.finish()
+        _log_wandb(cfg, resolved, out, method.name, pred_df, mem_df, metrics)
     return RunResult(out, metrics, failures)
+
+
+def _hydra_job() -> dict[str, Any]:
+    """Where this run sits in a Hydra multirun (empty for a single run or outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    if hc.mode != RunMode.MULTIRUN:
+        return {"overrides": list(hc.overrides.task)}
+    return {"overrides": list(hc.overrides.task), "sweep_dir": str(hc.sweep.dir), "job_num": int(hc.job.num),
+            "override_dirname": str(hc.job.override_dirname)}
+
+
+def _log_wandb(cfg: DictConfig, resolved: dict[str, Any], out: Path, method: str, pred_df: pd.DataFrame,
+               mem_df: pd.DataFrame, metrics: dict[str, Any]) -> None:
+    """One W&B run: grouped by experiment (logger.group or task_name), tagged by method, dataset, model and
+    sweep; config, summary, tables (predictions, memory) and the run's figures."""
+    from mukv.report.wandb_logger import WandbLogger
+
+    lg, job = cfg.logger, _hydra_job()
+    name = f"{cfg.dataset.name}-{method}"
+    tags = [*lg.tags, *cfg.tags, f"method:{method}", f"dataset:{cfg.dataset.name}", f"model:{cfg.model.name}"]
+    if job.get("sweep_dir"):
+        tags.append(f"sweep:{Path(job['sweep_dir']).name}")
+        if job.get("override_dirname"):
+            name = f"{name}[{job['override_dirname']}]"[:128]
+    if cfg.dataset.num_shards > 1:
+        tags.append(f"shard:{cfg.dataset.shard_index}/{cfg.dataset.num_shards}")
+    wb = WandbLogger(lg, {**resolved, "hydra_job": job}, out, name=name, group=lg.group or cfg.task_name,
+                     job_type=lg.job_type or cfg.mode, tags=list(dict.fromkeys(tags)))
+    wb.log_tables(pred_df, mem_df)
+    if lg.plots and len(pred_df):
+        from mukv.report.figures import run_figures
+
+        wb.log_images(run_figures(pred_df, metrics, out / "figures"))
+    wb.log_summary(metrics)
+    wb.finish()
+
+
+def train_nano_from_config(cfg: DictConfig, out: Path) -> RunResult:
+    """mode=train: train the nano model; checkpoints in ``<run>/nano/{last,best}`` (``train.publish=true``
+    also copies the best over the shipped ``mukv/assets/nano``)."""
+    from mukv.models.nano import ASSET_DIR
+    from mukv.train import TrainSettings, train_nano
+
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    publish = t.pop("publish")
+    (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.time()
+    record = train_nano(TrainSettings(**t), out / "nano", publish_dir=ASSET_DIR if publish else None)
+    val = record.get("val") or {}
+    metrics = {"method": "train", "dataset": cfg.dataset.name, "model": cfg.model.name, "steps": record["steps"],
+               "accuracy": val.get("mean"), "val_accuracy": val, "wall_s": time.time() - started,
+               "checkpoint": str(out / "nano" / "best")}
+    write_json_atomic(out / METRICS, metrics)
+    return RunResult(out, metrics)
+
+
+def _prepare_resume(out: Path, resume: bool) -> tuple[set[str], set[str]]:
+    """(answered question ids, finished video ids) already in ``out``; with ``resume=false`` earlier
+    outputs are moved to ``out/previous-<time>/`` (never deleted) and the run starts over."""
+    from mukv.resume import answered_questions, finished_videos
+
+    answered, finished = answered_questions(out / PREDICTIONS), finished_videos(out / MEMORY)
+    if not resume and (answered or finished):
+        backup = out / time.strftime("previous-%Y%m%d-%H%M%S")
+        backup.mkdir()
+        for name in (PREDICTIONS, MEMORY, METRICS):
+            if (out / name).exists():
+                (out / name).rename(backup / name)
+        log.info("resume=false: earlier outputs moved to %s", backup)
+        return set(), set()
+    if answered:
+        log.info("resuming in %s: %d questions answered, %d videos finished", out, len(answered), len(finished))
+    return answered, finished
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -183,8 +305,10 @@ def _read(path: Path) -> pd.DataFrame:
 def format_summary(metrics: dict[str, Any]) -> str:
     """A short table for the terminal."""
     keys = [("method", "method"), ("questions", "questions"), ("accuracy", "accuracy"),
+            ("mean_score", "score"), ("invalid_judgments", "invalid judg."),
             ("mean_online_tokens", "online tokens"), ("kv_bytes_total", "KV bytes"),
-            ("mean_latency_s", "latency s"), ("encode_fps", "encode fps")]
+            ("kv_gb_per_hour", "KV GB/hour"), ("mean_ttft_s", "TTFT s"), ("mean_latency_s", "latency s"),
+            ("encode_fps", "encode fps")]
     lines = []
     for key, label in keys:
         v = metrics.get(key)

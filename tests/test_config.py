@@ -34,7 +34,7 @@ def options(group: str) -> list[str]:
 
 def test_default_config_composes_and_validates():
     cfg = compose_cfg()
-    assert cfg.model.kind == "tiny" and cfg.dataset.kind == "synthetic" and cfg.mode == "eval"
+    assert cfg.model.kind == "nano" and cfg.dataset.kind == "synthetic" and cfg.mode == "eval"
     validate_config(cfg)
 
 

@@ -21,11 +21,17 @@ from mukv.data import (
     resolve_video_path,
 )
 from mukv.data.synthetic import (
+    CHANCE,
     COLOURS,
+    COUNT_SHAPE,
+    DIRECTIONS,
     GRID,
+    MOTION_SHAPE,
     NEEDLE_SHAPES,
     OBJECT_SHAPES,
+    QUESTION_TYPES,
     SHAPES,
+    TRAIN_SEED_BASE,
     Scene,
     SyntheticVideoSource,
     cell_center,
@@ -61,7 +67,7 @@ def test_real_rvs_files_parse_completely(
     assert sum(len(s.questions) for s in samples) == n_questions
     raw = json.loads((rvs_dir / name).read_text())
     qids = set()
-    for sample, record in zip(samples, raw):
+    for sample, record in zip(samples, raw, strict=False):
         assert sample.video_id == record["video_id"] and sample.duration == float(record["duration"])
         ends = [q.end_time for q in sample.questions]
         assert ends == sorted(ends)
@@ -257,6 +263,15 @@ def classify_cell(frame: np.ndarray, cell: int) -> tuple[str, str] | None:
     return colour, shapes[0]
 
 
+def inside_pixel(shape: str, cell: int, frame_size: int) -> tuple[int, int]:
+    """A pixel well inside a shape drawn in ``cell``: the centre, except for the ring (hollow), whose
+    band is sampled half way between its radii."""
+    cy, cx = cell_center(cell, frame_size)
+    if shape == COUNT_SHAPE:
+        cx += int(round(0.62 * cell_size(frame_size) / 2))
+    return cy, cx
+
+
 @pytest.fixture(scope="module")
 def small_dataset() -> list[VideoSample]:
     return make_synthetic_dataset(SMALL)
@@ -274,7 +289,7 @@ def small_pixels(small_dataset: list[VideoSample]) -> list[list[list[tuple[str, 
 
 def test_synthetic_is_deterministic(small_dataset: list[VideoSample]) -> None:
     again = make_synthetic_dataset(SMALL)
-    for a, b in zip(small_dataset, again):
+    for a, b in zip(small_dataset, again, strict=False):
         assert a.video_id == b.video_id and a.questions == b.questions
         assert a.source.frames(0, len(a.source)).tobytes() == b.source.frames(0, len(b.source)).tobytes()
     other = make_synthetic_dataset(SyntheticSpec(**{**SMALL.__dict__, "seed": 8}))
@@ -298,13 +313,14 @@ def test_synthetic_questions_are_well_formed(small_dataset: list[VideoSample]) -
             assert 0 <= q.start_time <= q.end_time <= s.duration
             assert q.meta["age_s"] == pytest.approx(q.end_time - q.start_time)
             assert len(q.answer.split()) == 1
-    assert types == {"detail", "count", "current"}
+            assert q.meta["evidence_time"] == q.start_time
+    assert types == set(QUESTION_TYPES)
 
 
 def test_synthetic_answers_match_the_pixels(
     small_dataset: list[VideoSample], small_pixels: list[Any]
 ) -> None:
-    for sample, pixels in zip(small_dataset, small_pixels):
+    for sample, pixels in zip(small_dataset, small_pixels, strict=False):
         scene: Scene = sample.source.scene
         for q in sample.questions:
             n = frames_until(sample.source, q.end_time)  # the frames the model has seen
@@ -322,24 +338,40 @@ def test_synthetic_answers_match_the_pixels(
                 ]
                 assert seen == [(f, cell)]  # exactly one frame in the whole stream
             elif q.qtype == "count":
-                colour, shape = q.meta["colour"], q.meta["shape"]
-                # recount appearances from the pixels: a cell turning into this object counts once
-                count = sum(
-                    pixels[i][c] == (colour, shape) and (i == 0 or pixels[i - 1][c] != (colour, shape))
-                    for i in range(n)
-                    for c in range(GRID * GRID)
-                )
-                assert q.answer == str(count) and f"{colour} {shape}s" in q.question
-                # and from the scene description
-                assert count == sum(
-                    1 for i in scene.instances if (i.colour, i.shape) == (colour, shape) and i.start < n
-                )
-            else:
-                assert q.qtype == "current" and q.meta["frame"] == n - 1
+                # recount rings from the pixels: every ring is a one-frame appearance
+                rings = [i for i in range(n) for c in range(GRID * GRID) if pixels[i][c] and pixels[i][c][1] == COUNT_SHAPE]
+                assert q.answer == str(len(rings)) and COUNT_SHAPE in q.question
+                assert rings == q.meta["evidence_frames"] and 0 <= len(rings) <= 4
+                assert q.start_time == (rings[0] / SMALL.sample_fps if rings else q.end_time)
+            elif q.qtype == "current":
+                assert q.meta["frame"] == n - 1
                 cell = q.meta["cell"]
-                assert f"row {cell // GRID + 1}, column {cell % GRID + 1}" in q.question
+                assert f"row {cell // GRID + 1} column {cell % GRID + 1}" in q.question
                 got = pixels[n - 1][cell]
                 assert got is not None and got[1] == q.answer and q.answer in OBJECT_SHAPES
+            elif q.qtype == "order":
+                # both needles named in the question are on screen once, before the question; the answer is
+                # the one whose frame comes first
+                named = [w for w in q.question.rstrip("?").replace(",", "").split() if w in NEEDLE_SHAPES]
+                assert len(named) == 2 and q.answer in named
+                frames_of = {
+                    s: [i for i in range(len(pixels)) for c in range(GRID * GRID) if pixels[i][c] and pixels[i][c][1] == s]
+                    for s in named
+                }
+                assert all(len(f) == 1 and f[0] < n for f in frames_of.values())
+                other = next(s for s in named if s != q.answer)
+                assert frames_of[q.answer][0] < frames_of[other][0]
+                assert q.start_time == frames_of[q.answer][0] / SMALL.sample_fps
+            else:
+                assert q.qtype == "motion" and q.answer in DIRECTIONS
+                # the ball, read from the pixels: one cell per frame over 4 consecutive frames
+                seen = [(i, c) for i in range(len(pixels)) for c in range(GRID * GRID)
+                        if pixels[i][c] and pixels[i][c][1] == MOTION_SHAPE]
+                assert len(seen) == 4 and [f for f, _ in seen] == list(range(seen[0][0], seen[0][0] + 4))
+                assert seen[-1][0] < n and q.start_time == seen[0][0] / SMALL.sample_fps
+                (r0, c0), (r1, c1) = divmod(seen[0][1], GRID), divmod(seen[-1][1], GRID)
+                want = {(0, 3): "right", (0, -3): "left", (3, 0): "down", (-3, 0): "up"}[(r1 - r0, c1 - c0)]
+                assert q.answer == want
 
 
 def test_synthetic_source_renders_on_demand(small_dataset: list[VideoSample]) -> None:
@@ -365,8 +397,53 @@ def test_synthetic_detail_falls_back_when_needles_run_out() -> None:
             num_videos=1, duration_s=30, frame_size=64, questions_per_video=5, question_types=("detail",)
         )
     )
+    # three needle shapes: three detail questions, then the fallback ("count")
     assert sorted(q.qtype for q in sample.questions) == ["count", "count", "detail", "detail", "detail"]
     assert len({q.meta.get("needle_shape") for q in sample.questions if q.qtype == "detail"}) == 3
+
+
+def test_synthetic_needle_depth_is_controlled_and_recorded() -> None:
+    for depth in (0.0, 0.5, 1.0):
+        videos = make_synthetic_dataset(SyntheticSpec(num_videos=3, duration_s=200, sample_fps=0.5,
+                                                      questions_per_video=3, question_types=("detail",),
+                                                      needle_depth=depth, seed=4))
+        for v in videos:
+            for q in v.questions:
+                n = frames_until(v.source, q.end_time)
+                assert abs(q.meta["needle_frame"] - depth * (n - 1)) <= 3  # nearest frame with a free cell
+                assert q.meta["needle_depth"] == pytest.approx(q.meta["needle_frame"] / (n - 1))
+                assert q.meta["age_s"] == pytest.approx(q.end_time - q.meta["needle_frame"] / 0.5)
+
+
+def test_synthetic_types_are_balanced_and_chance_is_stated() -> None:
+    videos = make_synthetic_dataset(SyntheticSpec(num_videos=30, duration_s=60, sample_fps=0.5,
+                                                  questions_per_video=4, seed=11))
+    counts = {t: 0 for t in QUESTION_TYPES}
+    for v in videos:
+        for q in v.questions:
+            counts[q.qtype] += 1
+    assert min(counts.values()) >= 12, counts  # 120 questions over 5 types; fallbacks are rare
+    assert set(CHANCE) == set(QUESTION_TYPES) and all(0 < c < 1 for c in CHANCE.values())
+
+
+def test_synthetic_train_and_eval_seeds_are_disjoint() -> None:
+    with pytest.raises(ConfigError, match="evaluation seeds"):
+        SyntheticSpec(seed=TRAIN_SEED_BASE)
+    with pytest.raises(ConfigError, match="training seeds"):
+        SyntheticSpec(seed=3, split="train")
+    train = make_video(SyntheticSpec(num_videos=1, seed=TRAIN_SEED_BASE, split="train"), 0)
+    assert train.meta["split"] == "train"
+
+
+def test_synthetic_two_hour_stream_renders_on_demand_fast() -> None:
+    t = time.perf_counter()
+    (sample,) = make_synthetic_dataset(SyntheticSpec(num_videos=1, duration_s=7200, sample_fps=0.5,
+                                                     questions_per_video=10, seed=5))
+    assert len(sample.source) == 3600 and time.perf_counter() - t < 2.0
+    t = time.perf_counter()
+    frames = sample.source.frames(3500, 3564)  # any chunk, without rendering what came before
+    assert frames.shape == (64, 112, 112, 3) and time.perf_counter() - t < 1.0
+    assert max(q.meta["age_s"] for q in sample.questions) > 600  # evidence far in the past exists
 
 
 def test_synthetic_spec_validation() -> None:
@@ -383,7 +460,7 @@ def test_synthetic_export_round_trip(tmp_path: Path, video_format: str, fps: flo
     )
     ann = export_synthetic(spec, tmp_path, video_format=video_format)
     loaded = load_rvs_annotations(ann, data_root=tmp_path, sample_fps=fps, check_videos=True)
-    for orig, back in zip(make_synthetic_dataset(spec), loaded):
+    for orig, back in zip(make_synthetic_dataset(spec), loaded, strict=False):
         assert back.video_id == orig.video_id and back.duration == orig.duration
         assert [(q.qid, q.question, q.answer, q.start_time, q.end_time) for q in back.questions] == [
             (q.qid, q.question, q.answer, q.start_time, q.end_time) for q in orig.questions
@@ -399,7 +476,7 @@ def test_synthetic_export_round_trip(tmp_path: Path, video_format: str, fps: flo
                 for c in range(GRID * GRID):
                     inst = orig.source.scene.at(i, c)
                     if inst is not None:
-                        cy, cx = cell_center(c, spec.frame_size)
+                        cy, cx = inside_pixel(inst.shape, c, spec.frame_size)
                         # every sampled frame is the right one: each object sits where the scene says
                         assert np.abs(got[i, cy, cx].astype(int) - COLOURS[inst.colour]).max() < 40
 

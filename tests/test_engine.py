@@ -195,3 +195,22 @@ def test_skipped_questions_keep_the_chunk_boundaries_of_an_uninterrupted_run(tin
     assert resumed_rows[0].online_tokens == full_rows[2].online_tokens
     # Nothing left to answer: nothing is encoded.
     assert run({"a", "b", "c"}) == ([], [])
+
+
+@pytest.mark.parametrize("method_cls", [SlidingWindowCache, "rekv"])
+def test_attention_cost_per_token_does_not_grow_with_the_stream(tiny_llm, method_cls):
+    """Keys in view per query block stay bounded by n_local + query block + sink, however long the
+    stream, and the window holds n_local tokens (a count of operations, not seconds)."""
+    from mukv.cache import ReKVCache
+
+    t = tiny_llm.geometry.tokens_per_frame
+    n_init = len(tiny_llm.init_prompt_ids())
+    bound = None
+    for frames in (8, 40):
+        method = (ReKVCache if method_cls == "rekv" else method_cls)(n_local=4 * t, query_block=t)
+        stream(tiny_llm, method, random_frames(frames, seed=frames), 4)
+        seen = max(layer.max_keys_in_view for layer in method.layers)
+        assert seen <= 4 * t + t + n_init
+        assert all(layer.k.shape[-2] == 4 * t for layer in method.layers)
+        bound = seen if bound is None else bound
+        assert seen == bound  # 5x the stream, the same cost per query block

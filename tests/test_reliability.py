@@ -106,3 +106,88 @@ def test_same_config_and_seed_give_identical_predictions(tmp_path):
         header = lines[0].split(",")
         runs.append([[row.split(",")[header.index(c)] for c in columns] for row in lines[1:]])
     assert runs[0] == runs[1] and len(runs[0]) == 2
+
+
+# ---------------------------------------------------------------------------------------- resume
+def _cli(out, *extra):
+    import os
+    import sys
+
+    args = [sys.executable, "-m", "mukv.run", "model=tiny", "cache=sliding_window", "cache.n_local=200",
+            "dataset.synthetic.num_videos=2", "dataset.synthetic.duration_s=120", "dataset.sample_fps=1",
+            "dataset.synthetic.questions_per_video=6", "engine.max_new_tokens=24", "engine.progress=false",
+            f"hydra.run.dir={out}", *extra]
+    return args, {**os.environ, "HYDRA_FULL_ERROR": "0"}
+
+
+def _answers(out: Path) -> list[tuple[str, str, str]]:
+    import csv
+
+    with (out / "predictions.csv").open(newline="") as f:
+        return sorted((r["qid"], r["prediction"], r["online_tokens"]) for r in csv.DictReader(f))
+
+
+def test_a_run_killed_mid_video_resumes_and_ends_with_the_same_predictions(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    reference = tmp_path / "reference"
+    args, env = _cli(reference)
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    expected = _answers(reference)
+    assert len(expected) == 12
+
+    out = tmp_path / "killed"
+    args, env = _cli(out)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    preds = out / "predictions.csv"
+    deadline = time.time() + 240
+    # Kill in the middle of the first video: after its second answer, before its last.
+    while time.time() < deadline and proc.poll() is None:
+        if preds.exists() and preds.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = preds.read_text().splitlines()
+    assert 3 <= len(partial) < 13 and not (out / "metrics.json").exists()
+    with preds.open("a") as f:  # what a kill in the middle of a write would leave: a torn line
+        f.write('syn-s0-v0001,syn-s0-v0001_q9,"half a li')
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in (out / "run.log").read_text()
+    assert _answers(out) == expected
+    assert json.loads((out / "metrics.json").read_text())["questions"] == 12
+
+
+def test_resume_false_moves_earlier_outputs_aside(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    args, env = _cli(out, "dataset.synthetic.num_videos=1", "engine.max_new_tokens=2")
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    first = _answers(out)
+    assert subprocess.run(args + ["resume=false"], env=env, capture_output=True, timeout=300).returncode == 0
+    (backup,) = out.glob("previous-*")
+    assert _answers(backup) == first == _answers(out)
+
+
+@pytest.mark.parametrize("cache,override,field", [
+    ("rekv", "cache.retrieve_size=0", "cache.retrieve_size"),
+    ("rekv", "cache.n_local=-5", "cache.n_local"),
+    ("rekv", "cache.retrieve_chunk_size=3", "cache.retrieve_chunk_size"),
+    ("uniform", "cache.num_frames=0", "cache.num_frames"),
+    ("sliding_window", "cache.n_local=0", "cache.n_local"),
+    ("mukv", "cache.keep_ratio=[0.1,0.0,0.8]", "cache.keep_ratio"),
+    ("mukv", "cache.keep_ratio=[0.1,1.5,0.8]", "cache.keep_ratio"),
+    ("mukv", "cache.top_k=[20,-1,12]", "cache.top_k"),
+    ("mukv", "cache.granularities=[0.3,1.0,4.0]", "cache.granularities"),
+])
+def test_bad_budgets_and_ratios_are_rejected_before_the_model_loads(cache, override, field):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"cache={cache}", override])
+    with pytest.raises(ConfigError) as err:
+        build_method(cfg.cache).validate(model_geometry("tiny", None, "cpu", "float32"))
+    assert field in str(err.value)

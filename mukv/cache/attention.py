@@ -55,6 +55,7 @@ class SinkWindowKV:
         self.k: torch.Tensor | None = None  # most recent tokens, un-rotated
         self.v: torch.Tensor | None = None
         self.start = 0  # global index of self.k[..., 0, :]
+        self.max_keys_in_view = 0  # most keys one query block attended to (cost is bounded by the window)
 
     @property
     def n_seen(self) -> int:
@@ -106,6 +107,7 @@ class SinkWindowKV:
         if self.n_local is not None:
             band &= (qi - kj) < self.n_local
         sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
+        self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + (self.n_init if sink_needed else 0))
         if not sink_needed:
             return grouped_sdpa(q_rot, k_rot, vw, scaling, band)
         # Sink tokens outside a query's window are seen at the fixed distance n_local.

@@ -5,22 +5,41 @@ stream whose answers follow from its scene description lets every part of the pi
 end, deterministically, with exact-match scoring, and lets a test control how old the evidence is.
 
 The world: a slowly drifting dark background tint, a 4x4 grid of cells, and in each cell a timeline of
-objects (a shape in a colour) that appear, stay a few seconds and leave, always separated by at least one
-empty frame so that every appearance is a distinct, countable event. Needles are shapes outside the object
-vocabulary (``star``, ``cross``, ``diamond``) shown once, in one frame, in a cell that is empty then.
+objects (a circle, square or triangle in a colour) that appear, stay a few seconds and leave, always
+separated by at least one empty frame so that every appearance is a distinct, countable event. Rare
+"event" shapes are drawn the same way, in a cell that is empty then (so the frames that carry them are
+statistically like the others: same background, same noise, one more object at most):
+
+- needles (``star``, ``cross``, ``diamond``): each shown at most once per video, in one frame (a patch-scale
+  detail: one cell = one visual token of the 16 per frame at 112 px);
+- ``ring``: shown a few times per video (0-4 in the whole stream), one frame each: the counting target;
+- ``ball``: one run per video that crosses a whole row or column in 4 consecutive frames (a segment-scale
+  event: no single frame tells its direction).
+
+Ordinary objects also last a single frame often (geometric lengths), so a one-frame appearance is no cue.
 
 Question types (answers are single words):
 
 - ``detail``: "What colour was the star?" -- the needle, shown before the question; ``start_time`` is the
-  needle's time. One needle per needle shape, so at most 3 per video; further ones fall back to the spec's
-  other types, then to ``count``.
-- ``count``: "How many red circles have appeared so far?" -- the number of appearances (object instances)
-  of that colour and shape whose first frame is among the frames shown when the question is asked, i.e.
-  first frame ``< frames_until(end_time)``. ``start_time`` is the first counted appearance (0 if none).
-- ``current``: "What shape is in the cell at row r, column c ...?" -- the object in that cell in the last
-  frame shown (frame ``frames_until(end_time) - 1``); ``start_time`` is that frame's time.
+  needle's time. One needle per needle shape; with ``needle_depth`` set, the needle sits at that fraction of
+  the frames shown (0 = the first frame, 1 = the last), recorded in ``meta['needle_depth']``.
+- ``count``: "How many rings have appeared so far?" -- the number of ring appearances among the frames shown
+  (0-4). ``start_time`` is the first counted ring (the question time if none).
+- ``current``: "What shape is at row r column c now?" -- the object in that cell in the last frame shown
+  (frame ``frames_until(end_time) - 1``); ``start_time`` is that frame's time.
+- ``order``: "Which came first, the star or the cross?" -- two needles shown before the question (temporal
+  order); ``start_time`` is the earlier one.
+- ``motion``: "Which way did the ball move?" -- ``left``/``right``/``up``/``down`` over the ball's 4-frame
+  run (what happened in a stretch); ``start_time`` is the run's first frame.
 
-For every question ``meta['age_s'] = end_time - start_time``: how far back the oldest needed evidence lies.
+Chance levels: detail 1/6 (colours), count 1/5, current 1/3, order 1/2, motion 1/4.
+
+Seeds: evaluation datasets (``split='eval'``) use ``seed < TRAIN_SEED_BASE``; training streams
+(``split='train'``) use ``seed >= TRAIN_SEED_BASE``. ``SyntheticSpec`` enforces the ranges, so held-out
+streams are never trained on.
+
+For every question ``meta['age_s'] = end_time - start_time``: how far back the oldest needed evidence lies,
+and ``meta['evidence_time'] = start_time``.
 Frames are indexed at the dataset's ``sample_fps`` (frame ``i`` shown at ``i / sample_fps``), the same rate
 the engine samples at, so answers are exact for exactly the frames the model sees.
 
@@ -33,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -54,8 +73,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 OBJECT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 NEEDLE_SHAPES: tuple[str, ...] = ("star", "cross", "diamond")
-SHAPES: tuple[str, ...] = OBJECT_SHAPES + NEEDLE_SHAPES
-QUESTION_TYPES: tuple[str, ...] = ("detail", "count", "current")
+COUNT_SHAPE = "ring"
+MOTION_SHAPE = "ball"
+SHAPES: tuple[str, ...] = OBJECT_SHAPES + NEEDLE_SHAPES + (COUNT_SHAPE, MOTION_SHAPE)
+QUESTION_TYPES: tuple[str, ...] = ("detail", "count", "current", "order", "motion")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+MAX_RINGS = 4
+MOTION_FRAMES = 4  # a ball run crosses the whole row / column, one cell per frame
+# Chance accuracy of a uniform guess among the possible answers, per question type.
+CHANCE: dict[str, float] = {"detail": 1 / 6, "count": 1 / 5, "current": 1 / 3, "order": 1 / 2, "motion": 1 / 4}
+# Held-out evaluation seeds are < TRAIN_SEED_BASE; training streams use seeds >= TRAIN_SEED_BASE.
+TRAIN_SEED_BASE = 1_000_000
 GRID = 4
 # Background channels stay within [30, 90]; every colour above has a channel >= 200: objects never blend in.
 _BG_GREY = (45.0, 75.0)
@@ -77,9 +105,26 @@ class SyntheticSpec:
     mean_object_s: float = 4.0  # mean time an object stays in its cell
     mean_gap_s: float = 4.0  # mean time a cell stays empty between two objects
     noise: int = 6  # per-pixel noise, uniform in [-noise, noise]
+    needle_depth: float | None = None  # detail needles at this fraction of the frames shown (None: random)
+    question_times: str = "spread"  # spread: random in the last 90% of the stream | end: all at the end
+    rings: int | None = None  # ring appearances in the whole stream (None: random 0..MAX_RINGS)
+    split: str = "eval"  # eval: seed < TRAIN_SEED_BASE | train: seed >= TRAIN_SEED_BASE
 
     def __post_init__(self) -> None:
         self.question_types = tuple(self.question_types)
+        if self.split not in ("eval", "train"):
+            raise ConfigError("split", f"must be 'eval' or 'train', got {self.split!r}")
+        if self.split == "eval" and not 0 <= self.seed < TRAIN_SEED_BASE:
+            raise ConfigError("seed", f"evaluation seeds are in [0, {TRAIN_SEED_BASE}) (training uses the rest), "
+                                      f"got {self.seed}")
+        if self.split == "train" and self.seed < TRAIN_SEED_BASE:
+            raise ConfigError("seed", f"training seeds are >= {TRAIN_SEED_BASE} (below are held out), got {self.seed}")
+        if self.needle_depth is not None and not 0.0 <= self.needle_depth <= 1.0:
+            raise ConfigError("needle_depth", f"must be in [0, 1], got {self.needle_depth}")
+        if self.question_times not in ("spread", "end"):
+            raise ConfigError("question_times", f"must be 'spread' or 'end', got {self.question_times!r}")
+        if self.rings is not None and not 0 <= self.rings <= MAX_RINGS:
+            raise ConfigError("rings", f"must be in [0, {MAX_RINGS}], got {self.rings}")
         if self.num_videos < 0:
             raise ConfigError("num_videos", f"must be >= 0, got {self.num_videos}")
         if not (self.duration_s > 0 and self.sample_fps > 0):
@@ -168,7 +213,7 @@ def cell_size(frame_size: int) -> int:
 
 
 def cell_center(cell: int, frame_size: int) -> tuple[int, int]:
-    """(y, x) pixel at the centre of a cell: inside every shape's mask."""
+    """(y, x) pixel at the centre of a cell: inside every shape's mask except the (hollow) ring's."""
     c = cell_size(frame_size)
     return (cell // GRID) * c + c // 2, (cell % GRID) * c + c // 2
 
@@ -187,6 +232,8 @@ _SHAPE_MASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
         ((np.abs(x) <= 0.22) & (np.abs(y) <= 0.8)) | ((np.abs(y) <= 0.22) & (np.abs(x) <= 0.8))
     ),
     "diamond": lambda x, y: np.abs(x) + np.abs(y) <= 0.8,
+    "ring": lambda x, y: (x * x + y * y <= 0.8**2) & (x * x + y * y >= 0.45**2),
+    "ball": lambda x, y: x * x + y * y <= 0.38**2,
 }
 
 
@@ -286,6 +333,7 @@ class _Builder:
     instances: list[Instance]
     occupancy: np.ndarray  # (num_frames, cells) int32, kept in sync with ``instances``
     video_id: str
+    asked: set[str] = field(default_factory=set)  # needle shapes / events a question already asked about
 
     def add(self, inst: Instance) -> None:
         self.occupancy[inst.start : inst.stop, inst.cell] = len(self.instances)
@@ -310,52 +358,60 @@ def _question(
     )
 
 
-def _detail(b: _Builder, k: int, n: int, end: float) -> Question | None:
-    used = {i.shape for i in b.instances}
-    free_shapes = [s for s in NEEDLE_SHAPES if s not in used]
-    empty = np.argwhere(b.occupancy[:n] < 0)  # (frame, cell) slots free before the question
-    if not free_shapes or len(empty) == 0:
+def _free_slot(b: _Builder, n: int, frame: int | None = None, exclude: set[int] = frozenset()) -> tuple[int, int] | None:
+    """A (frame, cell) empty in the scene among frames ``< n``: at a random frame, or in the frame nearest
+    ``frame`` that has an empty cell; frames in ``exclude`` are skipped. None when there is none."""
+    free = b.occupancy[:n] < 0
+    if exclude:
+        free[sorted(f for f in exclude if f < n)] = False
+    rows = np.flatnonzero(free.any(axis=1))
+    if len(rows) == 0:
         return None
-    frame, cell = (int(v) for v in empty[int(b.rng.integers(len(empty)))])
-    shape = free_shapes[int(b.rng.integers(len(free_shapes)))]
-    colour = COLOUR_NAMES[int(b.rng.integers(len(COLOUR_NAMES)))]
-    b.add(Instance(cell, shape, colour, frame, frame + 1))
+    f = int(rows[int(b.rng.integers(len(rows)))]) if frame is None else int(rows[np.abs(rows - frame).argmin()])
+    cells = np.flatnonzero(free[f])
+    return f, int(cells[int(b.rng.integers(len(cells)))])
+
+
+def _place_needle(b: _Builder, n: int, shape: str, frame: int | None = None,
+                  exclude: set[int] = frozenset()) -> Instance | None:
+    slot = _free_slot(b, n, frame, exclude)
+    if slot is None:
+        return None
+    inst = Instance(slot[1], shape, COLOUR_NAMES[int(b.rng.integers(len(COLOUR_NAMES)))], slot[0], slot[0] + 1)
+    b.add(inst)
+    return inst
+
+
+def _needles(b: _Builder) -> dict[str, Instance]:
+    return {i.shape: i for i in b.instances if i.shape in NEEDLE_SHAPES}
+
+
+def _detail(b: _Builder, k: int, n: int, end: float) -> Question | None:
+    placed = _needles(b)
+    free_shapes = [s for s in NEEDLE_SHAPES if s not in placed]
+    if free_shapes:
+        shape = free_shapes[int(b.rng.integers(len(free_shapes)))]
+        target = None if b.spec.needle_depth is None else int(round(b.spec.needle_depth * (n - 1)))
+        inst = _place_needle(b, n, shape, target)
+    else:  # every needle shape is placed: ask about one shown already that no detail question asked about
+        shown = [i for s, i in placed.items() if i.start < n and s not in b.asked]
+        inst = shown[int(b.rng.integers(len(shown)))] if shown else None
+    if inst is None:
+        return None
+    b.asked.add(inst.shape)
     return _question(
-        b,
-        k,
-        f"What colour was the {shape}?",
-        colour,
-        "detail",
-        b.time(frame),
-        end,
-        needle_frame=frame,
-        needle_cell=cell,
-        needle_shape=shape,
+        b, k, f"What colour was the {inst.shape}?", inst.colour, "detail", b.time(inst.start), end,
+        needle_frame=inst.start, needle_cell=inst.cell, needle_shape=inst.shape,
+        needle_depth=inst.start / max(1, n - 1), scale="patch",
     )
 
 
 def _count(b: _Builder, k: int, n: int, end: float) -> Question | None:
-    shown = [i for i in b.instances if i.shape in OBJECT_SHAPES and i.start < n]
-    combos = sorted({(i.colour, i.shape) for i in shown})
-    if combos:
-        colour, shape = combos[int(b.rng.integers(len(combos)))]
-    else:
-        colour = COLOUR_NAMES[int(b.rng.integers(len(COLOUR_NAMES)))]
-        shape = OBJECT_SHAPES[int(b.rng.integers(len(OBJECT_SHAPES)))]
-    starts = sorted(i.start for i in shown if (i.colour, i.shape) == (colour, shape))
-    start = b.time(starts[0]) if starts else 0.0
+    starts = sorted(i.start for i in b.instances if i.shape == COUNT_SHAPE and i.start < n)
+    start = b.time(starts[0]) if starts else end
     return _question(
-        b,
-        k,
-        f"How many {colour} {shape}s have appeared so far?",
-        str(len(starts)),
-        "count",
-        start,
-        end,
-        count=len(starts),
-        evidence_frames=starts,
-        colour=colour,
-        shape=shape,
+        b, k, f"How many {COUNT_SHAPE}s have appeared so far?", str(len(starts)), "count", start, end,
+        count=len(starts), evidence_frames=starts, shape=COUNT_SHAPE, scale="stream",
     )
 
 
@@ -370,29 +426,84 @@ def _current(b: _Builder, k: int, n: int, end: float) -> Question | None:
         return None
     cell = cells[int(b.rng.integers(len(cells)))]
     inst = b.instances[b.occupancy[last, cell]]
-    text = (
-        f"What shape is in the cell at row {cell // GRID + 1}, column {cell % GRID + 1} "
-        f"(counting from the top left) right now?"
-    )
+    text = f"What shape is at row {cell // GRID + 1} column {cell % GRID + 1} now?"
     return _question(
-        b,
-        k,
-        text,
-        inst.shape,
-        "current",
-        b.time(last),
-        end,
-        cell=cell,
-        frame=last,
-        colour=inst.colour,
-        object_since=b.time(inst.start),
+        b, k, text, inst.shape, "current", b.time(last), end,
+        cell=cell, frame=last, colour=inst.colour, object_since=b.time(inst.start), scale="frame",
     )
+
+
+def _order(b: _Builder, k: int, n: int, end: float) -> Question | None:
+    """Two needles shown before the question (placing new ones while needle shapes are free)."""
+    shown = [i for i in _needles(b).values() if i.start < n]
+    free_shapes = [s for s in NEEDLE_SHAPES if s not in _needles(b)]
+    order = b.rng.permutation(len(free_shapes))
+    for j in order:
+        if len(shown) >= 2:
+            break
+        inst = _place_needle(b, n, free_shapes[j], exclude={i.start for i in shown})
+        if inst is not None:
+            shown.append(inst)
+    pairs = [(x, y) for x in shown for y in shown if x.start < y.start]
+    if not pairs:
+        return None
+    first, second = pairs[int(b.rng.integers(len(pairs)))]
+    named = (first, second) if b.rng.random() < 0.5 else (second, first)
+    return _question(
+        b, k, f"Which came first, the {named[0].shape} or the {named[1].shape}?", first.shape, "order",
+        b.time(first.start), end, first_frame=first.start, second_frame=second.start,
+        second_shape=second.shape, scale="stream",
+    )
+
+
+_STEPS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+
+
+def _ball_cells(direction: str, line: int) -> list[int]:
+    """Cells a ball run visits, in order: a whole row (left/right) or column (up/down)."""
+    dr, dc = _STEPS[direction]
+    idx = range(GRID) if dr + dc > 0 else range(GRID - 1, -1, -1)
+    return [line * GRID + j if dr == 0 else j * GRID + line for j in idx]
+
+
+def _motion(b: _Builder, k: int, n: int, end: float) -> Question | None:
+    runs = [i for i in b.instances if i.shape == MOTION_SHAPE]
+    if runs:  # one ball run per video: ask only once it has finished
+        if runs[-1].start >= n or "motion" in b.asked:
+            return None
+        start, cells = runs[0].start, [i.cell for i in runs]
+        direction = next(d for d in DIRECTIONS if _ball_cells(d, _line(d, cells[0])) == cells)
+    else:
+        if n < MOTION_FRAMES:
+            return None
+        colour = COLOUR_NAMES[int(b.rng.integers(len(COLOUR_NAMES)))]
+        for _ in range(400):
+            start = int(b.rng.integers(0, n - MOTION_FRAMES + 1))
+            direction = DIRECTIONS[int(b.rng.integers(len(DIRECTIONS)))]
+            cells = _ball_cells(direction, int(b.rng.integers(GRID)))
+            if all(b.occupancy[start + j, c] < 0 for j, c in enumerate(cells)):
+                break
+        else:
+            return None
+        for j, c in enumerate(cells):
+            b.add(Instance(c, MOTION_SHAPE, colour, start + j, start + j + 1))
+    b.asked.add("motion")
+    return _question(
+        b, k, f"Which way did the {MOTION_SHAPE} move?", direction, "motion", b.time(start), end,
+        run_frames=[start + j for j in range(MOTION_FRAMES)], run_cells=cells, scale="segment",
+    )
+
+
+def _line(direction: str, cell: int) -> int:
+    return cell // GRID if direction in ("left", "right") else cell % GRID
 
 
 QUESTION_BUILDERS: dict[str, Callable[[_Builder, int, int, float], Question | None]] = {
     "detail": _detail,
     "count": _count,
     "current": _current,
+    "order": _order,
+    "motion": _motion,
 }
 
 
@@ -410,17 +521,31 @@ def make_video(spec: SyntheticSpec, index: int) -> VideoSample:
     b = _Builder(spec, rng, [], np.full((n_frames, GRID * GRID), -1, dtype=np.int32), vid)
     for inst in objects:
         b.add(inst)
+    # Rings (the counting target) are placed before any question, in distinct frames, so that every
+    # count question sees the same scene whatever is added for later questions.
+    rings = spec.rings if spec.rings is not None else int(rng.integers(0, MAX_RINGS + 1))
+    ring_frames: set[int] = set()
+    for _ in range(rings):
+        inst = _place_needle(b, n_frames, COUNT_SHAPE, exclude=ring_frames)
+        if inst is not None:
+            ring_frames.add(inst.start)
 
-    # Question times: frames-shown counts in the last 90% of the stream, mapped to times and back through
-    # the engine's own rule (frames_until = int(t * fps)) so the answers match what the model is shown.
+    # Question times: frames-shown counts in the last 90% of the stream (or all at the end), mapped to times
+    # and back through the engine's own rule (frames_until = int(t * fps)) so the answers match what the
+    # model is shown.
     q = spec.questions_per_video
-    lo = min(n_frames, max(2, math.ceil(0.1 * n_frames)))
-    choices = np.arange(lo, n_frames + 1)
-    shown = np.sort(rng.choice(choices, size=q, replace=q > len(choices)))
-    types = [spec.question_types[j % len(spec.question_types)] for j in range(q)]
-    types = [types[j] for j in rng.permutation(q)]
+    if spec.question_times == "end":
+        shown = np.full(q, n_frames)
+    else:
+        lo = min(n_frames, max(2, math.ceil(0.1 * n_frames)))
+        choices = np.arange(lo, n_frames + 1)
+        shown = np.sort(rng.choice(choices, size=q, replace=q > len(choices)))
+    # Types cycle through a per-video shuffle of the spec's types: fewer questions than types still draw
+    # every type equally often over a dataset.
+    order = [spec.question_types[j] for j in rng.permutation(len(spec.question_types))]
+    types = [order[j % len(order)] for j in range(q)]
     questions: list[Question] = []
-    for k, (qtype, m) in enumerate(zip(types, shown)):
+    for k, (qtype, m) in enumerate(zip(types, shown, strict=True)):
         end = float(m) / fps
         n = min(n_frames, int(end * fps))  # exactly frames_until(source, end); >= 1 since m >= 2
         # A type that cannot apply here (needle shapes used up, no occupied cell) falls back to the spec's
@@ -449,7 +574,7 @@ def make_video(spec: SyntheticSpec, index: int) -> VideoSample:
         duration=n_frames / fps,
         questions=questions,
         source=SyntheticVideoSource(scene, fps),
-        meta={"synthetic": True, "scene_seed": seed, "num_frames": n_frames},
+        meta={"synthetic": True, "scene_seed": seed, "num_frames": n_frames, "split": spec.split},
     )
 
 

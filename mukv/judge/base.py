@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,3 +19,16 @@ class Judge(abc.ABC):
 
     @abc.abstractmethod
     def judge(self, question: str, reference: str, prediction: str) -> Verdict: ...
+
+    def prepare(self) -> None:
+        """Load what the judge needs (weights, connections) before the run streams; errors here are
+        configuration errors. Default: nothing to load."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the judge and what it did (name, model, prompt version, call counts)."""
+        return {"name": self.name}
+
+    def close(self) -> None:
+        """Release files and models."""
+        return None

@@ -28,9 +28,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError("model.device", f"'{device}' is not a device; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("model.device", f"'{device}' requested but CUDA is not available on this machine")
-    return torch.device(device)
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError("model.device", f"'{device}' is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -98,6 +104,23 @@ def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_im
     return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path)
 
 
+def load_nano(path: str | None, device: torch.device, dtype: torch.dtype) -> VideoLLM:
+    """The shipped nano checkpoint (``mukv/assets/nano``) or a nano folder written by ``mode=train``."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mukv.models.nano import nano_dir, read_meta
+
+    folder = nano_dir(path)
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError("model.path", f"no nano checkpoint in {folder} (train one: make train-nano)")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device)
+    _set_text_attention(model, "sdpa")
+    meta = read_meta(folder)
+    return VideoLLM(model, tokenizer, tuple(meta.get("image_mean", (0.5,) * 3)),
+                    tuple(meta.get("image_std", (0.5,) * 3)), name="nano")
+
+
 def _set_text_attention(model, fallback: str) -> None:
     """Point the text model at the mukv_stream implementation (its plain path is SDPA)."""
     name = attention_hook.register()
@@ -107,16 +130,19 @@ def _set_text_attention(model, fallback: str) -> None:
 
 def load_video_llm(kind: str, path: str | None, device: str = "auto", dtype: str = "auto",
                    attn_implementation: str = "auto", seed: int = 0, **dims) -> VideoLLM:
-    """Entry point used by the pipeline: ``kind`` is 'tiny' (built here) or 'pretrained' (``path``)."""
+    """Entry point used by the pipeline: ``kind`` is 'tiny' (built here), 'nano' (the shipped checkpoint, or
+    the nano folder ``path``) or 'pretrained' (``path``)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if kind == "tiny":
         return build_tiny(seed, dev, dt, **dims)
+    if kind == "nano":
+        return load_nano(path, dev, dt)
     if kind == "pretrained":
         if not path:
             raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
         return load_pretrained(path, dev, dt, resolve_attn_implementation(attn_implementation, dev))
-    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny' or 'pretrained'")
+    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")
 
 
 def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str = "auto", **dims):
@@ -127,6 +153,13 @@ def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str
     dt = resolve_dtype(dtype, dev)
     if kind == "tiny":
         return KVGeometry.from_config(tiny_config(len(build_byte_tokenizer()), **dims), dt)
+    if kind == "nano":
+        from mukv.models.nano import nano_dir
+
+        folder = nano_dir(path)
+        if not (folder / "config.json").is_file():
+            raise ConfigError("model.path", f"no nano checkpoint in {folder} (train one: make train-nano)")
+        return KVGeometry.from_config(LlavaOnevisionConfig.from_pretrained(str(folder)), dt)
     if kind == "pretrained":
         if not path:
             raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
@@ -136,4 +169,4 @@ def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str
         except OSError as err:
             raise ConfigError("model.path", f"cannot read a LLaVA-OneVision config from '{path}': {err}") from err
         return KVGeometry.from_config(config, dt)
-    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny' or 'pretrained'")
+    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")

@@ -1,48 +1,169 @@
-"""Summary metrics of a run, from its predictions and memory rows."""
+"""Summary metrics of a run, from its predictions and memory rows (as written to, or read back from, CSV).
+
+Accuracy is the published definition, yes / (yes + no) over valid judgments, and the mean score is over
+the same judgments; answers the judge could not judge (failed requests, unparsable replies) are counted as
+``invalid_judgments`` and never silently dropped. ``accuracy_strict`` counts them as wrong, a lower bound.
+Breakdowns: by question type (where the dataset has types) and by question age, the time from the
+answer's evidence to the question (``end_time - meta.evidence_time``, else ``meta.age_s``, else
+``end_time - start_time``) in configurable buckets (edges in seconds, the last bucket open-ended).
+Efficiency: online tokens (what an answer attends to), KV bytes held at the end of each video, GB of KV per
+hour of video, peak KV / RSS / CUDA memory, encode frames per second, time to first token and to the full
+answer.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+DEFAULT_AGE_BUCKETS_S: tuple[float, ...] = (0, 30, 60, 120, 300, 600, 1200, 1800, 2700, 3600)
+_TRUE = {"true", "1", "1.0", "yes"}
+_FALSE = {"false", "0", "0.0", "no"}
 
-def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float) -> dict[str, Any]:
-    """Accuracy = correct / judged (as published), plus the count of answers that could not be judged."""
+
+def truth(values: pd.Series) -> pd.Series:
+    """Judge verdicts as True / False / None, whatever pandas made of the CSV column (bool, str, NaN)."""
+
+    def one(v: Any) -> bool | None:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        s = str(v).strip().lower()
+        return True if s in _TRUE else False if s in _FALSE else None
+
+    return values.map(one).astype(object)
+
+
+def _num(values: pd.Series | None) -> pd.Series:
+    if values is None:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(values.replace("", np.nan), errors="coerce")
+
+
+def _meta(cell: Any) -> dict[str, Any]:
+    if isinstance(cell, dict):
+        return cell
+    if isinstance(cell, str) and cell.strip().startswith("{"):
+        try:
+            value = json.loads(cell)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def question_age_s(predictions: pd.DataFrame) -> pd.Series:
+    """Seconds from each answer's evidence to its question (see the module docstring)."""
+    end = _num(predictions.get("end_time"))
+    start = _num(predictions.get("start_time"))
+    metas = predictions["meta"].map(_meta) if "meta" in predictions else pd.Series([{}] * len(predictions),
+                                                                                      index=predictions.index)
+
+    def one(i: Any) -> float:
+        meta = metas.loc[i]
+        for key, from_end in (("evidence_time", True), ("age_s", False)):
+            v = meta.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                return float(end.loc[i] - v) if from_end else float(v)
+        return float(end.loc[i] - start.loc[i])
+
+    return pd.Series([one(i) for i in predictions.index], index=predictions.index, dtype=float)
+
+
+def _bucket_labels(edges: Sequence[float]) -> list[str]:
+    labels = [f"{lo:g}-{hi:g}s" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    return labels + [f">={edges[-1]:g}s"]
+
+
+def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
+    valid = correct.notna()
+    n = int(valid.sum())
+    yes = int((correct[valid] == True).sum())  # noqa: E712  (object column of True/False/None)
+    s = scores[valid].dropna()
+    return {
+        "questions": int(len(correct)), "judged": n, "invalid": int(len(correct) - n), "correct": yes,
+        "accuracy": yes / n if n else None, "mean_score": float(s.mean()) if len(s) else None,
+    }
+
+
+def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float,
+              age_buckets_s: Sequence[float] | None = None) -> dict[str, Any]:
+    """The run's metrics (see the module docstring); every value is JSON-serialisable."""
     out: dict[str, Any] = {"questions": int(len(predictions)), "videos": int(len(memory))}
     if len(predictions):
-        failed = predictions["error"].fillna("").astype(str).ne("") if "error" in predictions else False
-        out["failed_questions"] = int(failed.sum()) if not isinstance(failed, bool) else 0
-        for col in ("online_tokens", "latency_s", "ttft_s", "recall_s", "new_tokens"):
+        err = predictions["error"].astype(str).str.strip() if "error" in predictions else None
+        out["failed_questions"] = int((err.ne("") & err.ne("nan")).sum()) if err is not None else 0
+        for col in ("online_tokens", "kv_tokens", "ttft_s", "latency_s", "recall_s", "encode_s", "new_tokens"):
             if col in predictions:
-                out[f"mean_{col}"] = float(pd.to_numeric(predictions[col]).mean())
+                out[f"mean_{col}"] = float(_num(predictions[col]).mean())
+        if "latency_s" in predictions:
+            lat = _num(predictions["latency_s"]).dropna()
+            out["p50_latency_s"] = float(lat.quantile(0.5)) if len(lat) else None
+            out["p90_latency_s"] = float(lat.quantile(0.9)) if len(lat) else None
         if "judge_correct" in predictions:
-            judged = predictions["judge_correct"].dropna()
-            judged = judged[judged.astype(str) != ""]
-            correct = judged.astype(str).str.lower().isin(["true", "1", "1.0"])
-            out["judged"] = int(len(judged))
-            out["invalid_judgments"] = int(len(predictions) - len(judged))
-            out["accuracy"] = float(correct.mean()) if len(judged) else None
-            scores = pd.to_numeric(predictions.get("judge_score"), errors="coerce").dropna()
-            out["mean_score"] = float(scores.mean()) if len(scores) else None
-            if "qtype" in predictions and predictions["qtype"].notna().any():
-                by_type = {}
-                for qtype, rows in predictions.assign(_ok=correct.reindex(predictions.index)).groupby("qtype"):
-                    ok = rows["_ok"].dropna()
-                    by_type[str(qtype)] = float(ok.astype(bool).mean()) if len(ok) else None
-                out["accuracy_by_type"] = by_type
+            correct = truth(predictions["judge_correct"])
+            scores = _num(predictions.get("judge_score", pd.Series(np.nan, index=predictions.index)))
+            overall = _judged_stats(correct, scores)
+            out.update(judged=overall["judged"], invalid_judgments=overall["invalid"], correct=overall["correct"],
+                       accuracy=overall["accuracy"], mean_score=overall["mean_score"],
+                       accuracy_strict=overall["correct"] / len(predictions))
+            if "qtype" in predictions:
+                qtype = predictions["qtype"].astype(str).str.strip()
+                typed = qtype.ne("") & qtype.ne("nan") & qtype.ne("None")
+                if typed.any():
+                    by_type = {t: _judged_stats(correct[idx], scores[idx])
+                               for t, idx in qtype[typed].groupby(qtype[typed]).groups.items()}
+                    out["by_type"] = by_type
+                    out["accuracy_by_type"] = {t: v["accuracy"] for t, v in by_type.items()}
+            edges = sorted(float(e) for e in (DEFAULT_AGE_BUCKETS_S if age_buckets_s is None else age_buckets_s))
+            if edges:
+                age = question_age_s(predictions)
+                which = np.clip(np.searchsorted(edges, age.to_numpy(), side="right") - 1, 0, len(edges) - 1)
+                labels = _bucket_labels(edges)
+                by_age = {}
+                for b in sorted(set(which.tolist())):
+                    idx = predictions.index[which == b]
+                    stats = _judged_stats(correct[idx], scores[idx])
+                    stats.update(lo_s=edges[b], hi_s=edges[b + 1] if b + 1 < len(edges) else None,
+                                 mean_age_s=float(age[idx].mean()))
+                    by_age[labels[b]] = stats
+                out["by_age"] = by_age
     if len(memory):
-        frames = pd.to_numeric(memory["frames_encoded"]).sum()
-        encode_s = pd.to_numeric(memory["encode_s"]).sum()
-        hours = frames / sample_fps / 3600.0
-        kv = pd.to_numeric(memory["kv_bytes"]).sum()
+        frames = float(_num(memory["frames_encoded"]).sum())
+        encode_s = float(_num(memory["encode_s"]).sum())
+        hours = frames / sample_fps / 3600.0 if sample_fps else 0.0
+        kv = float(_num(memory["kv_bytes"]).sum())
+        err = memory["error"].astype(str).str.strip() if "error" in memory else None
         out.update({
+            "failed_videos": int((err.ne("") & err.ne("nan")).sum()) if err is not None else 0,
             "frames_encoded": int(frames),
-            "encode_fps": float(frames / encode_s) if encode_s else None,
+            "video_hours": hours,
+            "encode_fps": frames / encode_s if encode_s else None,
             "kv_bytes_total": int(kv),
-            "peak_kv_bytes": int(pd.to_numeric(memory["peak_kv_bytes"]).max()),
-            "kv_gb_per_hour": float(kv / 1e9 / hours) if hours else None,
-            "peak_rss_bytes": int(pd.to_numeric(memory["peak_rss_bytes"]).max()),
-            "peak_cuda_bytes": int(pd.to_numeric(memory["peak_cuda_bytes"]).max()),
+            "kv_bytes_per_video": kv / len(memory),
+            "peak_kv_bytes": int(_num(memory["peak_kv_bytes"]).max()),
+            "kv_gb_per_hour": kv / 1e9 / hours if hours else None,
+            "aux_bytes_total": int(_num(memory.get("aux_bytes", pd.Series([0]))).fillna(0).sum()),
+            "peak_rss_bytes": int(_num(memory["peak_rss_bytes"]).max()),
+            "peak_cuda_bytes": int(_num(memory["peak_cuda_bytes"]).max()),
         })
-    return out
+    return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    """NaN -> None and numpy scalars -> Python, recursively (metrics.json and W&B want plain values)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

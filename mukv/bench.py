@@ -1,0 +1,201 @@
+"""``make bench``: speed and memory of the cache methods on one stream, as ratios measured in one run.
+
+The real LLaVA-OneVision-0.5B architecture is built from its config dimensions with random weights (no
+download: speed and memory do not depend on weight values); the tiny model serves long streams. For each
+method: encode frames per second (vision tower and LLM separately), time to first answer token and to a
+fixed-length answer, stored KV bytes per frame and per hour, peak RSS, and the time per encode chunk as
+the stream grows. The machine's matmul throughput is measured in the same run, and achieved FLOP/s are
+reported against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+from mukv.cache.base import CACHE_METHODS, CacheMethod
+from mukv.data.types import VideoSample
+from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
+from mukv.models.adapter import VideoLLM
+from mukv.models.loading import _set_text_attention, build_tiny
+from mukv.models.tokenizer import build_byte_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def llava_ov_config(size: str = "0.5b") -> LlavaOnevisionConfig:
+    """LLaVA-OneVision dimensions (SigLIP so400m + Qwen2), no weights."""
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    if size == "0.5b":
+        text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    elif size == "7b":
+        text = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4)
+    else:
+        raise ValueError(f"unknown size {size}")
+    return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full")
+
+
+def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> VideoLLM:
+    """The real architecture with N(0, 0.02) weights (fast to make; values do not change the speed)."""
+    config = llava_ov_config(size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    model = model.to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    _set_text_attention(model, "sdpa")
+    return VideoLLM(model, build_byte_tokenizer(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), name=f"llava-ov-{size}-random")
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def frame_flops(llm: VideoLLM) -> dict[str, float]:
+    """Matmul FLOPs per frame: the vision tower over its patches, the LLM prefill over the frame's tokens
+    (projections and MLP; attention scores excluded, they depend on the method's context)."""
+    v, t = llm.config.vision_config, llm.config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    vision = 2 * patches * v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    head_dim = t.hidden_size // t.num_attention_heads
+    qkvo = 2 * t.hidden_size * t.num_attention_heads * head_dim + 2 * t.hidden_size * t.num_key_value_heads * head_dim
+    llm_f = 2 * llm.geometry.tokens_per_frame * t.num_hidden_layers * (qkvo + 3 * t.hidden_size * t.intermediate_size)
+    projector = 2 * patches * (v.hidden_size * t.hidden_size + t.hidden_size**2)
+    return {"vision": float(vision + projector), "llm": float(llm_f)}
+
+
+class _Frames:
+    def __init__(self, n: int, size: int, fps: float) -> None:
+        self.n, self.size, self.sample_fps = n, size, fps
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def frames(self, a: int, b: int) -> np.ndarray:
+        return self.rng.integers(0, 256, (b - a, self.size, self.size, 3), dtype=np.uint8)
+
+
+def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, new_tokens: int) -> dict[str, Any]:
+    """Stream ``frames`` random frames, then answer one question with exactly ``new_tokens`` tokens."""
+    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=new_tokens,
+                                                         progress=False))
+    eos = llm.eos_token_ids
+    llm.eos_token_ids = set()  # a fixed answer length, whatever random weights emit
+    try:
+        source = _Frames(frames, llm.image_size, 0.5)
+        method.start_video(llm.init_prompt_ids())
+        engine._peak_kv = 0
+        vision_s = llm_s = 0.0
+        chunk_s = []
+        for first in range(0, frames, chunk):
+            pixels = source.frames(first, min(frames, first + chunk))
+            t0 = time.perf_counter()
+            visual = llm.encode_frames(pixels)
+            t1 = time.perf_counter()
+            method.ingest(visual, first)
+            t2 = time.perf_counter()
+            vision_s, llm_s = vision_s + t1 - t0, llm_s + t2 - t1
+            chunk_s.append((t2 - t0) / len(pixels))
+        answer, context, recall_s = engine.answer("What happened just before the person opened the door?")
+    finally:
+        llm.eos_token_ids = eos
+    stats = method.stats()
+    per_frame = stats.kv_bytes / frames
+    return {
+        "method": method.name, "frames": frames, "encode_fps": frames / (vision_s + llm_s),
+        "vision_s_per_frame": vision_s / frames, "llm_s_per_frame": llm_s / frames,
+        "s_per_frame_first_chunk": chunk_s[0], "s_per_frame_last_chunk": chunk_s[-1],
+        "ttft_s": recall_s + answer.prefill_s, "latency_s": recall_s + answer.prefill_s + answer.decode_s,
+        "online_tokens": context.online_tokens, "kv_bytes_per_frame": per_frame,
+        "kv_gb_per_hour_0.5fps": per_frame * 0.5 * 3600 / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9,
+    }
+
+
+def default_method(name: str, tokens_per_frame: int) -> CacheMethod:
+    """Published budgets for the 0.5B setting, scaled to the model's tokens per frame."""
+    cls = CACHE_METHODS[name]
+    kwargs: dict[str, Any] = {}
+    if name in ("sliding_window", "rekv"):
+        kwargs["n_local"] = 15000 * tokens_per_frame // 196
+    return cls(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny"])
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--methods", default="full,sliding_window,rekv,mukv")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    peak = matmul_gflops(dtype)
+    llm = build_tiny(0, torch.device("cpu"), dtype) if args.model == "tiny" else random_llava_ov(args.model, dtype)
+    flops = frame_flops(llm)
+    rows = []
+    for name in [m for m in args.methods.split(",") if m]:
+        if name not in CACHE_METHODS:
+            print(f"skipping {name}: not a registered cache method")
+            continue
+        row = bench_method(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
+                           args.new_tokens)
+        row["vision_roofline"] = flops["vision"] / row["vision_s_per_frame"] / 1e9 / peak
+        row["llm_roofline"] = flops["llm"] / row["llm_s_per_frame"] / 1e9 / peak
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    base = {r["method"]: r for r in rows}
+    for r in rows:
+        if "full" in base:
+            r["encode_time_vs_full"] = base["full"]["encode_fps"] / r["encode_fps"]
+        if "rekv" in base:
+            r["encode_time_vs_rekv"] = base["rekv"]["encode_fps"] / r["encode_fps"]
+            r["latency_vs_rekv"] = r["latency_s"] / base["rekv"]["latency_s"]
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
+              platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
+              "matmul_gflops": peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
+    print(markdown(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cols = ["method", "encode_fps", "vision_s_per_frame", "llm_s_per_frame", "ttft_s", "latency_s", "online_tokens",
+            "kv_bytes_per_frame", "kv_gb_per_hour_0.5fps", "encode_time_vs_rekv", "latency_vs_rekv", "llm_roofline"]
+    lines = [f"{result['model']} {result['dtype']}, {result['threads']} threads, matmul {result['matmul_gflops']:.0f} "
+             f"GFLOP/s, per frame: vision {result['frame_gflops']['vision']:.1f} GFLOP, "
+             f"LLM {result['frame_gflops']['llm']:.1f} GFLOP", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join(f"{r.get(c, ''):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                       for c in cols) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The part shared by LLM judges (``openai``, ``hf``): prompt, cache, parsing, failure accounting.
+
+A judge request that fails (after the client's retries) and a reply that does not parse give
+``Verdict(correct=None, score=None, error=...)``: counted in metrics as invalid judgments, never dropped.
+After ``max_consecutive_failures`` failed requests in a row the judge stops calling (an endpoint that is
+down would otherwise cost every answer its full retry schedule); the remaining answers are recorded as
+failures and a re-run judges them (valid verdicts are cached, so nothing is paid twice).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import sqlite3
+from typing import Any
+
+from mukv.judge.base import Judge, Verdict
+from mukv.judge.cache import JudgmentCache, judgment_key
+from mukv.judge.prompt import JudgeReplyError, get_prompt, parse_reply
+
+log = logging.getLogger("mukv.judge")
+
+
+class JudgeRequestError(RuntimeError):
+    """The judge model could not be asked (network, HTTP error, malformed response, generation error)."""
+
+
+class LLMJudge(Judge):
+    """Judge by asking a language model with the pinned prompt; subclasses implement ``complete``."""
+
+    def __init__(self, model: str, prompt_version: str, cache: JudgmentCache | None = None,
+                 max_consecutive_failures: int | None = None) -> None:
+        self.model = model
+        self.prompt = get_prompt(prompt_version)
+        self.cache = cache
+        self.max_consecutive_failures = max_consecutive_failures
+        self.counts = {"judgments": 0, "cache_hits": 0, "requests": 0, "request_failures": 0,
+                       "unparsable_replies": 0, "skipped_after_failures": 0}
+        self._failures_in_a_row = 0
+        self._last_failure = ""
+
+    @property
+    def judge_id(self) -> str:
+        """What the cache key calls this judge (the model and where it is served)."""
+        return f"{self.name}:{self.model}"
+
+    @abc.abstractmethod
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        """The model's reply to the chat ``messages``; raises ``JudgeRequestError``."""
+
+    def judge(self, question: str, reference: str, prediction: str) -> Verdict:
+        self.counts["judgments"] += 1
+        key = judgment_key(self.judge_id, self.prompt.version, question, reference, prediction)
+        if self.cache is not None:
+            try:
+                hit = self.cache.get(key)
+            except sqlite3.Error as err:  # a cache that cannot be read costs a request, never the answer
+                log.warning("judgment cache %s: %s", self.cache.path, err)
+                hit = None
+            if hit is not None:
+                self.counts["cache_hits"] += 1
+                return Verdict(correct=hit[0], score=hit[1])
+        limit = self.max_consecutive_failures
+        if limit and self._failures_in_a_row >= limit:
+            self.counts["skipped_after_failures"] += 1
+            return Verdict(None, None, f"judge not called: {self._failures_in_a_row} requests failed in a row "
+                                       f"(last: {self._last_failure})")
+        self.counts["requests"] += 1
+        try:
+            reply = self.complete(self.prompt.messages(question, reference, prediction))
+        except Exception as err:  # noqa: BLE001  (any client failure is this answer's failure, never a crash)
+            if not isinstance(err, JudgeRequestError):
+                log.exception("judge client error")
+                err = JudgeRequestError(f"{type(err).__name__}: {err}")
+            self.counts["request_failures"] += 1
+            self._failures_in_a_row += 1
+            self._last_failure = str(err)
+            log.warning("judge request failed: %s", err)
+            return Verdict(None, None, f"judge request failed: {err}")
+        self._failures_in_a_row = 0
+        try:
+            correct, score = parse_reply(reply)
+        except JudgeReplyError as err:
+            self.counts["unparsable_replies"] += 1
+            return Verdict(None, None, f"unparsable judge reply ({err}): {reply[:300]!r}")
+        if self.cache is not None:
+            try:
+                self.cache.put(key, judge=self.judge_id, prompt_version=self.prompt.version, question=question,
+                               reference=reference, prediction=prediction, correct=correct, score=score,
+                               reply=reply)
+            except sqlite3.Error as err:
+                log.warning("judgment cache %s: %s (verdict not cached)", self.cache.path, err)
+        return Verdict(correct=correct, score=float(score))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "prompt_version": self.prompt.version,
+                "cache": str(self.cache.path) if self.cache is not None else None, **self.counts}
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()

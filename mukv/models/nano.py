@@ -1,0 +1,122 @@
+"""The nano model: a small LLaVA-OneVision trained on the synthetic benchmark and shipped with the package.
+
+Architecture is transformers' own ``LlavaOnevisionForConditionalGeneration`` (SigLIP vision tower, 2-layer
+projector, 2x bilinear pooling, Qwen2 text model) with small dimensions: 112 px frames, patch 14 -> 8x8
+patches -> 4x4 = **16 visual tokens per frame**, one token per cell of the benchmark's 4x4 grid. The
+tokenizer is word level over the benchmark's words plus the Qwen2 chat tokens (unknown words map to
+``[UNK]``), built here, no download.
+
+The trained checkpoint lives in ``mukv/assets/nano/`` (``model.safetensors``, ``config.json``, tokenizer
+files, ``mukv_nano.json`` with the image statistics and the training record). ``python -m mukv.run
+mode=train model=nano`` retrains it (see :mod:`mukv.train`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from mukv.data.synthetic import COLOUR_NAMES, DIRECTIONS, SHAPES
+from mukv.models.tokenizer import CHAT_SPECIAL_TOKENS
+
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "nano"
+META_FILE = "mukv_nano.json"
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+
+# Every word of the init prompt, the question template, the benchmark's questions and answers.
+_WORDS = (
+    "system you are a helpful assistant user . , ? ! : ' "
+    "what colour color was the how many have appeared so far shape is at row column now "
+    "which came first or way did move moved rings balls stars crosses diamonds circles squares triangles "
+    "in of to and it there were times after before cell counting from top left right up down bottom "
+    "yes no not"
+).split()
+
+
+def nano_vocabulary() -> list[str]:
+    """Word list (order fixed: the checkpoint's embedding rows follow it)."""
+    words = ["[UNK]", *_WORDS, *COLOUR_NAMES, *SHAPES, *DIRECTIONS, *[str(i) for i in range(10)]]
+    return list(dict.fromkeys(w.lower() for w in words))
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """Lower-cased word-level tokenizer (punctuation split off) followed by the chat special tokens."""
+    vocab = {w: i for i, w in enumerate(nano_vocabulary())}
+    # The word list is lower-cased, so row 0 is "[unk]": unknown words map to it. (The special "[UNK]" that
+    # PreTrainedTokenizerFast registers as unk_token got an id of its own in the shipped checkpoint; ids are
+    # frozen by the checkpoint's embedding rows, so both stay.)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[unk]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=CHAT_SPECIAL_TOKENS[1:],
+    )
+
+
+# Defaults of the shipped checkpoint (the NanoDims in mukv.config mirror them).
+NANO_DIMS = dict(image_size=112, vision_hidden=96, vision_layers=2, vision_heads=4, text_hidden=192,
+                 text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=512, rope_theta=10000.0)
+
+
+def nano_config(vocab_size: int, image_size: int = 112, vision_hidden: int = 96, vision_layers: int = 2,
+                vision_heads: int = 4, text_hidden: int = 192, text_layers: int = 4, text_heads: int = 4,
+                text_kv_heads: int = 2, text_intermediate: int = 512, rope_theta: float = 10000.0,
+                max_positions: int = 1 << 20) -> LlavaOnevisionConfig:
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads, image_size=image_size, patch_size=14,
+    )
+    text = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
+        max_position_embeddings=max_positions, rope_theta=rope_theta, tie_word_embeddings=True,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_token_index=vocab_size - 1,
+        video_token_index=vocab_size - 2, tie_word_embeddings=True,
+    )
+
+
+def build_nano(seed: int = 0, **dims) -> tuple[LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast]:
+    """A freshly initialised nano model (for training) and its tokenizer."""
+    tokenizer = build_word_tokenizer()
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(nano_config(len(tokenizer), **{**NANO_DIMS, **dims}))
+    return model, tokenizer
+
+
+def save_nano(model, tokenizer, out_dir: str | Path, record: dict | None = None) -> Path:
+    """Write a loadable checkpoint folder: safetensors + config + tokenizer + image statistics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    meta = {"image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD), "tokens_per_frame": 16,
+            **(record or {})}
+    (out / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return out
+
+
+def nano_dir(path: str | None) -> Path:
+    return Path(path).expanduser() if path else ASSET_DIR
+
+
+def read_meta(path: str | Path) -> dict:
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}

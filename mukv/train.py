@@ -1,0 +1,599 @@
+"""Training the nano model on the synthetic benchmark, under every cache method's context layout.
+
+One training example is one short synthetic stream (``split='train'`` seeds only) with one question of each
+type asked at its end. The language model runs with position ids 0 and a per-layer attention callable (the
+same hook the streaming methods use), which computes, in one forward:
+
+* the **encoding** of the init prompt and the video tokens, in one of three modes:
+  ``causal`` (init + frames, contiguous positions: ``full``, ReKV's encoding within its window, and
+  ``uniform``'s fresh encoding of the sampled frames), ``window`` (the sink + sliding-window encoding of
+  ``sliding_window`` / ReKV with a window shorter than the stream; it *is* :class:`SinkWindowKV`), and
+  ``blocks`` (MuKV: each block attends to the init prompt and itself, at positions init_len + offset);
+* the **answer context**: for every batch item, which encoded keys the answer sees and at which positions
+  (all at their positions; init + window re-indexed to 0..N-1; init + a subset of frames re-indexed to
+  0..N-1; init + trimmed blocks at their encoding positions), and the position of the first prompt token;
+* the **questions**: each question's prompt and answer tokens attend to the context and causally to
+  themselves only (several questions share one encoded stream; a question's KV is never seen by another,
+  as the engine never keeps it).
+
+So the training forward computes exactly the attention the streaming methods use at inference for these
+layouts; ``tests/test_nano.py`` checks it against the engine (full, uniform, sliding window, a re-indexed
+subset as ReKV answers from, and independently encoded blocks as MuKV answers from).
+
+Curriculum (see ``/work/shared/reference/NANO-NOTES.md``): 2-4 frame streams first, then the maximum
+length ramps up; distractor density ramps up; only the ``full`` layout at first, then the mixture. The
+schedule runs on *progress* = max(step / steps, elapsed / max_minutes), so a time budget always ends the
+schedule cleanly. Checkpoints are saved periodically (the best by validation accuracy on separate training
+seeds, never the held-out evaluation seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mukv.cache.attention import SinkWindowKV, grouped_sdpa
+from mukv.data.synthetic import (
+    COLOUR_NAMES,
+    GRID,
+    OBJECT_SHAPES,
+    QUESTION_TYPES,
+    SHAPES,
+    TRAIN_SEED_BASE,
+    SyntheticSpec,
+    make_video,
+)
+from mukv.models.adapter import DEFAULT_INIT_PROMPT, DEFAULT_QUESTION_TEMPLATE
+from mukv.models.rope import RotaryTable
+
+log = logging.getLogger("mukv.train")
+
+TOKENS_PER_FRAME = GRID * GRID
+VAL_SEED_BASE = TRAIN_SEED_BASE + 900_000_000  # validation streams: training range, never trained on
+LAYOUTS = ("full", "uniform", "window", "rekv", "mukv")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 4000
+    max_minutes: float = 50.0
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.03  # fraction of the schedule
+    grad_clip: float = 1.0
+    min_frames: int = 2
+    max_frames: int = 32
+    short_phase: float = 0.12  # 2-4 frame streams until this progress
+    ramp_end: float = 0.5  # max length and distractor density reach their final values here
+    sample_fps: float = 0.5
+    layout_weights: dict[str, float] = field(default_factory=lambda: {
+        "full": 0.4, "uniform": 0.1, "window": 0.1, "rekv": 0.2, "mukv": 0.2})
+    full_only_until: float = 0.15
+    empty_until: float = 0.06  # no distractor objects until this progress
+    detail_only_until: float = 0.2  # only the needle-colour question until this progress
+    all_types_from: float = 0.35
+    aux_weight: float = 0.5  # per-cell colour / shape probe on the visual tokens (x0.25 after ramp_end)
+    detail_share: float = 0.0  # once all types are in, this share of steps still asks the needle colour only
+    mid_frames: int = 0  # > 0: after the ramp, streams are <= mid_frames long except a long_share of steps
+    long_share: float = 0.25
+    init_from: str | None = None  # continue from a nano checkpoint folder (a second stage)
+    save_every_s: float = 300.0
+    val_videos: int = 48
+    seed: int = 0
+    threads: int = 0  # 0: torch default
+
+
+# ------------------------------------------------------------------------------------------ examples
+@dataclass
+class Example:
+    frames: np.ndarray  # (F, S, S, 3) uint8
+    questions: list  # Question
+    evidence_frames: set[int]
+    evidence_tokens: set[int]  # token indices (frame * 16 + cell) within the video
+    cell_colour: np.ndarray | None = None  # (F, 16) colour index per cell, len(COLOUR_NAMES) = empty
+    cell_shape: np.ndarray | None = None  # (F, 16) shape index per cell, len(SHAPES) = empty
+
+
+def make_example(seed: int, n_frames: int, fps: float, gap_s: float, split: str = "train",
+                 types: tuple[str, ...] = QUESTION_TYPES, rings: int | None = None) -> Example:
+    spec = SyntheticSpec(num_videos=1, duration_s=n_frames / fps, sample_fps=fps, frame_size=112,
+                         questions_per_video=len(types), seed=seed, question_times="end", question_types=types,
+                         mean_gap_s=gap_s, split=split, rings=rings)
+    video = make_video(spec, 0)
+    scene = video.source.scene
+    tokens = {i.start * TOKENS_PER_FRAME + i.cell for i in scene.instances if i.shape not in OBJECT_SHAPES}
+    for q in video.questions:
+        if q.qtype == "current":
+            tokens.add(q.meta["frame"] * TOKENS_PER_FRAME + q.meta["cell"])
+    occ = scene.occupancy[:n_frames]
+    colour_of = np.array([COLOUR_NAMES.index(i.colour) for i in scene.instances] + [len(COLOUR_NAMES)])
+    shape_of = np.array([SHAPES.index(i.shape) for i in scene.instances] + [len(SHAPES)])
+    return Example(video.source.frames(0, n_frames), video.questions, {t // TOKENS_PER_FRAME for t in tokens},
+                   tokens, colour_of[occ], shape_of[occ])
+
+
+# --------------------------------------------------------------------------------------------- model
+def pixels_of(frames: np.ndarray, mean=(0.5,) * 3, std=(0.5,) * 3) -> torch.Tensor:
+    """As ``VideoLLM.preprocess`` for frames already at the model's size."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return (x / 255.0 - m) / s
+
+
+def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
+    """As ``VideoLLM.encode_frames`` (vision tower, last hidden state, projector, 2x pooling), with grad."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    feats = out.hidden_states[model.config.vision_feature_layer]
+    feats = model.model.multi_modal_projector(feats)
+    return model.model.apply_pooling(feats)
+
+
+def rotate_batched(rope: RotaryTable, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``rope.rotate`` with per-item positions: x (B, H, L, d), pos (B, L)."""
+    inv = rope.inv_freq.to(pos.device)
+    freqs = pos.float()[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@dataclass
+class Layout:
+    """How one forward encodes the stream and what each question's answer attends to."""
+
+    name: str
+    encoding: str  # causal | window | blocks
+    ctx_idx: torch.Tensor  # (B, C) indices into [init | video]
+    ctx_pos: torch.Tensor  # (B, C) rotation positions
+    ctx_valid: torch.Tensor  # (B, C) bool
+    q_start: torch.Tensor  # (B,) position of each question's first token
+    n_local: int | None = None  # window encoding
+    block_of: torch.Tensor | None = None  # (T,) block id of each video token (blocks encoding)
+    offset: torch.Tensor | None = None  # (T,) offset of each video token in its block
+
+
+def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q: int, rope: RotaryTable):
+    """The per-layer attention callable of one training forward (sequence: init | video | questions)."""
+    n_enc = n_init + n_video
+
+    def attend(idx: int, q, k, v, scaling):
+        b = q.shape[0]
+        qe, ke, ve = q[:, :, :n_enc], k[:, :, :n_enc], v[:, :, :n_enc]
+        # ---- encoding (init + video)
+        if layout.encoding in ("causal", "window"):
+            kv = SinkWindowKV(layout.n_local if layout.encoding == "window" else None, query_block=1 << 20)
+            out_init = kv.attend_and_append(qe[:, :, :n_init], ke[:, :, :n_init], ve[:, :, :n_init], scaling, rope)
+            kv.set_init(kv.k, kv.v)
+            out_vid = kv.attend_and_append(qe[:, :, n_init:], ke[:, :, n_init:], ve[:, :, n_init:], scaling, rope)
+            enc_out = torch.cat((out_init, out_vid), dim=-2)
+        else:  # blocks: each block attends to the init prompt and (causally) to itself
+            dev = q.device
+            init_pos = torch.arange(n_init, device=dev)
+            vid_pos = n_init + layout.offset
+            out_init = grouped_sdpa(rope.rotate(qe[:, :, :n_init], init_pos), rope.rotate(ke[:, :, :n_init], init_pos),
+                                    ve[:, :, :n_init], scaling, torch.ones(n_init, n_init, dtype=torch.bool,
+                                                                           device=dev).tril())
+            qv = rope.rotate(qe[:, :, n_init:], vid_pos)
+            keys = torch.cat((rope.rotate(ke[:, :, :n_init], init_pos), rope.rotate(ke[:, :, n_init:], vid_pos)), -2)
+            t = torch.arange(n_video, device=dev)
+            same = (layout.block_of[:, None] == layout.block_of[None, :]) & (t[None, :] <= t[:, None])
+            mask = torch.cat((torch.ones(n_video, n_init, dtype=torch.bool, device=dev), same), dim=1)
+            out_vid = grouped_sdpa(qv, keys, ve, scaling, mask)
+            enc_out = torch.cat((out_init, out_vid), dim=-2)
+        # ---- questions: the recalled context (re-rotated per layout) + their own tokens, causally
+        hk, d = ke.shape[1], ke.shape[-1]
+        gather = layout.ctx_idx[:, None, :, None].expand(b, hk, -1, d)
+        kc = rotate_batched(rope, ke.gather(2, gather), layout.ctx_pos)
+        vc = ve.gather(2, gather)
+        qpos = (layout.q_start[:, None] + torch.arange(q_len, device=q.device)[None, :]).repeat(1, n_q)
+        qq = rotate_batched(rope, q[:, :, n_enc:], qpos)
+        kq = rotate_batched(rope, k[:, :, n_enc:], qpos)
+        c = kc.shape[-2]
+        j = torch.arange(n_q * q_len, device=q.device)
+        own = ((j[:, None] // q_len) == (j[None, :] // q_len)) & (j[None, :] <= j[:, None])
+        mask = torch.cat((layout.ctx_valid[:, None, :].expand(b, n_q * q_len, c), own.expand(b, -1, -1)), dim=-1)
+        out_q = grouped_sdpa(qq, torch.cat((kc, kq), -2), torch.cat((vc, v[:, :, n_enc:]), -2), scaling,
+                             mask[:, None])
+        return torch.cat((enc_out, out_q), dim=-2)
+
+    return attend
+
+
+# ------------------------------------------------------------------------------------------- layouts
+def _contiguous_context(b: int, picks: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Init + picked token indices re-indexed to contiguous positions (padding masked)."""
+    c = max(len(p) for p in picks)
+    idx = torch.zeros(b, c, dtype=torch.long)
+    valid = torch.zeros(b, c, dtype=torch.bool)
+    for i, p in enumerate(picks):
+        idx[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        valid[i, : len(p)] = True
+    pos = torch.arange(c).expand(b, c).clone()
+    q_start = torch.tensor([len(p) for p in picks], dtype=torch.long)
+    return idx, pos, valid, q_start
+
+
+def full_layout(b: int, n_init: int, n_video: int) -> Layout:
+    idx, pos, valid, qs = _contiguous_context(b, [list(range(n_init + n_video))] * b)
+    return Layout("full", "causal", idx, pos, valid, qs)
+
+
+def window_layout(b: int, n_init: int, n_video: int, n_local: int) -> Layout:
+    """``sliding_window``: sink + last ``n_local`` tokens, as ``WindowStreamingCache.window_context``."""
+    n = n_init + n_video
+    keep = list(range(n)) if n <= n_local else list(range(n_init)) + list(range(n - n_local, n))
+    idx, pos, valid, qs = _contiguous_context(b, [keep] * b)
+    return Layout("window", "window", idx, pos, valid, qs, n_local=n_local)
+
+
+def subset_layout(b: int, n_init: int, frames_per_item: list[list[int]]) -> Layout:
+    """ReKV's answer: init + the picked frames (time order) re-indexed to contiguous positions."""
+    picks = [list(range(n_init)) + [n_init + f * TOKENS_PER_FRAME + t for f in sorted(fr)
+                                     for t in range(TOKENS_PER_FRAME)] for fr in frames_per_item]
+    idx, pos, valid, qs = _contiguous_context(b, picks)
+    return Layout("rekv", "causal", idx, pos, valid, qs)
+
+
+def block_partition(n_frames: int, rng: random.Random, sizes=(4, 16, 64)) -> list[tuple[int, int]]:
+    """MuKV-like blocks over the video tokens: each 4-frame group is one segment block, 4 frame blocks or
+    16 patch blocks (a trailing partial group uses frame or patch blocks)."""
+    blocks, t = [], 0
+    seg = sizes[2] // TOKENS_PER_FRAME
+    for g0 in range(0, n_frames, seg):
+        nf = min(seg, n_frames - g0)
+        choice = rng.choice([s for s in sizes if s <= nf * TOKENS_PER_FRAME])
+        for a in range(0, nf * TOKENS_PER_FRAME, choice):
+            blocks.append((t + a, choice))
+        t += nf * TOKENS_PER_FRAME
+    return blocks
+
+
+def blocks_layout(b: int, n_init: int, n_frames: int, examples: list[Example], rng: random.Random,
+                  p_block: float = 0.5) -> Layout:
+    """MuKV: blocks encoded independently (init + block), a random subset of blocks with a random subset of
+    tokens kept (evidence always kept)."""
+    blocks = block_partition(n_frames, rng)
+    kept_items = []
+    for ex in examples:
+        kept_blocks = []
+        for a, g in blocks:
+            evid = [t for t in range(a, a + g) if t in ex.evidence_tokens]
+            if not evid and rng.random() > p_block:
+                kept_blocks.append([])
+                continue
+            keep_ratio = rng.uniform(0.1, 1.0)
+            kept = set(evid) | {t for t in range(a, a + g) if rng.random() < keep_ratio}
+            kept_blocks.append(sorted(kept or {a + rng.randrange(g)}))
+        kept_items.append(kept_blocks)
+    return mukv_layout(b, n_init, n_frames * TOKENS_PER_FRAME, blocks, kept_items)
+
+
+def mukv_layout(b: int, n_init: int, n_video: int, blocks: list[tuple[int, int]],
+                kept_items: list[list[list[int]]]) -> Layout:
+    """MuKV's published layout: video tokens cut into ``blocks`` (start, size), each encoded with only the
+    init prompt as prefix at positions init_len + offset; item i's context is the init prompt plus the video
+    tokens ``kept_items[i][block]`` (indices into the video) at their encoding positions, and its prompt
+    starts at position = cache length (init + kept tokens). Order in the cache does not matter."""
+    block_of = torch.empty(n_video, dtype=torch.long)
+    offset = torch.empty(n_video, dtype=torch.long)
+    for k, (a, g) in enumerate(blocks):
+        block_of[a: a + g] = k
+        offset[a: a + g] = torch.arange(g)
+    picks, positions = [], []
+    for kept_blocks in kept_items:
+        idx, pos = list(range(n_init)), list(range(n_init))
+        for (a, _), kept in zip(blocks, kept_blocks, strict=True):
+            idx += [n_init + t for t in kept]
+            pos += [n_init + t - a for t in kept]
+        picks.append(idx)
+        positions.append(pos)
+    c = max(len(p) for p in picks)
+    ctx_idx = torch.zeros(b, c, dtype=torch.long)
+    ctx_pos = torch.zeros(b, c, dtype=torch.long)
+    valid = torch.zeros(b, c, dtype=torch.bool)
+    for i, (p, q) in enumerate(zip(picks, positions, strict=True)):
+        ctx_idx[i, : len(p)], ctx_pos[i, : len(p)], valid[i, : len(p)] = torch.tensor(p), torch.tensor(q), True
+    q_start = torch.tensor([len(p) for p in picks], dtype=torch.long)
+    return Layout("mukv", "blocks", ctx_idx, ctx_pos, valid, q_start, block_of=block_of, offset=offset)
+
+
+# ------------------------------------------------------------------------------------------- forward
+class QuestionBatch:
+    """Questions of a batch, padded to one length: token ids, loss targets, and answer positions."""
+
+    def __init__(self, tokenizer, examples: list[Example], template: str = DEFAULT_QUESTION_TEMPLATE) -> None:
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        pad = tokenizer.pad_token_id
+        self.n_q = max(len(ex.questions) for ex in examples)
+        seqs, self.types = [], []
+        for ex in examples:
+            row = []
+            for q in ex.questions:
+                prompt = tokenizer(template.format(question=q.question), add_special_tokens=False).input_ids
+                answer = tokenizer(q.answer, add_special_tokens=False).input_ids + [eos]
+                row.append((prompt, answer, q.qtype))
+            seqs.append(row)
+        self.q_len = max(len(p) + len(a) for row in seqs for p, a, _ in row)
+        b = len(examples)
+        self.ids = torch.full((b, self.n_q, self.q_len), pad, dtype=torch.long)
+        self.targets = torch.full((b, self.n_q, self.q_len), -100, dtype=torch.long)
+        self.answer_pos = torch.full((b, self.n_q), -1, dtype=torch.long)  # where the first answer token is predicted
+        self.answer_tok = torch.full((b, self.n_q), -1, dtype=torch.long)
+        for i, row in enumerate(seqs):
+            tys = []
+            for j, (p, a, qt) in enumerate(row):
+                seq = p + a
+                self.ids[i, j, : len(seq)] = torch.tensor(seq)
+                self.targets[i, j, len(p) - 1: len(seq) - 1] = torch.tensor(a)
+                self.answer_pos[i, j] = len(p) - 1
+                self.answer_tok[i, j] = a[0]
+                tys.append(qt)
+            self.types.append(tys)
+
+
+def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.Tensor, qb: QuestionBatch,
+                   layout: Layout) -> torch.Tensor:
+    """Logits (B, n_q, q_len, V) of the question tokens under ``layout``; ``visual`` is (B, T, D)."""
+    lm = model.model.language_model
+    b, n_video = visual.shape[:2]
+    embed = lm.embed_tokens
+    init = embed(torch.tensor(init_ids).view(1, -1)).expand(b, -1, -1)
+    qe = embed(qb.ids.view(b, -1))
+    embeds = torch.cat((init, visual.to(init.dtype), qe), dim=1)
+    attend = layout_attention(layout, len(init_ids), n_video, qb.q_len, qb.n_q, rope)
+    pos = torch.zeros(embeds.shape[:2], dtype=torch.long)
+    hidden = lm(inputs_embeds=embeds, position_ids=pos, use_cache=False, mukv_attention=attend).last_hidden_state
+    hq = hidden[:, len(init_ids) + n_video:]
+    return model.lm_head(hq).view(b, qb.n_q, qb.q_len, -1)
+
+
+# ------------------------------------------------------------------------------------------- training
+def _lerp(a: float, b: float, t: float) -> float:
+    return a + (b - a) * min(1.0, max(0.0, t))
+
+
+def step_types(cfg: TrainSettings, progress: float,
+               rng: random.Random | None = None) -> tuple[tuple[str, ...], int | None]:
+    """Question types (and ring count) of this step: the needle colour alone first (one needle, no rings:
+    the vision tower and the content-addressed attention must form before anything else can be learned),
+    then count and current, then all five types."""
+    if progress < cfg.detail_only_until:
+        return ("detail",), 0
+    if progress < cfg.all_types_from:
+        return ("detail", "count", "current"), None
+    if rng is not None and rng.random() < cfg.detail_share:
+        return ("detail",), None
+    return QUESTION_TYPES, None
+
+
+def sample_step(cfg: TrainSettings, progress: float, rng: random.Random) -> tuple[int, float, str]:
+    """(frames, mean gap seconds, layout) for this step's batch."""
+    if progress < cfg.short_phase:
+        n = rng.randint(cfg.min_frames, min(4, cfg.max_frames))
+    else:
+        t = (progress - cfg.short_phase) / max(1e-9, cfg.ramp_end - cfg.short_phase)
+        hi = int(round(_lerp(4, cfg.max_frames, t)))
+        if cfg.mid_frames and hi > cfg.mid_frames:
+            hi = hi if rng.random() < cfg.long_share else cfg.mid_frames
+        n = rng.randint(cfg.min_frames, max(cfg.min_frames, hi))
+    # no distractors at first, then their density ramps up to the benchmark's (a 4 s mean gap)
+    gap = 1e6 if progress < cfg.empty_until else math.exp(
+        _lerp(math.log(60.0), math.log(4.0), (progress - cfg.empty_until) / (cfg.ramp_end - cfg.empty_until)))
+    if progress < cfg.full_only_until:
+        layout = "full"
+    else:
+        names, w = zip(*cfg.layout_weights.items(), strict=True)
+        layout = rng.choices(names, weights=w)[0]
+    return n, gap, layout
+
+
+def build_layout(name: str, examples: list[Example], n_init: int, n_frames: int, rng: random.Random):
+    """(layout, frames kept per example): ``uniform`` re-encodes a subset, so it changes the frames."""
+    b = len(examples)
+    if name == "uniform":  # init + a subset of frames encoded fresh, contiguous (full on the subset)
+        evid = max(len(ex.evidence_frames) for ex in examples)
+        k = rng.randint(min(n_frames, max(1, evid)), n_frames)
+        keep = []
+        for ex in examples:
+            others = [f for f in range(n_frames) if f not in ex.evidence_frames]
+            rng.shuffle(others)
+            keep.append(sorted(set(ex.evidence_frames) | set(others[: max(0, k - len(ex.evidence_frames))]))[:k])
+        return full_layout(b, n_init, k * TOKENS_PER_FRAME), keep
+    n_video = n_frames * TOKENS_PER_FRAME
+    if name == "full":
+        return full_layout(b, n_init, n_video), None
+    if name == "window":
+        # the window holds at least the last frames that carry evidence for "current"
+        n_local = rng.randint(TOKENS_PER_FRAME, max(TOKENS_PER_FRAME, n_init + n_video))
+        return window_layout(b, n_init, n_video, n_local), None
+    if name == "rekv":
+        evid = max(len(ex.evidence_frames) for ex in examples)
+        k = rng.randint(min(n_frames, max(1, evid)), n_frames)
+        frames = []
+        for ex in examples:
+            others = [f for f in range(n_frames) if f not in ex.evidence_frames]
+            rng.shuffle(others)
+            frames.append(sorted(set(ex.evidence_frames) | set(others[: max(0, k - len(ex.evidence_frames))])))
+        return subset_layout(b, n_init, frames), None
+    if name == "mukv":
+        return blocks_layout(b, n_init, n_frames, examples, rng), None
+    raise ValueError(name)
+
+
+def _remap_current(ex: Example, kept: list[int]) -> Example:
+    """Frames dropped by ``uniform``: the example keeps its questions (their evidence frames are kept)."""
+    return Example(ex.frames[kept], ex.questions, ex.evidence_frames, ex.evidence_tokens,
+                   None if ex.cell_colour is None else ex.cell_colour[kept],
+                   None if ex.cell_shape is None else ex.cell_shape[kept])
+
+
+class CellProbe(torch.nn.Module):
+    """Auxiliary training head (not part of the checkpoint): each visual token's cell colour and shape.
+
+    Dense per-cell supervision forms the vision tower in a few hundred steps; without it the answer loss
+    alone leaves the model at chance for a long time (its only path to the pixels is through attention
+    that is uniform at initialisation)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1)
+        self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
+
+    def loss(self, vis: torch.Tensor, examples: list[Example]) -> torch.Tensor:
+        col = torch.from_numpy(np.concatenate([ex.cell_colour for ex in examples])).reshape(-1)
+        shp = torch.from_numpy(np.concatenate([ex.cell_shape for ex in examples])).reshape(-1)
+        v = vis.reshape(-1, vis.shape[-1])
+        return F.cross_entropy(self.colour(v), col) + F.cross_entropy(self.shape(v), shp)
+
+
+def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout_name: str,
+               rng: random.Random, probe: CellProbe | None = None,
+               aux_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
+    n_frames = len(examples[0].frames)
+    layout, kept = build_layout(layout_name, examples, len(init_ids), n_frames, rng)
+    if kept is not None:
+        examples = [_remap_current(ex, k) for ex, k in zip(examples, kept, strict=True)]
+    frames = np.concatenate([ex.frames for ex in examples])
+    vis = visual_tokens(model, pixels_of(frames))
+    vis = vis.reshape(len(examples), -1, vis.shape[-1])
+    qb = QuestionBatch(tokenizer, examples)
+    logits = forward_layout(model, rope, init_ids, vis, qb, layout)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), qb.targets.reshape(-1), ignore_index=-100)
+    if probe is not None and aux_weight > 0:
+        loss = loss + aux_weight * probe.loss(vis, examples)
+    with torch.no_grad():
+        first = logits.gather(2, qb.answer_pos.clamp(min=0)[..., None, None].expand(-1, -1, 1, logits.shape[-1])).squeeze(2)
+        right = (first.argmax(-1) == qb.answer_tok)
+    stats: dict[str, list[int]] = {}
+    for i, tys in enumerate(qb.types):
+        for j, t in enumerate(tys):
+            s = stats.setdefault(t, [0, 0])
+            s[0] += int(right[i, j])
+            s[1] += 1
+    return loss, {k: (v[0], v[1]) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def validate(model, rope, tokenizer, init_ids, cfg: TrainSettings, n_frames: int, layout: str = "full",
+             batch: int = 16) -> dict[str, float]:
+    """First-answer-token accuracy per type on validation streams (training seed range, never trained on)."""
+    model.eval()
+    rng = random.Random(1234)
+    tot: dict[str, list[int]] = {}
+    for a in range(0, cfg.val_videos, batch):
+        exs = [make_example(VAL_SEED_BASE + a + i, n_frames, cfg.sample_fps, 4.0)
+               for i in range(min(batch, cfg.val_videos - a))]
+        _, st = batch_loss(model, rope, tokenizer, init_ids, exs, layout, rng)
+        for k, (r, n) in st.items():
+            t = tot.setdefault(k, [0, 0])
+            t[0] += r
+            t[1] += n
+    model.train()
+    acc = {k: r / n for k, (r, n) in tot.items()}
+    acc["mean"] = float(np.mean(list(acc.values())))
+    return acc
+
+
+def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path | None = None,
+               dims: dict | None = None) -> dict:
+    """Train from scratch; checkpoints go to ``out_dir`` (``last/`` and ``best/``), the best is copied to
+    ``publish_dir`` when given. Returns the training record."""
+    from mukv.models import attention_hook
+    from mukv.models.nano import build_nano, save_nano
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    model, tokenizer = build_nano(cfg.seed, **(dims or {}))
+    if cfg.init_from:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+    model.model.language_model.config._attn_implementation = attention_hook.register()
+    model.train()
+    rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
+    init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
+    probe = CellProbe(model.config.text_config.hidden_size)
+    params = list(model.named_parameters()) + list(probe.named_parameters())
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("nano: %.2fM parameters; %s", n_params / 1e6, asdict(cfg))
+    history: list[dict] = []
+    best = -1.0
+    t0 = last_save = time.time()
+    step, progress = 0, 0.0
+    run_stats: dict[str, list[int]] = {}
+    run_loss: list[float] = []
+    record = {"settings": asdict(cfg), "parameters": n_params, "history": history}
+
+    def save(tag: str, val: dict | None) -> None:
+        nonlocal best
+        rec = {**record, "steps": step, "progress": progress, "minutes": (time.time() - t0) / 60, "val": val}
+        save_nano(model, tokenizer, out / "last", rec)
+        if val is not None and val["mean"] >= best:
+            best = val["mean"]
+            save_nano(model, tokenizer, out / "best", {**rec, "best": True})
+            if publish_dir is not None:
+                _publish(out / "best", Path(publish_dir))
+        log.info("saved %s checkpoint at step %d (val %s)", tag, step, val)
+
+    while progress < 1.0:
+        progress = max(step / cfg.steps, (time.time() - t0) / 60 / cfg.max_minutes)
+        lr = cfg.lr * (min(1.0, progress / cfg.warmup) if progress < cfg.warmup else
+                       0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (progress - cfg.warmup) / (1 - cfg.warmup))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        n_frames, gap, layout = sample_step(cfg, progress, rng)
+        seeds = [TRAIN_SEED_BASE + cfg.seed * 10_000_000 + step * cfg.batch_size + i for i in range(cfg.batch_size)]
+        types, rings = step_types(cfg, progress, rng)
+        examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings) for s in seeds]
+        aux = cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25)
+        loss, stats = batch_loss(model, rope, tokenizer, init_ids, examples, layout, rng, probe, aux)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+        opt.step()
+        step += 1
+        run_loss.append(float(loss.detach()))
+        for k, (r, n) in stats.items():
+            s = run_stats.setdefault(k, [0, 0])
+            s[0] += r
+            s[1] += n
+        if step % 25 == 0:
+            accs = {k: round(r / max(1, n), 3) for k, (r, n) in run_stats.items()}
+            entry = {"step": step, "progress": round(progress, 4), "min": round((time.time() - t0) / 60, 2),
+                     "lr": round(lr, 6), "loss": round(float(np.mean(run_loss)), 4), "frames_max": n_frames,
+                     "train_acc": accs}
+            history.append(entry)
+            log.info("%s", json.dumps(entry))
+            run_stats, run_loss = {}, []
+        if time.time() - last_save > cfg.save_every_s:
+            save("periodic", validate(model, rope, tokenizer, init_ids, cfg, cfg.max_frames))
+            last_save = time.time()
+    val = validate(model, rope, tokenizer, init_ids, cfg, cfg.max_frames)
+    save("final", val)
+    return {**record, "steps": step, "val": val, "best_val_mean": best}
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder over ``dst`` (the shipped asset folder), file by file."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copy2(f, dst / f.name)

@@ -1,0 +1,303 @@
+"""Experiments: multiruns (joblib and submitit local launchers), sharding and merging, W&B grouping, dataset
+truncation, sweep presets and W&B sweep specs, `make reproduce-table` and its missing-input report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from wandb_reader import read_records, summary_and_config
+
+from mukv.cache.base import CACHE_METHODS
+from mukv.config import register_configs
+from mukv.train_eval import build_dataset, shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_RVS = ROOT.parent / "shared" / "data" / "rvs"
+register_configs()
+METHODS = {m for m in CACHE_METHODS if (CONF / "cache" / f"{m}.yaml").is_file()}
+TIMING = ["encode_s", "recall_s", "ttft_s", "latency_s"]
+SMALL = ("model=tiny", "experiment=smoke", "dataset.synthetic.num_videos=2", "engine.max_new_tokens=2")
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+
+
+def mukv_run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mukv.run", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def merge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mukv.report.merge", *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def compose_cfg(*overrides: str, hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+    if not hydra_cfg:
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = "/tmp/mukv-test-out"
+    return cfg
+
+
+def job_dirs(sweep: Path) -> dict[tuple[str, int], Path]:
+    """(method, shard index) -> job folder of a multirun."""
+    out = {}
+    for d in sorted(p for p in sweep.iterdir() if (p / "resolved_config.yaml").is_file()):
+        cfg = yaml.safe_load((d / "resolved_config.yaml").read_text())
+        out[(cfg["cache"]["_target_"].split(".")[-2], cfg["dataset"]["shard_index"])] = d
+    return out
+
+
+def predictions(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path / "predictions.csv", keep_default_na=False)
+    return df.drop(columns=TIMING).sort_values(["video_id", "end_time", "qid"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- multirun, shards, merge
+@pytest.fixture(scope="module")
+def sharded_multirun(tmp_path_factory):
+    """2x2 multirun (cache x shard) on the joblib launcher, and the unsharded full run with W&B."""
+    base = tmp_path_factory.mktemp("multirun")
+    sweep = base / "sweep"
+    proc = mukv_run("-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "cache=full,sliding_window",
+                    "dataset.num_shards=2", "dataset.shard_index=0,1", *SMALL, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = base / "single"
+    proc = mukv_run(*SMALL, "cache=full", "logger=wandb", "task_name=exp_test", "tags=[mine]",
+                    f"hydra.run.dir={single}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep, single, base
+
+
+def test_shards_partition_the_videos_deterministically():
+    videos = list(range(7))
+    parts = [shard(videos, i, 3) for i in range(3)]
+    assert sorted(itertools.chain(*parts)) == videos and parts == [shard(videos, i, 3) for i in range(3)]
+    assert [len(p) for p in parts] == [3, 2, 2] and shard(videos, 0, 1) == videos
+
+
+def test_multirun_2x2_then_merged_shards_equal_the_unsharded_run(sharded_multirun):
+    sweep, single, base = sharded_multirun
+    jobs = job_dirs(sweep)
+    assert set(jobs) == {("full", 0), ("full", 1), ("sliding_window", 0), ("sliding_window", 1)}
+    shard_videos = [set(pd.read_csv(jobs[("full", i)] / "memory_stats.csv").video_id) for i in (0, 1)]
+    assert len(shard_videos[0]) == len(shard_videos[1]) == 1 and not shard_videos[0] & shard_videos[1]
+
+    merged = base / "merged_full"
+    proc = merge(jobs[("full", 1)], jobs[("full", 0)], "--out", merged)
+    assert proc.returncode == 0, proc.stderr
+    pd.testing.assert_frame_equal(predictions(merged), predictions(single))
+    m_merged = json.loads((merged / "metrics.json").read_text())
+    m_single = json.loads((single / "metrics.json").read_text())
+    for key in ("questions", "videos", "judged", "invalid_judgments", "accuracy", "mean_score", "mean_online_tokens",
+                "kv_bytes_total", "kv_gb_per_hour", "peak_kv_bytes", "frames_encoded", "by_age", "by_type"):
+        assert m_merged[key] == m_single[key], key
+    assert m_merged["merged_shards"] == [0, 1] and m_merged["missing_shards"] == []
+    mem = pd.read_csv(merged / "memory_stats.csv")
+    assert sorted(mem.video_id) == sorted(pd.read_csv(single / "memory_stats.csv").video_id)
+
+    # The other method's shards merge too; mixing methods or repeating a shard is refused.
+    assert merge(jobs[("sliding_window", 0)], jobs[("sliding_window", 1)], "--out", base / "m_sw").returncode == 0
+    bad = merge(jobs[("full", 0)], jobs[("sliding_window", 1)], "--out", base / "bad")
+    assert bad.returncode == 2 and "cache._target_" in bad.stderr and "Traceback" not in bad.stderr
+    twice = merge(jobs[("full", 0)], jobs[("full", 0)], "--out", base / "twice")
+    assert twice.returncode == 2 and "more than once" in twice.stderr
+    part = merge(jobs[("full", 0)], "--out", base / "part")
+    assert part.returncode == 0 and "shards [1] of 2 are missing" in part.stderr
+    strict = merge(jobs[("full", 0)], "--out", base / "part2", "--require-complete")
+    assert strict.returncode == 2
+
+
+def test_wandb_run_is_grouped_tagged_and_has_the_figures(sharded_multirun):
+    _, single, _ = sharded_multirun
+    (run_dir,) = (single / "wandb").glob("offline-run-*")
+    (run,) = [r.run for r in read_records(next(run_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "exp_test" and run.job_type == "eval"
+    assert {"mine", "method:full", "dataset:synthetic", "model:tiny"} <= set(run.tags)
+    summary, config, _ = summary_and_config(run_dir)
+    assert summary["accuracy"] == json.loads((single / "metrics.json").read_text())["accuracy"]
+    assert any(k.startswith("by_age/") for k in summary) and config["task_name"] == "exp_test"
+    images = {p.name.split("_")[0] for p in (run_dir / "files" / "media" / "images" / "figures").glob("*.png")}
+    assert images == {"accuracy", "stream"}
+    assert (single / "figures" / "accuracy_by_age.png").stat().st_size > 5000
+
+
+def test_submitit_local_launcher_runs_the_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = mukv_run("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "cache=full,uniform",
+                    *SMALL, "dataset.synthetic.num_videos=1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert [m["method"] for m in metrics] == ["full", "uniform"] and all(m["questions"] == 2 for m in metrics)
+    assert list((sweep / ".submitit").glob("*/*_log.out"))  # the jobs ran through submitit
+
+
+def test_slurm_launcher_preset_composes():
+    cfg = compose_cfg("hydra/launcher=slurm", hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
+    assert compose_cfg("hydra/launcher=local_parallel", hydra_cfg=True).hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+# ------------------------------------------------------------------------------------- dataset options
+def test_max_minutes_truncates_streams():
+    full = build_dataset(compose_cfg("dataset.synthetic.num_videos=2", "dataset.synthetic.duration_s=120",
+                                     "dataset.synthetic.questions_per_video=6"))
+    cut = build_dataset(compose_cfg("dataset.synthetic.num_videos=2", "dataset.synthetic.duration_s=120",
+                                    "dataset.synthetic.questions_per_video=6", "dataset.max_minutes=1"))
+    kept = {q.qid for v in cut for q in v.questions}
+    assert kept == {q.qid for v in full for q in v.questions if q.end_time <= 60}
+    assert 0 < len(kept) < sum(len(v.questions) for v in full)
+
+
+@pytest.mark.parametrize("override,field", [("dataset.shard_index=2", "dataset.shard_index"),
+                                            ("dataset.num_shards=0", "dataset.num_shards"),
+                                            ("dataset.max_minutes=-1", "dataset.max_minutes"),
+                                            ("dataset.age_buckets_s=[10,5]", "dataset.age_buckets_s")])
+def test_bad_experiment_options_name_the_field(override, field):
+    from mukv.errors import ConfigError
+    from mukv.train_eval import validate_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_cfg("dataset.num_shards=2", override))
+    assert err.value.field == field
+
+
+# ----------------------------------------------------------------------------- presets and sweep specs
+def needed_methods(text: str) -> set[str]:
+    return set(re.findall(r"override /cache: (\w+)", text))
+
+
+def sweep_choices(key: str, value) -> list[str]:
+    override = OverridesParser.create().parse_override(f"{key}={value}")
+    return [f"{key}={v}" for v in override.sweep_string_iterator()] if override.is_sweep_override() else [f"{key}={value}"]
+
+
+PRESETS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
+                 for p in (CONF / "experiment").rglob("*.yaml") if not p.parts[-2] == "mukv_mix")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_experiment_presets_and_their_sweeps_compose(preset):
+    text = (CONF / "experiment" / f"{preset}.yaml").read_text()
+    if needed_methods(text) - METHODS:
+        pytest.skip(f"needs cache methods not implemented yet: {needed_methods(text) - METHODS}")
+    cfg = compose_cfg(f"experiment={preset}", hydra_cfg=True)
+    params = cfg.hydra.sweeper.params or {}
+    for key, value in params.items():
+        for choice in sweep_choices(key, value):
+            if key == "cache" and choice.split("=")[1] not in METHODS:
+                continue
+            if key.startswith("+experiment/mukv_mix") and "mukv" not in METHODS:
+                continue
+            point = compose_cfg(f"experiment={preset}", choice)
+            assert point.task_name == cfg.task_name
+
+
+@pytest.mark.skipif("mukv" not in METHODS, reason="mukv is not implemented yet")
+@pytest.mark.parametrize("mix", sorted(p.stem for p in (CONF / "experiment" / "mukv_mix").glob("*.yaml")))
+def test_granularity_mixes_compose(mix):
+    cfg = compose_cfg("cache=mukv", f"+experiment/mukv_mix={mix}")
+    assert len(cfg.cache.granularities) == len(cfg.cache.top_k) == len(cfg.cache.keep_ratio) == len(cfg.cache.alpha)
+
+
+@pytest.mark.parametrize("spec_path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_wandb_sweep_specs_drive_the_entry_point(spec_path):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load(spec_path.read_text())
+    assert spec["method"] in ("grid", "random", "bayes") and spec["metric"]["name"] == "accuracy"
+    command = spec["command"]
+    assert command[:4] == ["${env}", "${interpreter}", "-m", "mukv.run"] and command[-1] == "${args_no_hyphens}"
+    fixed = [c for c in command[4:-1]]
+    assert "logger=wandb" in fixed
+    preset = next((c.split("=", 1)[1] for c in fixed if c.startswith("experiment=")), None)
+    needs = needed_methods((CONF / "experiment" / f"{preset}.yaml").read_text()) if preset else set()
+    keys = list(spec["parameters"])
+    composed = 0
+    for values in itertools.product(*(spec["parameters"][k]["values"] for k in keys)):
+        point = dict(zip(keys, values, strict=True))
+        wanted = needs | ({point["cache"]} if "cache" in point else set())
+        wanted |= {"mukv"} if any(k.startswith("+experiment/mukv_mix") for k in point) else set()
+        if wanted - METHODS:
+            continue
+        args = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})["args_no_hyphens"]
+        cfg = compose_cfg(*fixed, *args)
+        for k, v in point.items():
+            if not k.startswith("+") and k != "cache":
+                got = cfg
+                for part in k.split("."):
+                    got = got[part]
+                assert (list(got) if isinstance(v, list) else got) == v, k
+        composed += 1
+    assert composed or needs - METHODS, "no point of the sweep composed"
+
+
+def test_wandb_dashboard_spec_builds_offline():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import wandb_dashboard
+    finally:
+        sys.path.pop(0)
+    workspace = wandb_dashboard.build_workspace("entity", "mukv", group="reproduce_rvs")
+    view = workspace._to_model()  # the server payload, built without contacting the server
+    assert sum(len(s.panels) for s in workspace.sections) >= 10 and "accuracy" in view.model_dump_json()
+
+
+# ------------------------------------------------------------------------------------- reproduce-table
+def test_make_reproduce_table_renders_table_and_figures(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "test", "title": "Test grid", "experiment": "smoke", "model": "tiny", "datasets": ["synthetic"],
+        "methods": {"full": {}, "sliding_window": {"budget": {"cache.n_local": [40]}}}}))
+    out = tmp_path / "out"
+    proc = subprocess.run(["make", "-o", ".venv/.installed-dev", "reproduce-table", f"OUT={out}",
+                           f"ARGS=--grid {grid} engine.max_new_tokens=2"], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert list(zip(table.method, table.role, strict=True)) == [("full", "main"), ("sliding_window", "main"),
+                                                   ("sliding_window", "budget")]
+    assert (table.questions == 2).all() and table.setting.iloc[2] == "n_local=40"
+    md = (out / "results.md").read_text()
+    assert "# Test grid" in md and "| sliding_window | n_local=40 |" in md
+    for name in ("accuracy_vs_online_tokens", "accuracy_vs_question_age", "memory_latency_vs_length"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
+    assert "3 of 3 run(s) finished" in proc.stdout
+
+
+def test_reproduce_rvs_says_exactly_what_is_missing(tmp_path):
+    (tmp_path / "rvs").mkdir()
+    shutil.copy(SHARED_RVS / "ego4d_oe.json", tmp_path / "rvs" / "ego4d_oe.json")  # annotations but no videos
+    run_env = {k: v for k, v in env().items() if k not in ("OPENAI_API_KEY", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    run_env["HF_HOME"] = str(tmp_path / "hf")
+    proc = subprocess.run([sys.executable, "experiments/reproduce_table.py", "--data", "rvs", "--out",
+                           str(tmp_path / "out"), f"paths.data_dir={tmp_path}"], cwd=ROOT, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "Traceback" not in err and "cannot reproduce 'RVS" in err
+    assert f"annotation file not found: {tmp_path}/rvs/movienet_oe.json" in err
+    assert "videos of" in err and "not found" in err and str(tmp_path / "rvs" / "ego") in err
+    assert "llava-hf/llava-onevision-qwen2-0.5b-ov-hf is not in the Hugging Face cache" in err
+    assert "OPENAI_API_KEY" in err
+    for method in {"rekv", "mukv"} - METHODS:
+        assert f"cache method '{method}' is not implemented" in err
+    assert not (tmp_path / "out" / "runs").exists()  # nothing ran

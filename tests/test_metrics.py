@@ -1,0 +1,121 @@
+"""Metrics: accuracy = yes / (yes + no) with invalid judgments counted, breakdowns by type and question age,
+efficiency figures, and the same numbers whether rows come from memory or back from the CSV files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mukv.report.metrics import question_age_s, summarize, truth
+from mukv.report.outputs import CsvAppender
+
+
+def row(i: int, correct, score, qtype="detail", end=100.0, start=40.0, meta=None, error="", judge_error=""):
+    return {"video_id": f"v{i % 2}", "qid": f"q{i}", "question": "?", "answer": "a", "prediction": "p",
+            "start_time": start, "end_time": end, "qtype": qtype, "method": "full", "online_tokens": 100 + i,
+            "kv_tokens": 10, "kv_bytes": 1000, "encode_s": 0.5, "recall_s": 0.01, "ttft_s": 0.1 * (i + 1),
+            "latency_s": 0.2 * (i + 1), "new_tokens": 4, "error": error,
+            "meta": json.dumps(meta or {}), "judge_correct": correct, "judge_score": score, "judge_error": judge_error}
+
+
+def memory_rows():
+    return [
+        {"video_id": "v0", "method": "full", "frames_encoded": 1800, "questions": 3, "kv_tokens": 10,
+         "kv_bytes": 2_000_000_000, "peak_kv_bytes": 2_100_000_000, "aux_bytes": 5, "encode_s": 100.0,
+         "encode_fps": 18.0, "peak_rss_bytes": 7, "peak_cuda_bytes": 11, "error": ""},
+        {"video_id": "v1", "method": "full", "frames_encoded": 900, "questions": 3, "kv_tokens": 10,
+         "kv_bytes": 1_000_000_000, "peak_kv_bytes": 1_000_000_000, "aux_bytes": 0, "encode_s": 50.0,
+         "encode_fps": 18.0, "peak_rss_bytes": 9, "peak_cuda_bytes": 3, "error": ""},
+    ]
+
+
+def judged_rows():
+    # 6 questions: 3 yes, 1 no, 2 invalid (a failed request and an unparsable reply).
+    return [
+        row(0, True, 5.0, "detail", meta={"evidence_time": 95.0}),  # age 5
+        row(1, True, 4.0, "detail", meta={"evidence_time": 70.0}),  # age 30 (an edge: upper bucket)
+        row(2, False, 1.0, "count", meta={"age_s": 45.0}),  # no evidence_time: age_s
+        row(3, True, 3.0, "count"),  # no meta: end - start = 60
+        row(4, None, None, "count", judge_error="judge request failed: HTTP 500"),
+        row(5, None, None, "detail", end=4000.0, start=0.0, judge_error="unparsable judge reply"),
+    ]
+
+
+def test_accuracy_is_yes_over_judged_and_invalid_judgments_are_counted():
+    m = summarize(pd.DataFrame(judged_rows()), pd.DataFrame(memory_rows()), sample_fps=0.5)
+    assert m["questions"] == 6 and m["judged"] == 4 and m["invalid_judgments"] == 2 and m["correct"] == 3
+    assert m["accuracy"] == pytest.approx(3 / 4)
+    assert m["accuracy_strict"] == pytest.approx(3 / 6)
+    assert m["mean_score"] == pytest.approx((5 + 4 + 1 + 3) / 4)  # over valid judgments only
+
+
+def test_by_type_and_by_question_age():
+    m = summarize(pd.DataFrame(judged_rows()), pd.DataFrame(memory_rows()), 0.5, age_buckets_s=[0, 30, 60, 600])
+    assert m["accuracy_by_type"] == {"count": pytest.approx(1 / 2), "detail": 1.0}
+    assert m["by_type"]["count"] == {"questions": 3, "judged": 2, "invalid": 1, "correct": 1, "accuracy": 0.5,
+                                     "mean_score": 2.0}
+    by_age = m["by_age"]
+    assert list(by_age) == ["0-30s", "30-60s", "60-600s", ">=600s"]
+    assert by_age["0-30s"]["questions"] == 1 and by_age["0-30s"]["mean_age_s"] == 5.0
+    assert by_age["30-60s"]["questions"] == 2 and by_age["30-60s"]["accuracy"] == 0.5  # ages 30 and 45
+    # Question 3 (age 60) and question 4 (no meta, 100 - 40 = 60, invalid) land in 60-600s.
+    assert by_age["60-600s"]["questions"] == 2 and by_age["60-600s"]["judged"] == 1
+    assert by_age[">=600s"] == {**by_age[">=600s"], "questions": 1, "judged": 0, "invalid": 1, "accuracy": None,
+                                "lo_s": 600.0, "hi_s": None}
+
+
+def test_question_age_prefers_evidence_time_then_age_then_start():
+    df = pd.DataFrame([row(0, True, 5, meta={"evidence_time": 10.0, "age_s": 1.0}, end=50.0, start=0.0),
+                       row(1, True, 5, meta={"age_s": 7.0}, end=50.0, start=0.0),
+                       row(2, True, 5, meta={}, end=50.0, start=20.0)])
+    assert list(question_age_s(df)) == [40.0, 7.0, 30.0]
+
+
+def test_efficiency_metrics():
+    m = summarize(pd.DataFrame(judged_rows()), pd.DataFrame(memory_rows()), sample_fps=0.5)
+    hours = 2700 / 0.5 / 3600  # 1.5 hours of video
+    assert m["video_hours"] == pytest.approx(hours)
+    assert m["kv_bytes_total"] == 3_000_000_000 and m["kv_gb_per_hour"] == pytest.approx(3.0 / hours)
+    assert m["encode_fps"] == pytest.approx(2700 / 150)
+    assert m["peak_kv_bytes"] == 2_100_000_000 and m["peak_rss_bytes"] == 9 and m["peak_cuda_bytes"] == 11
+    assert m["mean_online_tokens"] == pytest.approx(102.5)
+    assert m["mean_ttft_s"] == pytest.approx(0.35) and m["mean_latency_s"] == pytest.approx(0.7)
+    assert m["p50_latency_s"] == pytest.approx(0.7) and m["failed_videos"] == 0
+
+
+def test_metrics_from_csv_equal_metrics_from_memory(tmp_path: Path):
+    preds, mem = judged_rows(), memory_rows()
+    pa, ma = CsvAppender(tmp_path / "predictions.csv"), CsvAppender(tmp_path / "memory_stats.csv")
+    for r in preds:
+        pa.append(r)
+    for r in mem:
+        ma.append(r)
+    read = lambda p: pd.read_csv(p, keep_default_na=False)  # noqa: E731  (as train_eval reads them)
+    from_csv = summarize(read(tmp_path / "predictions.csv"), read(tmp_path / "memory_stats.csv"), 0.5)
+    assert from_csv == summarize(pd.DataFrame(preds), pd.DataFrame(mem), 0.5)
+    json.dumps(from_csv, allow_nan=False)  # plain JSON, no NaN
+
+
+def test_all_valid_csv_column_and_no_judge():
+    preds = [row(i, i % 2 == 0, 5.0 if i % 2 == 0 else 0.0) for i in range(4)]
+    m = summarize(pd.DataFrame(preds), pd.DataFrame(), 0.5)
+    assert m["accuracy"] == 0.5 and m["invalid_judgments"] == 0 and "kv_gb_per_hour" not in m
+    no_judge = [{k: v for k, v in r.items() if not k.startswith("judge_")} for r in preds]
+    m = summarize(pd.DataFrame(no_judge), pd.DataFrame(memory_rows()), 0.5)
+    assert "accuracy" not in m and "judged" not in m and m["questions"] == 4
+
+
+def test_nothing_judged_gives_none_not_nan():
+    m = summarize(pd.DataFrame([row(0, "", "", judge_error="x"), row(1, "", "", judge_error="y")]),
+                  pd.DataFrame(memory_rows()), 0.5)
+    assert m["accuracy"] is None and m["mean_score"] is None and m["invalid_judgments"] == 2
+    assert all(not (isinstance(v, float) and math.isnan(v)) for v in m.values())
+
+
+def test_truth_reads_every_spelling():
+    s = pd.Series([True, False, "True", "false", "", None, float("nan"), "1.0", "garbage"])
+    assert list(truth(s)) == [True, False, True, False, None, None, None, True, None]
