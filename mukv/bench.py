@@ -23,7 +23,6 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 from mukv.cache.base import CACHE_METHODS, CacheMethod
-from mukv.data.types import VideoSample
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
 from mukv.models.adapter import VideoLLM
 from mukv.models.loading import _set_text_attention, build_tiny

@@ -187,11 +187,10 @@ def cache_schema(cls: type) -> type:
 
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
-    import mukv.cache  # noqa: F401  (registers the methods)
-    from mukv.cache.base import CACHE_METHODS
-
     from omegaconf import OmegaConf
 
+    import mukv.cache  # noqa: F401  (registers the methods)
+    from mukv.cache.base import CACHE_METHODS
     from mukv.resume import short_hash
 
     if not OmegaConf.has_resolver("mukv_hash"):

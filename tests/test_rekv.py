@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import torch
+from conftest import random_frames
+from test_engine import stream
 from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from conftest import random_frames
 from mukv.cache import FullCache, ReKVCache
 from mukv.cache import rekv as rekv_module
 from mukv.cache.attention import grouped_sdpa
 from mukv.cache.block_store import BlockStore
 from mukv.cache.retrieval import score_blocks, select_top_blocks
 from mukv.models.adapter import KVGeometry
-from test_engine import stream
 
 
 def llava_ov_05b_config() -> LlavaOnevisionConfig:
