@@ -20,31 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+from transformers import LlavaOnevisionForConditionalGeneration
 
 from mukv.cache.base import CACHE_METHODS, CacheMethod
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
 from mukv.models.adapter import VideoLLM
-from mukv.models.loading import _set_text_attention, build_tiny
+from mukv.models.loading import build_tiny, llava_ov_config, use_stream_attention
 from mukv.models.tokenizer import build_byte_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def llava_ov_config(size: str = "0.5b") -> LlavaOnevisionConfig:
-    """LLaVA-OneVision dimensions (SigLIP so400m + Qwen2), no weights."""
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
-                                num_attention_heads=16, image_size=384, patch_size=14)
-    if size == "0.5b":
-        text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
-    elif size == "7b":
-        text = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                           num_attention_heads=28, num_key_value_heads=4)
-    else:
-        raise ValueError(f"unknown size {size}")
-    return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
-                                vision_feature_select_strategy="full")
 
 
 def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> VideoLLM:
@@ -57,7 +41,7 @@ def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> Video
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    _set_text_attention(model, "sdpa")
+    use_stream_attention(model)
     return VideoLLM(model, build_byte_tokenizer(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), name=f"llava-ov-{size}-random")
 
 

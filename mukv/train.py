@@ -399,18 +399,25 @@ def sample_step(cfg: TrainSettings, progress: float, rng: random.Random) -> tupl
     return n, gap, layout
 
 
+def _frame_subsets(examples: list[Example], n_frames: int, rng: random.Random) -> tuple[int, list[list[int]]]:
+    """A random subset size k (at least the evidence) and, per example, its evidence frames plus random
+    others up to k, in time order (what uniform sampling or retrieval would hand the answer)."""
+    evid = max(len(ex.evidence_frames) for ex in examples)
+    k = rng.randint(min(n_frames, max(1, evid)), n_frames)
+    subsets = []
+    for ex in examples:
+        others = [f for f in range(n_frames) if f not in ex.evidence_frames]
+        rng.shuffle(others)
+        subsets.append(sorted(set(ex.evidence_frames) | set(others[: max(0, k - len(ex.evidence_frames))])))
+    return k, subsets
+
+
 def build_layout(name: str, examples: list[Example], n_init: int, n_frames: int, rng: random.Random):
     """(layout, frames kept per example): ``uniform`` re-encodes a subset, so it changes the frames."""
     b = len(examples)
     if name == "uniform":  # init + a subset of frames encoded fresh, contiguous (full on the subset)
-        evid = max(len(ex.evidence_frames) for ex in examples)
-        k = rng.randint(min(n_frames, max(1, evid)), n_frames)
-        keep = []
-        for ex in examples:
-            others = [f for f in range(n_frames) if f not in ex.evidence_frames]
-            rng.shuffle(others)
-            keep.append(sorted(set(ex.evidence_frames) | set(others[: max(0, k - len(ex.evidence_frames))]))[:k])
-        return full_layout(b, n_init, k * TOKENS_PER_FRAME), keep
+        k, subsets = _frame_subsets(examples, n_frames, rng)
+        return full_layout(b, n_init, k * TOKENS_PER_FRAME), [frames[:k] for frames in subsets]
     n_video = n_frames * TOKENS_PER_FRAME
     if name == "full":
         return full_layout(b, n_init, n_video), None
@@ -419,14 +426,7 @@ def build_layout(name: str, examples: list[Example], n_init: int, n_frames: int,
         n_local = rng.randint(TOKENS_PER_FRAME, max(TOKENS_PER_FRAME, n_init + n_video))
         return window_layout(b, n_init, n_video, n_local), None
     if name == "rekv":
-        evid = max(len(ex.evidence_frames) for ex in examples)
-        k = rng.randint(min(n_frames, max(1, evid)), n_frames)
-        frames = []
-        for ex in examples:
-            others = [f for f in range(n_frames) if f not in ex.evidence_frames]
-            rng.shuffle(others)
-            frames.append(sorted(set(ex.evidence_frames) | set(others[: max(0, k - len(ex.evidence_frames))])))
-        return subset_layout(b, n_init, frames), None
+        return subset_layout(b, n_init, _frame_subsets(examples, n_frames, rng)[1]), None
     if name == "mukv":
         return blocks_layout(b, n_init, n_frames, examples, rng), None
     raise ValueError(name)

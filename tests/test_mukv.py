@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 from conftest import ArrayFrames, random_frames
-from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
 from mukv.cache import signals
 from mukv.cache.mukv import MuKVCache, mukv_budget
@@ -15,6 +14,7 @@ from mukv.data.types import VideoSample
 from mukv.engine import EngineSettings, StreamingEngine
 from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry
+from mukv.models.loading import llava_ov_config
 
 QUESTION = "what colour was the star?"
 # Fits the tiny model (16 tokens per frame -> 4 / 16 / 64-token blocks) with every block keeping >= 1 token.
@@ -43,12 +43,7 @@ def stream(llm, method, frames, chunk: int = 4) -> StreamingEngine:
 
 def geometry_0_5b() -> KVGeometry:
     """LLaVA-OV-0.5B's geometry from its config alone (SigLIP 384 px / patch 14, Qwen2-0.5B), no weights."""
-    vision = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=1152, num_hidden_layers=26,
-                                num_attention_heads=16, intermediate_size=4304)
-    text = Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, intermediate_size=4864)
-    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict())
-    return KVGeometry.from_config(config, torch.float16)
+    return KVGeometry.from_config(llava_ov_config("0.5b"), torch.float16)
 
 
 # ------------------------------------------------------------------------------------------ budgets

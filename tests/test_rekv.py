@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from conftest import random_frames
 from test_engine import stream
-from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from mukv.cache import FullCache, ReKVCache
@@ -14,15 +13,7 @@ from mukv.cache.attention import grouped_sdpa
 from mukv.cache.block_store import BlockStore
 from mukv.cache.retrieval import score_blocks, select_top_blocks
 from mukv.models.adapter import KVGeometry
-
-
-def llava_ov_05b_config() -> LlavaOnevisionConfig:
-    """The real LLaVA-OneVision-0.5B dimensions (no weights)."""
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
-                                num_attention_heads=16, image_size=384, patch_size=14)
-    text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2)
-    return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict())
+from mukv.models.loading import llava_ov_config
 
 
 def test_rekv_with_everything_in_window_and_retrieved_answers_exactly_as_full(tiny_llm):
@@ -127,7 +118,7 @@ def test_offloaded_bytes_match_the_formula_for_tiny_and_for_llava_ov_05b(tiny_ll
     method = ReKVCache(n_local=40, retrieve_size=3)
     stream(tiny_llm, method, random_frames(5), 2)
     assert method.store.nbytes == 5 * g.tokens_per_frame * 2 * g.num_layers * g.num_kv_heads * g.head_dim * 4
-    real = KVGeometry.from_config(llava_ov_05b_config(), torch.float16)
+    real = KVGeometry.from_config(llava_ov_config("0.5b"), torch.float16)
     assert real.kv_bytes_per_token == 12 * 1024 and real.tokens_per_frame == 196
     store = BlockStore()
     shape = (real.num_layers, real.num_kv_heads, real.tokens_per_frame, real.head_dim)

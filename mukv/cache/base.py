@@ -126,12 +126,8 @@ class WindowStreamingCache(CacheMethod):
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
         embeds = visual.reshape(1, -1, visual.shape[-1])
-        self.on_new_tokens_start()
         self.run_layers(embeds, self._encode_and_capture)
         self.frames_seen = first_frame + visual.shape[0]
-
-    def on_new_tokens_start(self) -> None:
-        """Hook for subclasses that also keep the new tokens' KV elsewhere (e.g. ReKV's block store)."""
 
     def _encode_and_capture(self, idx: int, q, k, v, scaling):
         self.capture_new_kv(idx, k, v)

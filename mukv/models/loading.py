@@ -78,6 +78,22 @@ def tiny_config(vocab_size: int, image_size: int = 112, text_layers: int = 2, hi
     )
 
 
+def llava_ov_config(size: str = "0.5b") -> LlavaOnevisionConfig:
+    """LLaVA-OneVision dimensions (SigLIP so400m + Qwen2), no weights."""
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    if size == "0.5b":
+        text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    elif size == "7b":
+        text = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4)
+    else:
+        raise ValueError(f"unknown size {size}")
+    return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full")
+
+
 def build_tiny(seed: int, device: torch.device, dtype: torch.dtype, **dims) -> VideoLLM:
     """A seeded, random-initialised tiny LLaVA-OneVision with a locally built tokenizer."""
     tokenizer = build_byte_tokenizer()
@@ -85,7 +101,7 @@ def build_tiny(seed: int, device: torch.device, dtype: torch.dtype, **dims) -> V
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     model = model.to(device=device, dtype=dtype)
-    _set_text_attention(model, "sdpa")
+    use_stream_attention(model)
     return VideoLLM(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), name="tiny")
 
 
@@ -99,7 +115,7 @@ def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_im
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
         source, dtype=dtype, attn_implementation=attn_implementation
     ).to(device)
-    _set_text_attention(model, attn_implementation)
+    use_stream_attention(model)
     stats = getattr(processor, "video_processor", None) or processor.image_processor
     return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path)
 
@@ -115,17 +131,15 @@ def load_nano(path: str | None, device: torch.device, dtype: torch.dtype) -> Vid
         raise ConfigError("model.path", f"no nano checkpoint in {folder} (train one: make train-nano)")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device)
-    _set_text_attention(model, "sdpa")
+    use_stream_attention(model)
     meta = read_meta(folder)
     return VideoLLM(model, tokenizer, tuple(meta.get("image_mean", (0.5,) * 3)),
                     tuple(meta.get("image_std", (0.5,) * 3)), name="nano")
 
 
-def _set_text_attention(model, fallback: str) -> None:
+def use_stream_attention(model) -> None:
     """Point the text model at the mukv_stream implementation (its plain path is SDPA)."""
-    name = attention_hook.register()
-    model.model.language_model.config._attn_implementation = name
-    del fallback  # the registered function falls back to SDPA itself
+    model.model.language_model.config._attn_implementation = attention_hook.register()
 
 
 def load_video_llm(kind: str, path: str | None, device: str = "auto", dtype: str = "auto",
