@@ -38,7 +38,7 @@ else
 	$(PY) -m mukv.run $(ARGS)
 endif
 
-train-nano: $(STAMP) ## retrain the nano model on this CPU (<= ~50 min) and replace the shipped checkpoint
+train-nano: $(STAMP) ## retrain the nano model on this CPU (<= ~55 min) and replace the shipped checkpoint
 	$(PY) -m mukv.run mode=train model=nano dataset=synthetic train.publish=true $(ARGS)
 
 test: $(STAMP) ## run the whole test suite

@@ -3,6 +3,7 @@
     python experiments/nano_benchmark.py --preset quick      # `make run`: a couple of minutes
     python experiments/nano_benchmark.py --preset table      # the BENCHMARKS.md table (tens of minutes)
     python experiments/nano_benchmark.py --preset in_range   # cache=full within the training length
+    python experiments/nano_benchmark.py --preset quant      # rekv / mukv with an int8 / int4 block store
 
 Everything runs in one process: the model loads once, and each (method, budget, length) streams the same
 held-out videos (evaluation seeds, never trained on) through the same ``StreamingEngine`` as
@@ -44,7 +45,11 @@ PRESETS = {
     "table": dict(lengths=[60.0, 640.0, 1280.0], videos=12, budgets=[8, 16], seed=1000),
     # the accuracy target of cache=full within the training length
     "in_range": dict(lengths=[60.0], videos=60, budgets=[16], seed=2000, methods=["full"]),
+    # the accuracy cost of a quantized block store (10x the training length)
+    "quant": dict(lengths=[640.0], videos=12, budgets=[16], seed=1000, methods=["rekv", "mukv"],
+                  kv_quant=["none", "int8", "int4"]),
 }
+STORE_METHODS = ("rekv", "mukv")  # methods with a block store (kv_quant applies)
 
 
 def knobs_for(method: str, budget_frames: int) -> dict:
@@ -103,8 +108,8 @@ def summarise(rows: list[dict], mem: list[dict]) -> dict:
 
 
 def markdown(results: pd.DataFrame) -> str:
-    cols = ["length_s", "frames", "method", "budget", "questions", "accuracy", *QUESTION_TYPES, "online_tokens",
-            "kv_mib", "latency_ms"]
+    cols = ["length_s", "frames", "method", "budget", "kv_quant", "questions", "accuracy", *QUESTION_TYPES,
+            "online_tokens", "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
     for _, r in results[cols].iterrows():
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--sample-fps", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--set", nargs="*", default=[], help="method.knob=value overrides")
+    ap.add_argument("--kv-quant", nargs="+", choices=["none", "int8", "int4"],
+                    help="block-store quantization modes to compare (rekv, mukv)")
+    ap.add_argument("--needle-depth", type=float, default=None,
+                    help="detail needles at this fraction of the frames shown (default: random)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     n_videos = args.videos or p["videos"]
     budgets = args.budgets or p["budgets"]
     seed = p["seed"] if args.seed is None else args.seed
+    quant_modes = args.kv_quant or p.get("kv_quant") or ["none"]
     methods = args.methods or p.get("methods") or [m for m in METHOD_ORDER if m in CACHE_METHODS]
     missing = [m for m in methods if m not in CACHE_METHODS]
     if missing:
@@ -157,20 +167,24 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     t_all = time.time()
     for length in lengths:
         videos = make_synthetic_dataset(SyntheticSpec(num_videos=n_videos, duration_s=length,
-                                                      sample_fps=args.sample_fps, questions_per_video=5, seed=seed))
-        for m in methods:
-            for budget in ([None] if m == "full" else budgets):
-                knobs = {**(knobs_for(m, budget) if budget else {}), **overrides.get(m, {})}
-                t0 = time.time()
-                rows, mem = run_one(llm, m, knobs, videos, settings, judge)
-                tag = f"{m}_{'b' + str(budget) if budget else 'all'}_L{int(length)}"
-                pd.DataFrame(rows).to_csv(out / f"predictions_{tag}.csv", index=False)
-                res = {"length_s": length, "frames": int(length * args.sample_fps), "method": m,
-                       "budget": budget or "all", "knobs": json.dumps(knobs), **summarise(rows, mem),
-                       "wall_s": time.time() - t0}
-                results.append(res)
-                print(f"  {tag:<28} acc {100 * res['accuracy']:5.1f}%  online {res['online_tokens']:7.0f}  "
-                      f"({res['wall_s']:.0f}s)", flush=True)
+                                                      sample_fps=args.sample_fps, questions_per_video=5, seed=seed,
+                                                      needle_depth=args.needle_depth))
+        runs = [(m, b, q) for m in methods for b in ([None] if m == "full" else budgets)
+                for q in (quant_modes if m in STORE_METHODS else ["none"])]
+        for m, budget, quant in runs:
+            knobs = {**(knobs_for(m, budget) if budget else {}), **overrides.get(m, {})}
+            if quant != "none":
+                knobs["kv_quant"] = quant
+            t0 = time.time()
+            rows, mem = run_one(llm, m, knobs, videos, settings, judge)
+            tag = f"{m}_{'b' + str(budget) if budget else 'all'}_L{int(length)}" + ("" if quant == "none" else f"_{quant}")
+            pd.DataFrame(rows).to_csv(out / f"predictions_{tag}.csv", index=False)
+            res = {"length_s": length, "frames": int(length * args.sample_fps), "method": m,
+                   "budget": budget or "all", "kv_quant": knobs.get("kv_quant", "none"), "knobs": json.dumps(knobs),
+                   **summarise(rows, mem), "wall_s": time.time() - t0}
+            results.append(res)
+            print(f"  {tag:<28} acc {100 * res['accuracy']:5.1f}%  online {res['online_tokens']:7.0f}  "
+                  f"({res['wall_s']:.0f}s)", flush=True)
     df = pd.DataFrame(results)
     df.to_csv(out / "results.csv", index=False)
     md = markdown(df)

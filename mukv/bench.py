@@ -6,6 +6,11 @@ method: encode frames per second (vision tower and LLM separately), time to firs
 fixed-length answer, stored KV bytes per frame and per hour, peak RSS, and the time per encode chunk as
 the stream grows. The machine's matmul throughput is measured in the same run, and achieved FLOP/s are
 reported against it.
+
+``--growth`` streams up to two hours of video at 0.5 fps (3,600 frames) with a small model (``--model nano``
+or ``tiny``) and records, chunk by chunk, the time per frame, the work per frame counted where it is done
+(LLM tokens and attention query-key pairs, :class:`mukv.cache.attention.OpCounter`), stored and device KV
+bytes and RSS, plus answer latency at checkpoints: ``growth.csv``, ``growth.json`` and ``growth.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
+from mukv.cache.attention import OpCounter
 from mukv.cache.base import CACHE_METHODS, CacheMethod
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
 from mukv.models.adapter import VideoLLM
@@ -115,6 +121,72 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
     }
 
 
+def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, answer_every: int,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """One row per encode chunk of a ``frames``-long stream; rows at multiples of ``answer_every`` frames
+    also carry the time to answer one question (recall + 8 decoded tokens) and its context size."""
+    from tqdm.auto import tqdm
+
+    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=8, progress=False))
+    source = _Frames(frames, llm.image_size, 0.5)
+    method.start_video(llm.init_prompt_ids())
+    rows = []
+    eos = llm.eos_token_ids
+    llm.eos_token_ids = set()
+    try:
+        for first in tqdm(range(0, frames, chunk), desc=method.name, disable=not progress, leave=False):
+            pixels = source.frames(first, min(frames, first + chunk))
+            n = len(pixels)
+            OpCounter.reset()
+            t0 = time.perf_counter()
+            visual = llm.encode_frames(pixels)
+            t1 = time.perf_counter()
+            method.ingest(visual, first)
+            t2 = time.perf_counter()
+            stats = method.stats()
+            row = {"method": method.name, "frames_seen": first + n, "video_min_at_0.5fps": (first + n) / 0.5 / 60,
+                   "s_per_frame": (t2 - t0) / n, "llm_s_per_frame": (t2 - t1) / n,
+                   "llm_tokens_per_frame": OpCounter.llm_tokens / n,
+                   "attention_pairs_per_frame": OpCounter.attention_pairs / n,
+                   "kv_bytes": stats.kv_bytes, "device_kv_bytes": stats.device_kv_bytes, "aux_bytes": stats.aux_bytes,
+                   "rss_bytes": peak_rss_bytes()}
+            if (first + n) % answer_every == 0 or first + n == frames:
+                OpCounter.reset()
+                answer, context, recall_s = engine.answer("What happened just before the person opened the door?")
+                row.update(ttft_s=recall_s + answer.prefill_s, latency_s=recall_s + answer.prefill_s + answer.decode_s,
+                           online_tokens=context.online_tokens, answer_attention_pairs=OpCounter.attention_pairs)
+            rows.append(row)
+    finally:
+        llm.eos_token_ids = eos
+    return rows
+
+
+def plot_growth(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Four panels against video length: time per frame, attention work per frame, stored KV, device KV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    panels = [("s_per_frame", "encode s / frame"), ("attention_pairs_per_frame", "attention pairs / frame"),
+              ("kv_bytes", "stored KV (GB)"), ("device_kv_bytes", "device KV (MB)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (col, label) in zip(axes, panels, strict=True):
+        for name, g in df.groupby("method", sort=False):
+            y = g[col] / (1e9 if col == "kv_bytes" else 1e6 if col == "device_kv_bytes" else 1)
+            ax.plot(g["video_min_at_0.5fps"], y, label=name)
+        ax.set_xlabel("video minutes at 0.5 fps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def default_method(name: str, tokens_per_frame: int) -> CacheMethod:
     """Published budgets for the 0.5B setting, scaled to the model's tokens per frame."""
     cls = CACHE_METHODS[name]
@@ -126,20 +198,32 @@ def default_method(name: str, tokens_per_frame: int) -> CacheMethod:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny"])
+    parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny", "nano"])
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--methods", default="full,sliding_window,rekv,mukv")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (--growth: a folder)")
+    parser.add_argument("--growth", action="store_true", help="time and memory as the stream grows (small models)")
+    parser.add_argument("--answer-every", type=int, default=600, help="--growth: answer a question every N frames")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    if args.model == "nano":
+        from mukv.models.loading import load_video_llm
+
+        llm = load_video_llm("nano", None, device="cpu", dtype=args.dtype.replace("bf16", "bfloat16").replace(
+            "fp32", "float32").replace("fp16", "float16"))
+    elif args.model == "tiny":
+        llm = build_tiny(0, torch.device("cpu"), dtype)
+    else:
+        llm = random_llava_ov(args.model, dtype)
+    if args.growth:
+        return run_growth(llm, args)
     peak = matmul_gflops(dtype)
-    llm = build_tiny(0, torch.device("cpu"), dtype) if args.model == "tiny" else random_llava_ov(args.model, dtype)
     flops = frame_flops(llm)
     rows = []
     for name in [m for m in args.methods.split(",") if m]:
@@ -165,6 +249,44 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def run_growth(llm: VideoLLM, args) -> None:
+    import pandas as pd
+
+    out = Path(args.out or f"outputs/bench/growth_{llm.name}_{datetime.now():%Y%m%d_%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for name in [m for m in args.methods.split(",") if m]:
+        started = time.perf_counter()
+        rows += growth_curve(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
+                             args.answer_every)
+        pd.DataFrame(rows).to_csv(out / "growth.csv", index=False)  # kept as it goes: nothing lost if killed
+        print(f"{name}: {args.frames} frames in {time.perf_counter() - started:.0f} s", flush=True)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
+            "frames": args.frames, "chunk": args.chunk}
+    (out / "growth.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    plot_growth(rows, out / "growth.png", f"{llm.name} {args.dtype}: {args.frames} frames, chunk {args.chunk}")
+    print(growth_markdown(rows))
+    print(f"-> {out}")
+
+
+def growth_markdown(rows: list[dict[str, Any]]) -> str:
+    """Per method: the first and last chunk side by side (flat methods show ratios near 1)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    lines = ["| method | frames | s/frame first -> last | attention pairs/frame first -> last | stored KV last (MB) "
+             "| device KV last (MB) | TTFT first -> last (s) |", "|---|---|---|---|---|---|---|"]
+    for name, g in df.groupby("method", sort=False):
+        a, z = g.iloc[0], g.iloc[-1]
+        answered = g.dropna(subset=["ttft_s"]) if "ttft_s" in g else g.iloc[:0]
+        ttft = (f"{answered.ttft_s.iloc[0]:.3f} -> {answered.ttft_s.iloc[-1]:.3f}" if len(answered) else "-")
+        lines.append(f"| {name} | {int(z.frames_seen)} | {a.s_per_frame:.4f} -> {z.s_per_frame:.4f} | "
+                     f"{a.attention_pairs_per_frame:.3g} -> {z.attention_pairs_per_frame:.3g} | "
+                     f"{z.kv_bytes / 1e6:.1f} | {z.device_kv_bytes / 1e6:.2f} | {ttft} |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any]) -> str:

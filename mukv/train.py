@@ -65,8 +65,8 @@ LAYOUTS = ("full", "uniform", "window", "rekv", "mukv")
 
 @dataclass
 class TrainSettings:
-    steps: int = 4000
-    max_minutes: float = 50.0
+    steps: int = 20000
+    max_minutes: float = 55.0
     batch_size: int = 16
     lr: float = 1.5e-3
     weight_decay: float = 0.01
@@ -74,19 +74,21 @@ class TrainSettings:
     grad_clip: float = 1.0
     min_frames: int = 2
     max_frames: int = 32
-    short_phase: float = 0.12  # 2-4 frame streams until this progress
-    ramp_end: float = 0.5  # max length and distractor density reach their final values here
+    short_phase: float = 0.1  # 2-4 frame streams until this progress
+    ramp_end: float = 0.45  # max length and distractor density reach their final values here
     sample_fps: float = 0.5
     layout_weights: dict[str, float] = field(default_factory=lambda: {
         "full": 0.4, "uniform": 0.1, "window": 0.1, "rekv": 0.2, "mukv": 0.2})
-    full_only_until: float = 0.15
-    empty_until: float = 0.06  # no distractor objects until this progress
-    detail_only_until: float = 0.2  # only the needle-colour question until this progress
-    all_types_from: float = 0.35
+    full_only_until: float = 0.12
+    empty_until: float = 0.05  # no distractor objects until this progress
+    detail_only_until: float = 0.15  # only the needle-colour question until this progress
+    all_types_from: float = 0.3
     aux_weight: float = 0.5  # per-cell colour / shape probe on the visual tokens (x0.25 after ramp_end)
-    detail_share: float = 0.0  # once all types are in, this share of steps still asks the needle colour only
-    mid_frames: int = 0  # > 0: after the ramp, streams are <= mid_frames long except a long_share of steps
-    long_share: float = 0.25
+    detail_share: float = 0.1  # once all types are in, this share of steps still asks the needle colour only
+    mid_frames: int = 16  # > 0: after the ramp, streams are <= mid_frames long except a long_share of steps
+    long_share: float = 0.3
+    questions_per_stream: int = 12  # > 0: this many questions per training stream (cycling types), else one per type
+    bf16: bool = True  # bf16 autocast for the forward (fp32 weights and optimiser): ~1.3x faster on AVX512-BF16
     init_from: str | None = None  # continue from a nano checkpoint folder (a second stage)
     save_every_s: float = 300.0
     val_videos: int = 48
@@ -106,11 +108,16 @@ class Example:
 
 
 def make_example(seed: int, n_frames: int, fps: float, gap_s: float, split: str = "train",
-                 types: tuple[str, ...] = QUESTION_TYPES, rings: int | None = None) -> Example:
+                 types: tuple[str, ...] = QUESTION_TYPES, rings: int | None = None,
+                 questions: int | None = None) -> Example:
+    """One training stream with its questions asked at the end: one per type, or ``questions`` cycling
+    through the types (more answers per encoded stream; a question asked twice is kept once)."""
     spec = SyntheticSpec(num_videos=1, duration_s=n_frames / fps, sample_fps=fps, frame_size=112,
-                         questions_per_video=len(types), seed=seed, question_times="end", question_types=types,
-                         mean_gap_s=gap_s, split=split, rings=rings)
+                         questions_per_video=questions or len(types), seed=seed, question_times="end",
+                         question_types=types, mean_gap_s=gap_s, split=split, rings=rings)
     video = make_video(spec, 0)
+    seen: set[str] = set()
+    video.questions = [q for q in video.questions if not (q.question in seen or seen.add(q.question))]
     scene = video.source.scene
     tokens = {i.start * TOKENS_PER_FRAME + i.cell for i in scene.instances if i.shape not in OBJECT_SHAPES}
     for q in video.questions:
@@ -563,9 +570,11 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
         n_frames, gap, layout = sample_step(cfg, progress, rng)
         seeds = [TRAIN_SEED_BASE + cfg.seed * 10_000_000 + step * cfg.batch_size + i for i in range(cfg.batch_size)]
         types, rings = step_types(cfg, progress, rng)
-        examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings) for s in seeds]
+        examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings,
+                                 questions=cfg.questions_per_stream or None) for s in seeds]
         aux = cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25)
-        loss, stats = batch_loss(model, rope, tokenizer, init_ids, examples, layout, rng, probe, aux)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, stats = batch_loss(model, rope, tokenizer, init_ids, examples, layout, rng, probe, aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)

@@ -89,6 +89,7 @@ def validate_config(cfg: DictConfig) -> None:
         syn = ds.synthetic
         for key in ("num_videos", "duration_s", "questions_per_video", "frame_size"):
             _positive(syn[key], f"dataset.synthetic.{key}")
+        synthetic_spec(ds)  # every other field, named as dataset.synthetic.<field>
     if cfg.logger.name not in ("none", "wandb"):
         raise ConfigError("logger.name", f"unknown logger '{cfg.logger.name}'; choose none or wandb")
     if cfg.logger.mode not in ("offline", "online", "disabled"):
@@ -108,6 +109,17 @@ def build_method(cache_cfg: DictConfig) -> CacheMethod:
 
 
 # -------------------------------------------------------------------------------------------- data
+def synthetic_spec(ds: DictConfig):
+    """The ``SyntheticSpec`` of a ``dataset.kind=synthetic`` config; errors name ``dataset.synthetic.<field>``."""
+    from mukv.data.synthetic import SyntheticSpec
+
+    syn = OmegaConf.to_container(ds.synthetic, resolve=True)
+    try:
+        return SyntheticSpec(sample_fps=ds.sample_fps, **{**syn, "duration_s": float(syn["duration_s"])})
+    except ConfigError as err:
+        raise ConfigError(f"dataset.synthetic.{err.field}", str(err).split(": ", 1)[-1]) from err
+
+
 def build_dataset(cfg: DictConfig) -> list[VideoSample]:
     """The configured videos with their questions; annotations are fully validated here."""
     ds = cfg.dataset
@@ -120,13 +132,9 @@ def build_dataset(cfg: DictConfig) -> list[VideoSample]:
             video_ids=list(ds.video_ids) or None, check_videos=ds.check_videos,
         )
     else:
-        from mukv.data.synthetic import SyntheticSpec, make_synthetic_dataset
+        from mukv.data.synthetic import make_synthetic_dataset
 
-        syn = ds.synthetic
-        videos = make_synthetic_dataset(SyntheticSpec(
-            num_videos=syn.num_videos, duration_s=float(syn.duration_s), sample_fps=ds.sample_fps,
-            frame_size=syn.frame_size, questions_per_video=syn.questions_per_video, seed=syn.seed,
-        ))
+        videos = make_synthetic_dataset(synthetic_spec(ds))
         if ds.video_ids:
             videos = [v for v in videos if v.video_id in set(ds.video_ids)]
         if ds.limit_videos:

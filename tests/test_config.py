@@ -86,12 +86,25 @@ def test_unknown_group_option_fails():
     ("logger.mode=sometimes", "logger.mode"),
     ("judge.name=oracle", "judge.name"),
     ("mode=serve", "mode"),
+    ("dataset.synthetic.needle_depth=1.5", "dataset.synthetic.needle_depth"),
+    ("dataset.synthetic.question_times=never", "dataset.synthetic.question_times"),
+    ("dataset.synthetic.question_types=[detail,colour]", "dataset.synthetic.question_types"),
 ])
 def test_invalid_values_raise_config_error_naming_the_field(override, field):
     cfg = compose_cfg(override)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert err.value.field == field and field in str(err.value)
+
+
+def test_needle_depth_is_a_config_knob_and_recorded():
+    from mukv.train_eval import build_dataset
+
+    videos = build_dataset(compose_cfg("dataset.synthetic.needle_depth=0.25", "dataset.synthetic.question_types=[detail]",
+                                       "dataset.synthetic.question_times=end", "dataset.synthetic.duration_s=82"))
+    detail = [q for v in videos for q in v.questions if q.qtype == "detail"]
+    depths, frames = [q.meta["needle_depth"] for q in detail], [q.meta["needle_frame"] for q in detail]
+    assert depths and all(d == pytest.approx(10 / 40) for d in depths) and set(frames) == {10}
 
 
 def test_cache_knob_out_of_range_names_the_field():

@@ -19,9 +19,28 @@ import torch.nn.functional as F
 from mukv.models.rope import RotaryTable
 
 
+class OpCounter:
+    """Work counted where it is done, for cost curves that do not depend on the machine (``mukv.bench
+    --growth`` and the tests that pin flat per-frame cost): query-key pairs scored by attention (batch x
+    query heads x queries x keys, masked pairs included: they are computed) and tokens run through the
+    language model. Reset by the caller; counting is a few integer additions per call."""
+
+    attention_pairs = 0
+    llm_tokens = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.attention_pairs = cls.llm_tokens = 0
+
+
+def _count(q: torch.Tensor, k: torch.Tensor) -> None:
+    OpCounter.attention_pairs += q.shape[0] * q.shape[1] * q.shape[-2] * k.shape[-2]
+
+
 def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                  mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA with grouped KV heads; ``mask`` is boolean (Lq, Lk), True where attention is allowed."""
+    _count(q, k)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
@@ -36,6 +55,7 @@ def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor |
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them."""
+    _count(q, k)
     groups = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling
@@ -121,6 +141,8 @@ def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
     groups = qa.shape[1] // ka.shape[1]
     b, hq, lq, d = qa.shape
     hk = ka.shape[1]
+    _count(qa, ka)
+    _count(qb, kb)
 
     def logits(q, k, mask):
         qg = q.reshape(b, hk, groups * lq, d)

@@ -3,26 +3,36 @@
 A block is a run of tokens kept together: a frame for ReKV; a patch, frame or segment (after trimming)
 for MuKV. It holds every layer's un-rotated keys and values, (layers, kv_heads, tokens, head_dim), the
 positions its tokens were encoded at, and what part of the video it covers. Byte accounting is exact:
-2 x layers x kv_heads x head_dim x element size per token.
+2 x layers x kv_heads x head_dim x element size per token, or the quantized codes and scales
+(``quant='int8' | 'int4'``, :mod:`mukv.cache.quant`; dequantized on the device a question uses them on).
+
+``layers_kv`` hands the recalled blocks out layer by layer; with ``prefetch`` a worker thread gathers
+(and reads from disk, moves, dequantizes) layer l+1 while the caller works on layer l. The worker issues
+its copies on the caller's current CUDA stream, so ordering is the same as without it.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from mukv.cache.quant import QUANT_MODES, QuantizedTensor, check_quant, dequantize, quantize
+from mukv.errors import ConfigError
 
 
 @dataclass
 class Block:
     id: int
-    k: torch.Tensor  # (layers, kv_heads, n, head_dim), un-rotated
-    v: torch.Tensor
+    k: torch.Tensor | QuantizedTensor  # (layers, kv_heads, n, head_dim), un-rotated
+    v: torch.Tensor | QuantizedTensor
     positions: torch.Tensor  # (n,) positions the tokens were encoded at
     first_frame: float  # the first frame it covers (fractional for sub-frame blocks)
     num_frames: float
@@ -35,15 +45,25 @@ class Block:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return _nbytes(self.k) + _nbytes(self.v)
+
+
+def _nbytes(t: torch.Tensor | QuantizedTensor) -> int:
+    return t.nbytes if isinstance(t, QuantizedTensor) else int(t.numel() * t.element_size())
 
 
 class BlockStore:
     """Blocks of one video in host memory; beyond ``ram_budget_bytes`` new blocks go to memory-mapped
-    files under ``spill_dir`` (a temporary folder by default, removed by ``clear``)."""
+    files under ``spill_dir`` (a temporary folder by default, removed by ``clear``). ``quant`` stores them
+    as int8 / int4 codes with a float16 scale per ``group_size`` values."""
 
     def __init__(self, pin_memory: bool = False, ram_budget_bytes: int | None = None,
-                 spill_dir: str | Path | None = None) -> None:
+                 spill_dir: str | Path | None = None, quant: str = "none", group_size: int = 64,
+                 prefetch: bool = False) -> None:
+        err = check_quant(quant, group_size)
+        if err:
+            raise ValueError(err)
+        self.quant, self.group_size, self.prefetch = quant, group_size, prefetch
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.ram_budget_bytes = ram_budget_bytes
         self._spill_parent = spill_dir
@@ -72,7 +92,9 @@ class BlockStore:
         """Store one block (all layers); returns its id (0, 1, ... in insertion order)."""
         n = k.shape[2]
         pos = torch.arange(n) if positions is None else positions.detach().to("cpu", torch.long)
-        size = 2 * k.numel() * k.element_size()
+        if self.quant != "none":
+            k, v = quantize(k, self.quant, self.group_size), quantize(v, self.quant, self.group_size)
+        size = _nbytes(k) + _nbytes(v)
         spill = self.ram_budget_bytes is not None and self.ram_bytes + size > self.ram_budget_bytes
         if spill:
             k_host, v_host = self._to_disk(k, len(self.blocks), "k"), self._to_disk(v, len(self.blocks), "v")
@@ -87,11 +109,43 @@ class BlockStore:
     def layer_kv(self, ids: list[int], layer: int, device: torch.device | str,
                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``ids`` (in that order) for one layer: (1, kv_heads, sum n, head_dim)."""
-        ks = [self.blocks[i].k[layer] for i in ids]
-        vs = [self.blocks[i].v[layer] for i in ids]
-        k = torch.cat(ks, dim=1)[None].to(device, dtype=dtype, non_blocking=True)
-        v = torch.cat(vs, dim=1)[None].to(device, dtype=dtype, non_blocking=True)
-        return k, v
+        return self._gather([b.k for b in self._take(ids)], layer, device, dtype), \
+            self._gather([b.v for b in self._take(ids)], layer, device, dtype)
+
+    def layers_kv(self, ids: list[int], num_layers: int, device: torch.device | str,
+                  dtype: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``layer_kv`` for layers 0..num_layers-1 in turn; with ``prefetch`` the next layer is prepared by
+        a worker thread while the caller uses the current one (same values either way)."""
+        if not self.prefetch or num_layers < 2:
+            for layer in range(num_layers):
+                yield self.layer_kv(ids, layer, device, dtype)
+            return
+        stream = torch.cuda.current_stream() if torch.device(device).type == "cuda" else None
+
+        def load(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if stream is None:
+                return self.layer_kv(ids, layer, device, dtype)
+            with torch.cuda.stream(stream):
+                return self.layer_kv(ids, layer, device, dtype)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mukv-prefetch") as pool:
+            pending = pool.submit(load, 0)
+            for layer in range(num_layers):
+                current = pending.result()
+                if layer + 1 < num_layers:
+                    pending = pool.submit(load, layer + 1)
+                yield current
+
+    def _take(self, ids: list[int]) -> list[Block]:
+        return [self.blocks[i] for i in ids]
+
+    def _gather(self, parts: list, layer: int, device, dtype) -> torch.Tensor:
+        if self.quant == "none":
+            return torch.cat([p[layer] for p in parts], dim=1)[None].to(device, dtype=dtype, non_blocking=True)
+        codes = torch.cat([p.codes[layer] for p in parts], dim=1).to(device, non_blocking=True)
+        scales = torch.cat([p.scales[layer] for p in parts], dim=1).to(device, non_blocking=True)
+        q = QuantizedTensor(codes, scales, self.quant, self.group_size, parts[0].dtype)
+        return dequantize(q, dtype)[None]
 
     def positions(self, ids: list[int]) -> torch.Tensor:
         return torch.cat([self.blocks[i].positions for i in ids]) if ids else torch.empty(0, dtype=torch.long)
@@ -109,13 +163,18 @@ class BlockStore:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------ internals
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, t: torch.Tensor | QuantizedTensor) -> torch.Tensor | QuantizedTensor:
+        if isinstance(t, QuantizedTensor):
+            return t.map(self._to_host)
         host = t.detach().to("cpu").contiguous()
         if host is t:
             host = host.clone()
         return host.pin_memory() if self.pin_memory else host
 
-    def _to_disk(self, t: torch.Tensor, block_id: int, name: str) -> torch.Tensor:
+    def _to_disk(self, t: torch.Tensor | QuantizedTensor, block_id: int, name: str):
+        if isinstance(t, QuantizedTensor):
+            return QuantizedTensor(self._to_disk(t.codes, block_id, f"{name}.codes"),
+                                   self._to_disk(t.scales, block_id, f"{name}.scales"), t.mode, t.group_size, t.dtype)
         if self._spill_dir is None:
             parent = Path(self._spill_parent) if self._spill_parent else None
             if parent is not None:
@@ -128,3 +187,28 @@ class BlockStore:
         mm.flush()
         # Opened read-write (never written after this) so that torch gets a writable buffer.
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=raw.shape)).view(t.dtype)
+
+
+@dataclass
+class StoreOptions:
+    """Block-store knobs shared by the methods that offload KV (ReKV, MuKV): ``cache.<name>`` in configs."""
+
+    pin_memory: bool = True  # pinned host memory for offloaded blocks when on CUDA
+    ram_budget_gb: Optional[float] = None  # spill blocks to disk beyond this much host memory
+    spill_dir: Optional[str] = None
+    kv_quant: str = "none"  # none (published) | int8 | int4: stored blocks quantized, see mukv.cache.quant
+    kv_quant_group_size: int = 64  # values per float16 scale (along the head dimension)
+    prefetch: bool = False  # prepare layer l+1's recalled blocks while layer l is used
+
+    def validate_store(self, head_dim: int) -> None:
+        if self.ram_budget_gb is not None and self.ram_budget_gb < 0:
+            raise ConfigError("cache.ram_budget_gb", f"must be >= 0 or null, got {self.ram_budget_gb}")
+        err = check_quant(self.kv_quant, self.kv_quant_group_size, head_dim)
+        if err:
+            field_name = "cache.kv_quant" if self.kv_quant not in QUANT_MODES else "cache.kv_quant_group_size"
+            raise ConfigError(field_name, err)
+
+    def new_store(self, device: torch.device) -> BlockStore:
+        budget = None if self.ram_budget_gb is None else int(self.ram_budget_gb * 1e9)
+        return BlockStore(self.pin_memory and device.type == "cuda", budget, self.spill_dir, self.kv_quant,
+                          self.kv_quant_group_size, self.prefetch)

@@ -57,7 +57,7 @@ from mukv.cache import rerank as rr
 from mukv.cache import signals
 from mukv.cache.attention import SinkWindowKV, attention_weights, grouped_sdpa, prefix_causal_mask
 from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, register_cache, tensor_bytes
-from mukv.cache.block_store import Block, BlockStore
+from mukv.cache.block_store import Block, StoreOptions
 from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry
 
@@ -125,7 +125,7 @@ def mukv_budget(geometry: KVGeometry, cfg: Any) -> MuKVBudget:
 # ------------------------------------------------------------------------------------------ method
 @register_cache("mukv")
 @dataclass
-class MuKVCache(CacheMethod):
+class MuKVCache(CacheMethod, StoreOptions):
     """MuKV with the published defaults (LLaVA-OV-0.5B on RVS); see the module docstring."""
 
     granularities: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # in frames
@@ -149,9 +149,6 @@ class MuKVCache(CacheMethod):
     n_local: Optional[int] = 15000  # encoding window of block_context=shared (as ReKV)
     batch_blocks: int = 16  # independent blocks prefilled in one batched forward
     query_block: int = 1024  # query tiling of the shared stream encoding
-    pin_memory: bool = True  # block store options
-    ram_budget_gb: Optional[float] = None
-    spill_dir: Optional[str] = None
 
     # ------------------------------------------------------------------------------- validation
     def validate(self, geometry: KVGeometry) -> None:
@@ -193,8 +190,7 @@ class MuKVCache(CacheMethod):
                 raise ConfigError(f"cache.{name}", f"must be at least 1, got {getattr(self, name)}")
         if self.n_local is not None and self.n_local < 1:
             raise ConfigError("cache.n_local", f"must be a positive number of tokens or null, got {self.n_local}")
-        if self.ram_budget_gb is not None and self.ram_budget_gb <= 0:
-            raise ConfigError("cache.ram_budget_gb", f"must be positive or null, got {self.ram_budget_gb}")
+        self.validate_store(geometry.head_dim)
         if self.patch_layout == "quadrant":
             t = geometry.tokens_per_frame
             side = math.isqrt(t)
@@ -234,8 +230,7 @@ class MuKVCache(CacheMethod):
         self.init_k_rot = [self.llm.rope.rotate_range(k, 0) for k in self.init_k]
         if getattr(self, "store", None) is not None:
             self.store.clear()
-        budget = None if self.ram_budget_gb is None else int(self.ram_budget_gb * 1e9)
-        self.store = BlockStore(self.pin_memory and self.llm.device.type == "cuda", budget, self.spill_dir)
+        self.store = self.new_store(self.llm.device)
         self.block_ids: list[list[int]] = [[] for _ in self.sizes]  # store ids, per granularity
         width = self.geometry.num_kv_heads * self.geometry.head_dim
         self._reprs = [torch.zeros(0, width, device=self.llm.device) for _ in self.sizes]  # (blocks, H_kv*d)
@@ -456,11 +451,12 @@ class MuKVCache(CacheMethod):
         if self.assembly == "time_ordered":
             positions = torch.arange(length, device=device)
         out_k, out_v = [], []
-        for layer in range(self.geometry.num_layers):
+        n_layers = self.geometry.num_layers
+        loaded = self.store.layers_kv(ids, n_layers, device, self.init_k[0].dtype) if ids else [None] * n_layers
+        for layer, blocks_kv in enumerate(loaded):
             k, v = self.init_k[layer], self.init_v[layer]
-            if ids:
-                bk, bv = self.store.layer_kv(ids, layer, device, k.dtype)
-                k, v = torch.cat((k, bk), dim=-2), torch.cat((v, bv), dim=-2)
+            if blocks_kv is not None:
+                k, v = torch.cat((k, blocks_kv[0]), dim=-2), torch.cat((v, blocks_kv[1]), dim=-2)
             out_k.append(rope.rotate(k, positions))
             out_v.append(v)
         names = [f"g{x}" for x in self.granularities]

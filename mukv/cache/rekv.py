@@ -12,28 +12,24 @@ question's KV is dropped; the answer context of each layer is init + its retriev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from mukv.cache.attention import grouped_sdpa, prefix_causal_mask
 from mukv.cache.base import AnswerContext, CacheStats, WindowStreamingCache, register_cache, tensor_bytes
-from mukv.cache.block_store import BlockStore
+from mukv.cache.block_store import StoreOptions
 from mukv.cache.retrieval import block_representatives, question_vector, score_blocks, select_top_blocks
 from mukv.errors import ConfigError
 
 
 @register_cache("rekv")
 @dataclass
-class ReKVCache(WindowStreamingCache):
+class ReKVCache(WindowStreamingCache, StoreOptions):
     n_local: int = 15000  # encoding window (tokens), the init sink aside
     retrieve_size: int = 64  # blocks (frames) recalled per layer
     retrieve_chunk_size: int = 1  # score and take consecutive blocks in groups of this size
     scoring: str = "dot"  # dot (published code) | cosine (paper)
     per_layer: bool = True  # per-layer retrieval (code) | one block set for all layers (see recall)
-    pin_memory: bool = True  # pinned host memory for offloaded blocks when on CUDA
-    ram_budget_gb: Optional[float] = None  # spill blocks to disk beyond this much host memory
-    spill_dir: Optional[str] = None
     query_block: int = 1024
 
     def validate(self, geometry) -> None:
@@ -45,16 +41,14 @@ class ReKVCache(WindowStreamingCache):
                               f"must divide retrieve_size ({self.retrieve_size}), got {self.retrieve_chunk_size}")
         if self.scoring not in ("dot", "cosine"):
             raise ConfigError("cache.scoring", f"unknown scoring '{self.scoring}'; choose dot or cosine")
-        if self.ram_budget_gb is not None and self.ram_budget_gb < 0:
-            raise ConfigError("cache.ram_budget_gb", f"must be >= 0, got {self.ram_budget_gb}")
+        self.validate_store(geometry.head_dim)
 
     # ---------------------------------------------------------------------------------- streaming
     def start_video(self, init_ids: list[int]) -> None:
         super().start_video(init_ids)
-        budget = None if self.ram_budget_gb is None else int(self.ram_budget_gb * 1e9)
         if getattr(self, "store", None) is not None:
             self.store.clear()
-        self.store = BlockStore(self.pin_memory and self.llm.device.type == "cuda", budget, self.spill_dir)
+        self.store = self.new_store(self.llm.device)
         self.reprs = torch.empty(self.geometry.num_layers, 0, self.geometry.num_heads * self.geometry.head_dim,
                                  device=self.llm.device)
         self._new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -105,7 +99,7 @@ class ReKVCache(WindowStreamingCache):
         if not self.per_layer:
             shared = chosen[-1]
             chosen = [shared for _ in chosen]
-            contexts = [self._layer_context(i, shared) for i in range(self.geometry.num_layers)]
+            contexts = self._all_layer_contexts(shared)
         keys = [rope.rotate_range(k, 0) for k, _ in contexts]
         return AnswerContext(keys, [v for _, v in contexts], next_position=int(keys[0].shape[-2]),
                              info={"blocks": chosen[0], "layers_differ": any(c != chosen[0] for c in chosen)})
@@ -118,9 +112,19 @@ class ReKVCache(WindowStreamingCache):
         k, v = self.store.layer_kv(blocks, layer, init_k.device, init_k.dtype)
         return torch.cat((init_k, k), dim=-2), torch.cat((init_v, v), dim=-2)
 
+    def _all_layer_contexts(self, blocks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``_layer_context`` of every layer for one block set (through the store's prefetching loader)."""
+        if not blocks:
+            return [(L.init_k, L.init_v) for L in self.layers]
+        init = self.layers[0].init_k
+        loaded = self.store.layers_kv(blocks, self.geometry.num_layers, init.device, init.dtype)
+        return [(torch.cat((L.init_k, k), dim=-2), torch.cat((L.init_v, v), dim=-2))
+                for L, (k, v) in zip(self.layers, loaded, strict=True)]
+
     def stats(self) -> CacheStats:
         """kv: the offloaded blocks + the window; device: the window and the representative keys."""
         window = self.window_stats()
         return CacheStats(kv_tokens=self.store.tokens + window.kv_tokens,
                           kv_bytes=self.store.nbytes + window.kv_bytes,
-                          device_kv_bytes=window.device_kv_bytes + tensor_bytes(self.reprs))
+                          device_kv_bytes=window.device_kv_bytes + tensor_bytes(self.reprs),
+                          aux_bytes=tensor_bytes(self.reprs))
