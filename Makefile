@@ -17,7 +17,7 @@ DATA        ?= synthetic
 OUT         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: bench help install run test test-fast lint clean reproduce-table train-nano wandb-dashboard
+.PHONY: bench bench-growth help install run test test-fast lint clean reproduce-table train-nano wandb-dashboard
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -62,3 +62,7 @@ clean: ## remove the virtual environment and caches (keeps outputs/)
 BENCH_ARGS ?= --model 0.5b --dtype bf16 --frames 8 --chunk 8
 bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights); BENCH_ARGS="..."
 	$(PY) -m mukv.bench $(BENCH_ARGS)
+
+bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~25 min)
+	$(PY) -m mukv.bench --growth --model nano --dtype fp32 --frames 3600 --chunk 30 --answer-every 600 \
+		--methods full,sliding_window,rekv,mukv --out outputs/bench/growth_nano $(BENCH_ARGS)

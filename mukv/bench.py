@@ -122,15 +122,18 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
 
 
 def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, answer_every: int,
-                 progress: bool = True) -> list[dict[str, Any]]:
+                 progress: bool = True, vision: bool = True) -> list[dict[str, Any]]:
     """One row per encode chunk of a ``frames``-long stream; rows at multiples of ``answer_every`` frames
-    also carry the time to answer one question (recall + 8 decoded tokens) and its context size."""
+    also carry the time to answer one question (recall + 8 decoded tokens) and its context size.
+    ``vision=False`` feeds random visual tokens of the right shape instead of running the vision tower (the
+    same for every method): long LLM-side curves of the large architectures in reasonable time."""
     from tqdm.auto import tqdm
 
     engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=8, progress=False))
     source = _Frames(frames, llm.image_size, 0.5)
     method.start_video(llm.init_prompt_ids())
     rows = []
+    gen = torch.Generator().manual_seed(0)
     eos = llm.eos_token_ids
     llm.eos_token_ids = set()
     try:
@@ -139,7 +142,11 @@ def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, an
             n = len(pixels)
             OpCounter.reset()
             t0 = time.perf_counter()
-            visual = llm.encode_frames(pixels)
+            if vision:
+                visual = llm.encode_frames(pixels)
+            else:
+                shape = (n, llm.geometry.tokens_per_frame, llm.geometry.hidden_size)
+                visual = torch.randn(shape, generator=gen, dtype=torch.float32).to(llm.device, llm.dtype)
             t1 = time.perf_counter()
             method.ingest(visual, first)
             t2 = time.perf_counter()
@@ -187,20 +194,37 @@ def plot_growth(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def default_method(name: str, tokens_per_frame: int) -> CacheMethod:
-    """Published budgets for the 0.5B setting, scaled to the model's tokens per frame."""
+def default_method(spec: str, tokens_per_frame: int) -> CacheMethod:
+    """Published budgets for the 0.5B setting, scaled to the model's tokens per frame. ``spec`` is a method
+    name, optionally with knobs: ``mukv+share_prefixes=false+kv_quant=int8`` (rows are labelled by it)."""
+    import yaml
+
+    name, *knobs = spec.split("+")
+    if name not in CACHE_METHODS:
+        raise SystemExit(f"--methods: unknown cache method '{name}'; registered: {', '.join(sorted(CACHE_METHODS))}")
     cls = CACHE_METHODS[name]
     kwargs: dict[str, Any] = {}
     if name in ("sliding_window", "rekv"):
         kwargs["n_local"] = 15000 * tokens_per_frame // 196
-    return cls(**kwargs)
+    for knob in knobs:
+        key, sep, value = knob.partition("=")
+        if not sep:
+            raise SystemExit(f"--methods: '{knob}' in '{spec}' is not knob=value")
+        kwargs[key] = yaml.safe_load(value)
+    try:
+        method = cls(**kwargs)
+    except TypeError as e:
+        raise SystemExit(f"--methods: {spec}: {e}") from None
+    method.name = spec
+    return method
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny", "nano"])
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--methods", default="full,sliding_window,rekv,mukv")
+    parser.add_argument("--methods", default="full,sliding_window,rekv,mukv",
+                        help="comma-separated; knobs with '+': rekv,mukv,mukv+share_prefixes=false")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -208,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here (--growth: a folder)")
     parser.add_argument("--growth", action="store_true", help="time and memory as the stream grows (small models)")
     parser.add_argument("--answer-every", type=int, default=600, help="--growth: answer a question every N frames")
+    parser.add_argument("--llm-only", action="store_true",
+                        help="--growth: random visual tokens instead of the vision tower (LLM-side curves)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,9 +253,6 @@ def main(argv: list[str] | None = None) -> None:
     flops = frame_flops(llm)
     rows = []
     for name in [m for m in args.methods.split(",") if m]:
-        if name not in CACHE_METHODS:
-            print(f"skipping {name}: not a registered cache method")
-            continue
         row = bench_method(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
                            args.new_tokens)
         row["vision_roofline"] = flops["vision"] / row["vision_s_per_frame"] / 1e9 / peak
@@ -260,15 +283,17 @@ def run_growth(llm: VideoLLM, args) -> None:
     for name in [m for m in args.methods.split(",") if m]:
         started = time.perf_counter()
         rows += growth_curve(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
-                             args.answer_every)
+                             args.answer_every, vision=not args.llm_only)
         pd.DataFrame(rows).to_csv(out / "growth.csv", index=False)  # kept as it goes: nothing lost if killed
         print(f"{name}: {args.frames} frames in {time.perf_counter() - started:.0f} s", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
             platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
-            "frames": args.frames, "chunk": args.chunk}
+            "frames": args.frames, "chunk": args.chunk, "vision": not args.llm_only}
     (out / "growth.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     plot_growth(rows, out / "growth.png", f"{llm.name} {args.dtype}: {args.frames} frames, chunk {args.chunk}")
-    print(growth_markdown(rows))
+    md = growth_markdown(rows)
+    (out / "growth.md").write_text(f"{meta}\n\n{md}\n")
+    print(md)
     print(f"-> {out}")
 
 
@@ -277,13 +302,18 @@ def growth_markdown(rows: list[dict[str, Any]]) -> str:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    lines = ["| method | frames | s/frame first -> last | attention pairs/frame first -> last | stored KV last (MB) "
-             "| device KV last (MB) | TTFT first -> last (s) |", "|---|---|---|---|---|---|---|"]
+    late = {name: g.iloc[len(g) // 2:] for name, g in df.groupby("method", sort=False)}  # the second half
+    ref = late["rekv"].llm_s_per_frame.mean() if "rekv" in late else None
+    lines = ["| method | frames | s/frame first -> last | LLM s/frame, 2nd half | vs rekv | LLM tokens/frame "
+             "| attention pairs/frame first -> last | stored KV last (MB) | device KV last (MB) "
+             "| TTFT first -> last (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, g in df.groupby("method", sort=False):
         a, z = g.iloc[0], g.iloc[-1]
+        llm_s = late[name].llm_s_per_frame.mean()
         answered = g.dropna(subset=["ttft_s"]) if "ttft_s" in g else g.iloc[:0]
         ttft = (f"{answered.ttft_s.iloc[0]:.3f} -> {answered.ttft_s.iloc[-1]:.3f}" if len(answered) else "-")
-        lines.append(f"| {name} | {int(z.frames_seen)} | {a.s_per_frame:.4f} -> {z.s_per_frame:.4f} | "
+        lines.append(f"| {name} | {int(z.frames_seen)} | {a.s_per_frame:.4f} -> {z.s_per_frame:.4f} | {llm_s:.4f} | "
+                     f"{f'{llm_s / ref:.2f}' if ref else '-'} | {late[name].llm_tokens_per_frame.mean():.0f} | "
                      f"{a.attention_pairs_per_frame:.3g} -> {z.attention_pairs_per_frame:.3g} | "
                      f"{z.kv_bytes / 1e6:.1f} | {z.device_kv_bytes / 1e6:.2f} | {ttft} |")
     return "\n".join(lines)

@@ -317,8 +317,13 @@ def format_summary(metrics: dict[str, Any]) -> str:
             ("mean_online_tokens", "online tokens"), ("kv_bytes_total", "KV bytes"),
             ("kv_gb_per_hour", "KV GB/hour"), ("mean_ttft_s", "TTFT s"), ("mean_latency_s", "latency s"),
             ("encode_fps", "encode fps")]
+    if metrics.get("method") == "train":
+        keys = [("steps", "steps"), ("accuracy", "val accuracy"), ("val_accuracy", "val by type"),
+                ("wall_s", "wall s"), ("checkpoint", "checkpoint")]
     lines = []
     for key, label in keys:
         v = metrics.get(key)
+        if isinstance(v, dict):
+            v = ", ".join(f"{k} {x:.2f}" for k, x in v.items())
         lines.append(f"  {label:<14} {v:.4g}" if isinstance(v, float) else f"  {label:<14} {v}")
     return "\n".join(lines)

@@ -80,3 +80,15 @@ def test_counter_resets():
     OpCounter.attention_pairs, OpCounter.llm_tokens = 5, 7
     OpCounter.reset()
     assert OpCounter.attention_pairs == OpCounter.llm_tokens == 0
+
+
+def test_bench_method_specs_take_knobs_and_name_bad_ones():
+    from mukv.bench import default_method
+
+    m = default_method("mukv+share_prefixes=false+top_k=[2, 2, 1]", 16)
+    assert isinstance(m, MuKVCache) and m.share_prefixes is False and m.top_k == [2, 2, 1]
+    assert m.name == "mukv+share_prefixes=false+top_k=[2, 2, 1]"
+    assert default_method("rekv", 196).n_local == 15000  # the published window at 196 tokens per frame
+    for bad, words in [("nope", "unknown cache method 'nope'"), ("mukv+bogus=1", "bogus"), ("mukv+top_k", "knob=value")]:
+        with pytest.raises(SystemExit, match=words):
+            default_method(bad, 16)

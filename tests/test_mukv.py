@@ -207,6 +207,44 @@ def test_shared_context_blocks_carry_the_stream_kv(llm, frames):
         assert method.block(0, b).positions.tolist() == list(range(n0 + 16 * b, n0 + 16 * (b + 1)))
 
 
+@pytest.mark.parametrize("layout, tokens_per_4_frames", [("raster", 64 + 48 + 48), ("quadrant", 64 + 48 + 64)])
+def test_shared_prefixes_store_the_same_blocks_with_fewer_forwards(llm, frames, layout, tokens_per_4_frames):
+    """A finer block that starts where a coarser one starts is cut from the coarser prefill: every stored
+    block (kept tokens, positions, KV) and the recalled context are those of separate prefills, and the
+    language model runs fewer tokens (raster: one in four patch and frame blocks shared; quadrant: patch
+    blocks are quadrants, not prefixes of a frame, so only frame blocks are shared)."""
+    from mukv.cache.attention import OpCounter
+
+    methods = {}
+    for share in (False, True):
+        OpCounter.reset()
+        methods[share] = stream(llm, MuKVCache(share_prefixes=share, patch_layout=layout, **SMALL), frames).method
+        methods[share].tokens = OpCounter.llm_tokens - methods[share].n_init  # the init prompt runs once
+    alone, shared = methods[False], methods[True]
+    # the signal of a prefix cut from a coarse prefill is the prefix's own (its queries only)
+    visual = llm.encode_frames(frames[:4]).reshape(1, 64, -1)
+    coarse = alone.prefill_blocks(visual, prefix_lengths=[4, 16])
+    for n in (4, 16):
+        own = alone.prefill_blocks(visual[:, :n])
+        assert len(own["received"]) == len(coarse["received_prefix"][n]) > 0
+        for (r_own, w_own), (r_cut, w_cut) in zip(own["received"], coarse["received_prefix"][n], strict=True):
+            assert w_own == w_cut
+            torch.testing.assert_close(r_cut, r_own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(coarse["keys"][..., :n, :], own["keys"], atol=1e-5, rtol=1e-5)
+    assert alone.tokens == 3 * 16 * len(frames)  # 4 + 16 + 64-token blocks each cover every token once
+    assert shared.tokens == tokens_per_4_frames * len(frames) // 4
+    for gi in range(3):
+        assert len(alone.block_ids[gi]) == len(shared.block_ids[gi]) > 0
+        for b in range(len(alone.block_ids[gi])):
+            x, y = alone.block(gi, b), shared.block(gi, b)
+            assert x.positions.tolist() == y.positions.tolist() and x.first_frame == y.first_frame
+            torch.testing.assert_close(x.k, y.k, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(x.v, y.v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.representatives(gi), shared.representatives(gi), atol=1e-5, rtol=1e-5)
+    a, b = alone.recall(QUESTION), shared.recall(QUESTION)
+    assert a.info["blocks"] == b.info["blocks"]
+
+
 def test_blocks_spilled_to_disk_give_the_same_context(llm, frames, tmp_path):
     in_ram = MuKVCache(**SMALL)
     stream(llm, in_ram, frames)

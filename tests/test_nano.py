@@ -73,10 +73,11 @@ def test_word_tokenizer_round_trip():
 def test_shipped_checkpoint_answers_held_out_streams(nano):
     """cache=full within the training length, held-out seeds: the needle colour well above chance.
 
-    The target (>= 90% on detail questions) is NOT reached by the shipped checkpoint (about 70% on 150
-    held-out questions, see BENCHMARKS.md); this guards what it does reach: at least 2.5x chance on detail.
+    The target (>= 90% on detail questions) is NOT reached by the shipped checkpoint (80% on 208 held-out
+    detail questions, see BENCHMARKS.md); this guards what it does reach: at least 60% (3.6x chance) on
+    about 48 detail questions (a checkpoint at its measured 80% falls under 60% here with p < 0.001).
     """
-    spec = SyntheticSpec(num_videos=8, duration_s=48, sample_fps=0.5, questions_per_video=5, seed=500,
+    spec = SyntheticSpec(num_videos=16, duration_s=48, sample_fps=0.5, questions_per_video=5, seed=500,
                          question_types=("detail",))
     engine = StreamingEngine(nano, FullCache(), EngineSettings(max_new_tokens=2, progress=False))
     judge = ExactMatchJudge()
@@ -87,8 +88,8 @@ def test_shipped_checkpoint_answers_held_out_streams(nano):
 
     for video in make_synthetic_dataset(spec):
         engine.run_video(video, on_answer)
-    assert len(right["detail"]) >= 20
-    assert np.mean(right["detail"]) >= 2.5 * CHANCE["detail"], right["detail"]
+    assert len(right["detail"]) >= 40
+    assert np.mean(right["detail"]) >= 0.6 > 3.5 * CHANCE["detail"], right["detail"]
 
 
 # ------------------------------------------------------------------------------------------ training

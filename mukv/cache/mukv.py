@@ -5,7 +5,9 @@ granularity (``granularities``, in frames: 0.25 / 1 / 4 = patch / frame / segmen
 LLaVA-OneVision); a partial block at the end of a chunk is dropped, as the published code does. Every block
 is prefilled on its own with only the init prompt as prefix (positions ``n_init .. n_init + g - 1``; the
 init KV is computed once per video and reused); blocks of one granularity are prefilled as one batch (they
-share nothing but the init prefix, so this gives the same KV as one at a time). Each block keeps its
+share nothing but the init prefix, so this gives the same KV as one at a time), coarse to fine, and a finer
+block that starts where a coarser one starts is cut from that prefill (``share_prefixes``: it is the coarser
+block's causal prefix, so its KV and attention are the same). Each block keeps its
 ``int(g * keep_ratio)`` best tokens by ``alpha * attention received + (1 - alpha) * high-frequency energy``
 (:mod:`mukv.cache.signals`), the same indices in every layer; its representative is the mean of the kept
 tokens' last-layer keys, heads concatenated. Kept KV goes to the block store (un-rotated keys with their
@@ -123,6 +125,20 @@ def mukv_budget(geometry: KVGeometry, cfg: Any) -> MuKVBudget:
 
 
 # ------------------------------------------------------------------------------------------ method
+def _block_piece(kv: dict[str, Any], j: int, n: int, received: list[tuple[torch.Tensor, float]]) -> dict[str, Any]:
+    """Block ``j`` of a prefilled batch, its first ``n`` tokens (views, no copy)."""
+    return {"keys": kv["keys"][j, :, :, :n], "values": kv["values"][j, :, :, :n],
+            "last_keys_rot": kv["last_keys_rot"][j, :, :n], "received": [(r[j, :n], w) for r, w in received]}
+
+
+def _stack_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch layout ``_trim_and_store`` takes, from per-block pieces of one size."""
+    out = {k: torch.stack([p[k] for p in pieces]) for k in ("keys", "values", "last_keys_rot")}
+    out["received"] = [(torch.stack([p["received"][i][0] for p in pieces]), w)
+                       for i, (_, w) in enumerate(pieces[0]["received"])]
+    return out
+
+
 @register_cache("mukv")
 @dataclass
 class MuKVCache(CacheMethod, StoreOptions):
@@ -148,6 +164,7 @@ class MuKVCache(CacheMethod, StoreOptions):
     block_context: str = "independent"  # code | shared (ablation)
     n_local: Optional[int] = 15000  # encoding window of block_context=shared (as ReKV)
     batch_blocks: int = 16  # independent blocks prefilled in one batched forward
+    share_prefixes: bool = True  # a finer block that starts where a coarser one does reuses its prefill (exact)
     query_block: int = 1024  # query tiling of the shared stream encoding
 
     # ------------------------------------------------------------------------------- validation
@@ -251,20 +268,50 @@ class MuKVCache(CacheMethod, StoreOptions):
         if self.block_context == "shared":
             self._ingest_shared(flat, start)
         else:
-            for gi, g in enumerate(self.sizes):
-                tokens = self._layout(visual, g)
-                n_blocks = tokens.shape[0] // g
-                if n_blocks == 0:
-                    self._warn_large(g, n_frames)
-                    continue
-                blocks = tokens[: n_blocks * g].reshape(n_blocks, g, -1)
-                for a in range(0, n_blocks, self.batch_blocks):
-                    batch = blocks[a:a + self.batch_blocks]
-                    kv = self.prefill_blocks(batch)
-                    starts = [start + (a + b) * g for b in range(batch.shape[0])]
-                    positions = self.n_init + torch.arange(g, device=batch.device)
-                    self._trim_and_store(gi, kv, positions.expand(batch.shape[0], g), starts)
+            self._ingest_independent(visual, start)
         self.tokens_seen = (first_frame + n_frames) * t
+
+    def _shares_prefix(self, fine: int, coarse: int) -> bool:
+        """Whether a ``fine``-token block starting where a ``coarse``-token block starts is that block's first
+        ``fine`` tokens: same token order (raster, or both sub-frame under ``patch_layout=quadrant``), and
+        with independent encoding the same init-only context and positions, so causal attention gives the
+        prefix the very KV and attention it would get alone."""
+        t = self.geometry.tokens_per_frame
+        return self.share_prefixes and (self.patch_layout == "raster" or (fine < t) == (coarse < t))
+
+    def _ingest_independent(self, visual: torch.Tensor, start: int) -> None:
+        """Coarse to fine: each granularity's blocks are prefilled in batches, except those that start where
+        an already prefilled coarser block starts, which are cut from its prefill (``share_prefixes``: at the
+        published 49 / 196 / 784 tokens, one in four patch and frame blocks, 490 instead of 588 token forwards
+        per frame). Blocks are then trimmed and stored in stream order, as without sharing."""
+        n_frames = visual.shape[0]
+        shared: list[dict[int, dict[str, Any]]] = [{} for _ in self.sizes]  # per granularity: offset -> block
+        for gi in reversed(range(len(self.sizes))):
+            g = self.sizes[gi]
+            tokens = self._layout(visual, g)
+            n_blocks = tokens.shape[0] // g
+            if n_blocks == 0:
+                self._warn_large(g, n_frames)
+                continue
+            blocks = tokens[: n_blocks * g].reshape(n_blocks, g, -1)
+            finer = [fi for fi in range(gi) if self._shares_prefix(self.sizes[fi], g)]
+            pieces = {b: shared[gi][b * g] for b in range(n_blocks) if b * g in shared[gi]}
+            fresh = [b for b in range(n_blocks) if b not in pieces]
+            for a in range(0, len(fresh), self.batch_blocks):
+                ids = fresh[a:a + self.batch_blocks]
+                kv = self.prefill_blocks(blocks[ids], prefix_lengths=[self.sizes[fi] for fi in finer])
+                for j, b in enumerate(ids):
+                    pieces[b] = _block_piece(kv, j, g, kv["received"])
+                    for fi in finer:
+                        gf = self.sizes[fi]
+                        if (b * g) % gf == 0:
+                            shared[fi].setdefault(b * g, _block_piece(kv, j, gf, kv["received_prefix"][gf]))
+            positions = self.n_init + torch.arange(g, device=visual.device)
+            for a in range(0, n_blocks, self.batch_blocks):
+                ids = list(range(a, min(n_blocks, a + self.batch_blocks)))
+                kv = _stack_pieces([pieces[b] for b in ids])
+                self._trim_and_store(gi, kv, positions.expand(len(ids), g), [start + b * g for b in ids])
+            shared[gi].clear()
 
     def _warn_large(self, g: int, n_frames: int) -> None:
         if not self._warned_large:
@@ -284,12 +331,13 @@ class MuKVCache(CacheMethod, StoreOptions):
 
     # ------------------------------------------------------------------------- block prefill
     @torch.inference_mode()
-    def prefill_blocks(self, blocks: torch.Tensor) -> dict[str, Any]:
+    def prefill_blocks(self, blocks: torch.Tensor, prefix_lengths: list[int] = ()) -> dict[str, Any]:
         """Prefill a batch of independent blocks (B, g, hidden), each after the init prompt only.
 
         Returns un-rotated ``keys``/``values`` (B, layers, H_kv, g, d), the last layer's keys rotated at the
         block positions (``last_keys_rot``, (B, H_kv, g, d)) and ``received``: per attention-signal layer,
-        (attention received (B, g), weight).
+        (attention received (B, g), weight); ``received_prefix[n]`` is the same for the blocks' first ``n``
+        tokens taken alone (their queries over init + those ``n`` keys: causal rows, so the same softmax).
         """
         bsz, g, _ = blocks.shape
         n0 = self.n_init
@@ -297,7 +345,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         pos = torch.arange(n0, n0 + g, device=blocks.device)
         mask = prefix_causal_mask(g, n0 + g, blocks.device)
         ks, vs = [None] * self.geometry.num_layers, [None] * self.geometry.num_layers
-        out: dict[str, Any] = {"received": []}
+        out: dict[str, Any] = {"received": [], "received_prefix": {n: [] for n in prefix_lengths}}
 
         def attend(idx, q, k, v, scaling):
             ks[idx], vs[idx] = k, v
@@ -311,6 +359,9 @@ class MuKVCache(CacheMethod, StoreOptions):
             probs = attention_weights(q_rot, keys, scaling, mask)  # (B, Hq, g, n0 + g) fp32
             weight = dict(self.att_layers)[idx]
             out["received"].append((signals.attention_received(probs, n0, per_block=True), weight))
+            for n in prefix_lengths:
+                sub = probs[:, :, :n, : n0 + n]
+                out["received_prefix"][n].append((signals.attention_received(sub, n0, per_block=True), weight))
             groups = q.shape[1] // vals.shape[1]
             return torch.matmul(probs, vals.float().repeat_interleave(groups, dim=1)).to(q.dtype)
 
