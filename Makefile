@@ -59,7 +59,7 @@ lint: $(STAMP) ## ruff over the package and tests
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-BENCH_ARGS ?= --model 0.5b --dtype bf16 --frames 8 --chunk 8
+BENCH_ARGS ?= --model 0.5b --dtype auto --frames 8 --chunk 8
 bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights); BENCH_ARGS="..."
 	$(PY) -m mukv.bench $(BENCH_ARGS)
 

@@ -5,7 +5,8 @@ download: speed and memory do not depend on weight values); the tiny model serve
 method: encode frames per second (vision tower and LLM separately), time to first answer token and to a
 fixed-length answer, stored KV bytes per frame and per hour, peak RSS, and the time per encode chunk as
 the stream grows. The machine's matmul throughput is measured in the same run, and achieved FLOP/s are
-reported against it.
+reported against it. ``--device cuda`` runs it all on a GPU (timings synchronise the device; peak GPU
+memory is reported per method).
 
 ``--growth`` streams up to two hours of video at 0.5 fps (3,600 frames) with a small model (``--model nano``
 or ``tiny``) and records, chunk by chunk, the time per frame, the work per frame counted where it is done
@@ -31,7 +32,7 @@ from mukv.cache.attention import OpCounter
 from mukv.cache.base import CACHE_METHODS, CacheMethod
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
 from mukv.models.adapter import VideoLLM
-from mukv.models.loading import build_tiny, llava_ov_config, use_stream_attention
+from mukv.models.loading import build_tiny, fast_bf16, llava_ov_config, use_stream_attention
 from mukv.models.tokenizer import build_byte_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -51,12 +52,21 @@ def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> Video
     return VideoLLM(model, build_byte_tokenizer(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), name=f"llava-ov-{size}-random")
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device | str) -> None:
+    """Wait for queued device work, so that wall-clock readings cover it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8, device: torch.device | str = "cpu") -> float:
+    """Measured square-matmul throughput of this machine: the roofline the methods are compared against."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
@@ -93,6 +103,8 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
     llm.eos_token_ids = set()  # a fixed answer length, whatever random weights emit
     try:
         source = _Frames(frames, llm.image_size, 0.5)
+        if llm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         method.start_video(llm.init_prompt_ids())
         engine._peak_kv = 0
         vision_s = llm_s = 0.0
@@ -101,8 +113,10 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
             pixels = source.frames(first, min(frames, first + chunk))
             t0 = time.perf_counter()
             visual = llm.encode_frames(pixels)
+            sync(llm.device)
             t1 = time.perf_counter()
             method.ingest(visual, first)
+            sync(llm.device)
             t2 = time.perf_counter()
             vision_s, llm_s = vision_s + t1 - t0, llm_s + t2 - t1
             chunk_s.append((t2 - t0) / len(pixels))
@@ -118,6 +132,7 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
         "ttft_s": recall_s + answer.prefill_s, "latency_s": recall_s + answer.prefill_s + answer.decode_s,
         "online_tokens": context.online_tokens, "kv_bytes_per_frame": per_frame,
         "kv_gb_per_hour_0.5fps": per_frame * 0.5 * 3600 / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if llm.device.type == "cuda" else None,
     }
 
 
@@ -147,8 +162,10 @@ def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, an
             else:
                 shape = (n, llm.geometry.tokens_per_frame, llm.geometry.hidden_size)
                 visual = torch.randn(shape, generator=gen, dtype=torch.float32).to(llm.device, llm.dtype)
+            sync(llm.device)
             t1 = time.perf_counter()
             method.ingest(visual, first)
+            sync(llm.device)
             t2 = time.perf_counter()
             stats = method.stats()
             row = {"method": method.name, "frames_seen": first + n, "video_min_at_0.5fps": (first + n) / 0.5 / 60,
@@ -156,7 +173,8 @@ def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, an
                    "llm_tokens_per_frame": OpCounter.llm_tokens / n,
                    "attention_pairs_per_frame": OpCounter.attention_pairs / n,
                    "kv_bytes": stats.kv_bytes, "device_kv_bytes": stats.device_kv_bytes, "aux_bytes": stats.aux_bytes,
-                   "rss_bytes": peak_rss_bytes()}
+                   "rss_bytes": peak_rss_bytes(),
+                   "gpu_bytes": torch.cuda.max_memory_allocated() if llm.device.type == "cuda" else None}
             if (first + n) % answer_every == 0 or first + n == frames:
                 OpCounter.reset()
                 answer, context, recall_s = engine.answer("What happened just before the person opened the door?")
@@ -222,7 +240,9 @@ def default_method(spec: str, tokens_per_frame: int) -> CacheMethod:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny", "nano"])
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto: bf16 where it runs natively (GPU, AVX512-BF16/AMX CPU), else fp32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings synchronise the device)")
     parser.add_argument("--methods", default="full,sliding_window,rekv,mukv",
                         help="comma-separated; knobs with '+': rekv,mukv,mukv+share_prefixes=false")
     parser.add_argument("--frames", type=int, default=8)
@@ -237,19 +257,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if fast_bf16(args.device) else "fp32"
+        print(f"--dtype auto -> {args.dtype} on {args.device}", flush=True)
     dtype = DTYPES[args.dtype]
     if args.model == "nano":
         from mukv.models.loading import load_video_llm
 
-        llm = load_video_llm("nano", None, device="cpu", dtype=args.dtype.replace("bf16", "bfloat16").replace(
+        llm = load_video_llm("nano", None, device=args.device, dtype=args.dtype.replace("bf16", "bfloat16").replace(
             "fp32", "float32").replace("fp16", "float16"))
     elif args.model == "tiny":
-        llm = build_tiny(0, torch.device("cpu"), dtype)
+        llm = build_tiny(0, torch.device(args.device), dtype)
     else:
-        llm = random_llava_ov(args.model, dtype)
+        llm = random_llava_ov(args.model, dtype, args.device)
     if args.growth:
         return run_growth(llm, args)
-    peak = matmul_gflops(dtype)
+    peak = matmul_gflops(dtype, device=args.device)
     flops = frame_flops(llm)
     rows = []
     for name in [m for m in args.methods.split(",") if m]:
@@ -268,10 +291,14 @@ def main(argv: list[str] | None = None) -> None:
             r["latency_vs_rekv"] = r["latency_s"] / base["rekv"]["latency_s"]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
-              "matmul_gflops": peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
+              "device": _device_name(llm.device), "matmul_gflops": peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
     print(markdown(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_growth(llm: VideoLLM, args) -> None:
@@ -288,7 +315,7 @@ def run_growth(llm: VideoLLM, args) -> None:
         print(f"{name}: {args.frames} frames in {time.perf_counter() - started:.0f} s", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
             platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
-            "frames": args.frames, "chunk": args.chunk, "vision": not args.llm_only}
+            "device": _device_name(llm.device), "frames": args.frames, "chunk": args.chunk, "vision": not args.llm_only}
     (out / "growth.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     plot_growth(rows, out / "growth.png", f"{llm.name} {args.dtype}: {args.frames} frames, chunk {args.chunk}")
     md = growth_markdown(rows)
@@ -321,8 +348,9 @@ def growth_markdown(rows: list[dict[str, Any]]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     cols = ["method", "encode_fps", "vision_s_per_frame", "llm_s_per_frame", "ttft_s", "latency_s", "online_tokens",
-            "kv_bytes_per_frame", "kv_gb_per_hour_0.5fps", "encode_time_vs_rekv", "latency_vs_rekv", "llm_roofline"]
-    lines = [f"{result['model']} {result['dtype']}, {result['threads']} threads, matmul {result['matmul_gflops']:.0f} "
+            "kv_bytes_per_frame", "kv_gb_per_hour_0.5fps", "encode_time_vs_rekv", "latency_vs_rekv", "llm_roofline",
+            "peak_rss_gb", "peak_gpu_gb"]
+    lines = [f"{result['model']} {result['dtype']} on {result['device']}, {result['threads']} threads, matmul {result['matmul_gflops']:.0f} "
              f"GFLOP/s, per frame: vision {result['frame_gflops']['vision']:.1f} GFLOP, "
              f"LLM {result['frame_gflops']['llm']:.1f} GFLOP", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -140,7 +140,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0: torch's default
     questions_per_stream: int = 12  # questions per training stream (cycling types; 0: one per type)
-    bf16: bool = True  # bf16 autocast in the training forward (fp32 weights); ~1.3x faster on AVX512-BF16 CPUs
+    bf16: Optional[bool] = None  # bf16 autocast in the training forward (fp32 weights); null: where the CPU has native bf16
     # curriculum (fractions of the schedule; see mukv/train.py TrainSettings)
     short_phase: float = 0.1
     ramp_end: float = 0.45
@@ -149,6 +149,7 @@ class TrainConfig:
     detail_only_until: float = 0.15
     all_types_from: float = 0.3
     aux_weight: float = 0.5
+    probe_cells: bool = False  # the aux probe also predicts each visual token's cell (see mukv/train.py CellProbe)
     detail_share: float = 0.1
     mid_frames: int = 16
     long_share: float = 0.3

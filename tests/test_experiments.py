@@ -301,3 +301,30 @@ def test_reproduce_rvs_says_exactly_what_is_missing(tmp_path):
     for method in {"rekv", "mukv"} - METHODS:
         assert f"cache method '{method}' is not implemented" in err
     assert not (tmp_path / "out" / "runs").exists()  # nothing ran
+
+
+def _nano_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nano_benchmark", ROOT / "experiments" / "nano_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nano_benchmark_quick_preset_runs_every_method(tmp_path):
+    """`make run` (no arguments) is this preset: every registered method streams and answers with the nano model."""
+    df = _nano_benchmark().main(["--preset", "quick", "--videos", "1", "--lengths", "60", "--out", str(tmp_path)])
+    assert set(df.method) == set(CACHE_METHODS) and (df.questions == 5).all()
+    assert (tmp_path / "results.md").read_text().count("\n| 60 |") == len(CACHE_METHODS)
+    assert df.set_index("method").loc["sliding_window", "online_tokens"] < df.set_index("method").loc["full", "online_tokens"]
+
+
+def test_nano_benchmark_quant_preset_shrinks_the_store(tmp_path):
+    """The quantized store on the nano model (head dim 48: groups of 16, not the default 64)."""
+    df = _nano_benchmark().main(["--preset", "quant", "--videos", "1", "--lengths", "40", "--out", str(tmp_path)])
+    assert len(df) == 6
+    for method, g in df.groupby("method"):
+        kv = g.set_index("kv_quant").kv_mib
+        assert kv["int4"] < kv["int8"] < kv["none"], (method, kv)
+        assert all(json.loads(k).get("kv_quant_group_size", 16) == 16 for k in g.knobs)

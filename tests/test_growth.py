@@ -92,3 +92,16 @@ def test_bench_method_specs_take_knobs_and_name_bad_ones():
     for bad, words in [("nope", "unknown cache method 'nope'"), ("mukv+bogus=1", "bogus"), ("mukv+top_k", "knob=value")]:
         with pytest.raises(SystemExit, match=words):
             default_method(bad, 16)
+
+
+def test_bf16_is_chosen_only_where_the_cpu_runs_it_natively():
+    """`--dtype auto` and `train.bf16` (null) follow the CPU's flags: emulated bf16 runs ~100x slower than fp32."""
+    from pathlib import Path
+
+    from mukv.models.loading import fast_bf16
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    assert fast_bf16("cpu") == ("avx512_bf16" in flags or "amx_tile" in flags)
+    assert fast_bf16("meta") is False

@@ -253,3 +253,32 @@ def test_asset_folder_is_tracked_by_git_and_packaged():
     ignore = (root / ".gitignore").read_text()
     assert "assets" not in ignore
     assert "assets/**/*" in (root / "setup.cfg").read_text()
+
+
+def test_cell_probe_puts_the_cell_into_the_visual_tokens():
+    """`train.probe_cells`: a few steps of the probe loss alone make each visual token say which cell it is
+    (chance 1/16; the shipped recipe without it leaves a fresh linear probe at about 11%)."""
+    from mukv.models.nano import build_nano
+    from mukv.train import CellProbe, pixels_of, visual_tokens
+
+    model, _ = build_nano(seed=0)
+    torch.manual_seed(0)
+    examples = [make_example(TRAIN_SEED_BASE + i, 3, 0.5, 8.0) for i in range(4)]
+    pixels = pixels_of(np.concatenate([ex.frames for ex in examples]))
+    probe = CellProbe(model.config.text_config.hidden_size, cells=True)
+    assert CellProbe(model.config.text_config.hidden_size).cell is None  # off by default
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=3e-3)
+    target = torch.arange(16).repeat(len(pixels))
+
+    def cell_accuracy() -> float:
+        with torch.no_grad():
+            vis = visual_tokens(model, pixels).reshape(-1, model.config.text_config.hidden_size)
+            return float((probe.cell(vis).argmax(-1) == target).float().mean())
+
+    before = cell_accuracy()
+    for _ in range(200):
+        loss = probe.loss(visual_tokens(model, pixels), examples)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before < 0.25 and cell_accuracy() > 0.8
