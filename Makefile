@@ -59,9 +59,10 @@ lint: $(STAMP) ## ruff over the package and tests
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-BENCH_ARGS ?= --model 0.5b --dtype auto --frames 8 --chunk 8
+# extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
+BENCH_ARGS  ?=
 bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights); BENCH_ARGS="..."
-	$(PY) -m mukv.bench $(BENCH_ARGS)
+	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~25 min)
 	$(PY) -m mukv.bench --growth --model nano --dtype fp32 --frames 3600 --chunk 30 --answer-every 600 \

@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
               "device": _device_name(llm.device), "matmul_gflops": peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
     print(markdown(result))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
 
 
@@ -355,8 +356,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"LLM {result['frame_gflops']['llm']:.1f} GFLOP", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
-        lines.append("| " + " | ".join(f"{r.get(c, ''):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                       for c in cols) + " |")
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else
+                                       "-" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 

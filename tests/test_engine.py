@@ -214,3 +214,27 @@ def test_attention_cost_per_token_does_not_grow_with_the_stream(tiny_llm, method
         assert all(layer.k.shape[-2] == 4 * t for layer in method.layers)
         bound = seen if bound is None else bound
         assert seen == bound  # 5x the stream, the same cost per query block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_sink_window_attention_equals_one_softmax(dtype):
+    """The window part in a fused kernel merged with the sink part by log-sum-exp equals one softmax over
+    the concatenated scores, including query rows that see no sink key (grouped KV heads)."""
+    from mukv.cache import attention
+
+    g = torch.Generator().manual_seed(0)
+    hq, hk, d, lq, lw, ns = 6, 2, 16, 40, 120, 5
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    qa, ka, va, qb, kb, vb = r(1, hq, lq, d), r(1, hk, lw, d), r(1, hk, lw, d), r(1, hq, lq, d), r(1, hk, ns, d), r(1, hk, ns, d)
+    qi, kj = torch.arange(lw - lq, lw)[:, None], torch.arange(lw)[None, :]
+    band = (kj <= qi) & ((qi - kj) < 64)
+    sink = (qi - torch.arange(ns)[None, :]) >= 100  # the first rows have the sink still in their window
+    assert (~sink).all(-1).any() and sink.all(-1).any()
+    ref = attention._two_part_attention_reference(qa, ka, va, band, qb, kb, vb, sink, d**-0.5)
+    out = attention._two_part_attention(qa, ka, va, band, qb, kb, vb, sink, d**-0.5)
+    assert attention._FUSED_LSE_CPU is not None  # this torch has the fused kernel: the test exercises it
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)

@@ -105,3 +105,41 @@ def test_bf16_is_chosen_only_where_the_cpu_runs_it_natively():
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     assert fast_bf16("cpu") == ("avx512_bf16" in flags or "amx_tile" in flags)
     assert fast_bf16("meta") is False
+
+
+def test_make_bench_writes_its_table_and_ratios(tmp_path, capsys):
+    """`make bench` end to end on the nano model: every method's row, ratios against rekv and full from the
+    same run, the roofline fractions, and the JSON in a folder that did not exist."""
+    import json
+
+    from mukv.bench import main
+
+    out = tmp_path / "new" / "bench.json"
+    main(["--model", "nano", "--dtype", "fp32", "--frames", "4", "--chunk", "4", "--new-tokens", "2",
+          "--methods", "full,rekv,mukv+share_prefixes=false", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["full", "rekv", "mukv+share_prefixes=false"]
+    assert rows["rekv"]["encode_time_vs_rekv"] == 1.0 and rows["full"]["encode_time_vs_full"] == 1.0
+    for r in rows.values():
+        assert r["encode_fps"] > 0 and 0 < r["llm_roofline"] and r["peak_gpu_gb"] is None
+    assert result["device"] == "cpu" and result["matmul_gflops"] > 0
+    assert "| mukv+share_prefixes=false |" in capsys.readouterr().out
+
+
+def test_bench_targets_keep_their_own_defaults():
+    """`make bench` and `make bench-growth` share BENCH_ARGS for extra arguments only: the growth curve stays
+    on the nano model for two hours of stream unless asked otherwise."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*args):
+        return subprocess.run(["make", "-n", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+
+    growth = dry("bench-growth")
+    assert "--model nano" in growth and "--frames 3600" in growth and "0.5b" not in growth
+    assert "--model 0.5b --dtype auto" in dry("bench")
+    assert dry("bench", "BENCH_ARGS=--frames 16").rstrip().endswith("--frames 16")

@@ -137,12 +137,43 @@ class SinkWindowKV:
 
 
 def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
-    """Softmax over two key sets whose queries are rotated differently (window part and sink part)."""
+    """Softmax over two key sets whose queries are rotated differently (window part and sink part).
+
+    Each part is attended on its own and the two are merged by their log-sum-exp, so the large window part
+    runs in a fused kernel (no (Lq, Lk) score matrix in memory) where torch has one that returns the
+    log-sum-exp (CPU); elsewhere both parts take the reference path, one softmax over the concatenated
+    scores. The two are equal to float rounding (tested)."""
+    _count(qa, ka)
+    _count(qb, kb)
+    if qa.device.type == "cpu" and _FUSED_LSE_CPU is not None:
+        out_a, lse_a = _attention_lse(qa, ka, va, mask_a, scaling)
+        out_b, lse_b = _attention_lse(qb, kb, vb, mask_b, scaling)
+        m = torch.maximum(lse_a, lse_b)  # a row is never masked in both parts: its own token is in the window
+        wa, wb = (lse_a - m).exp(), (lse_b - m).exp()  # a part with no visible key for a row weighs 0
+        out = (torch.nan_to_num(out_a.float()) * wa[..., None] + torch.nan_to_num(out_b.float()) * wb[..., None])
+        return (out / (wa + wb)[..., None]).to(qa.dtype)
+    return _two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling)
+
+
+_FUSED_LSE_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attention_lse(q, k, v, mask, scaling):
+    """(output, log-sum-exp) of masked attention with grouped KV heads, from torch's fused CPU kernel."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = _FUSED_LSE_CPU(q, k.to(q.dtype), v.to(q.dtype), 0.0, False, attn_mask=bias, scale=scaling)
+    # the kernel reports 0 (not -inf) for a row with no visible key: such a row must weigh nothing
+    return out, lse.float().masked_fill(~mask.any(-1), float("-inf"))
+
+
+def _two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
+    """One softmax over the concatenated scores of both parts (the (Lq, Lk) scores are materialised)."""
     groups = qa.shape[1] // ka.shape[1]
     b, hq, lq, d = qa.shape
     hk = ka.shape[1]
-    _count(qa, ka)
-    _count(qb, kb)
 
     def logits(q, k, mask):
         qg = q.reshape(b, hk, groups * lq, d)
