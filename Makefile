@@ -64,6 +64,6 @@ BENCH_ARGS  ?=
 bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights); BENCH_ARGS="..."
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
-bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~25 min)
+bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)
 	$(PY) -m mukv.bench --growth --model nano --dtype fp32 --frames 3600 --chunk 30 --answer-every 600 \
 		--methods full,sliding_window,rekv,mukv --out outputs/bench/growth_nano $(BENCH_ARGS)
