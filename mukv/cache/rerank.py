@@ -45,7 +45,7 @@ def top(scores: torch.Tensor, k: int) -> Selection:
 def stage_one(query: torch.Tensor, reprs: torch.Tensor, k: int) -> Selection:
     """Cosine similarities and the ``k`` best blocks of one granularity."""
     if reprs.numel() == 0:
-        return Selection(torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        return Selection(torch.zeros(0, dtype=torch.long, device=query.device), torch.zeros(0, device=query.device))
     return top(cosine(query, reprs), k)
 
 

@@ -48,5 +48,5 @@ def select_top_blocks(scores: torch.Tensor, k: int, chunk: int = 1) -> list[int]
     if full < n:
         grouped = torch.cat((grouped, scores[full:].mean(dim=0, keepdim=True)))
     picked = grouped.topk(min(k // chunk, grouped.shape[0])).indices.sort().values
-    ids = (picked[:, None] * chunk + torch.arange(chunk)[None, :]).reshape(-1)
+    ids = (picked[:, None] * chunk + torch.arange(chunk, device=picked.device)[None, :]).reshape(-1)
     return [int(i) for i in ids if i < n]
