@@ -141,13 +141,17 @@ def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
 
     Each part is attended on its own and the two are merged by their log-sum-exp, so the large window part
     runs in a fused kernel (no (Lq, Lk) score matrix in memory) where torch has one that returns the
-    log-sum-exp (CPU); elsewhere both parts take the reference path, one softmax over the concatenated
-    scores. The two are equal to float rounding (tested)."""
+    log-sum-exp (CPU, CUDA); elsewhere both parts take the reference path, one softmax over the
+    concatenated scores. The two are equal to float rounding (tested on CPU; checked on an H200)."""
     _count(qa, ka)
     _count(qb, kb)
-    if qa.device.type == "cpu" and _FUSED_LSE_CPU is not None:
-        out_a, lse_a = _attention_lse(qa, ka, va, mask_a, scaling)
-        out_b, lse_b = _attention_lse(qb, kb, vb, mask_b, scaling)
+    fused = {"cpu": _FUSED_LSE_CPU, "cuda": _FUSED_LSE_CUDA}.get(qa.device.type)
+    if fused is not None:
+        try:
+            out_a, lse_a = _attention_lse(qa, ka, va, mask_a, scaling)
+            out_b, lse_b = _attention_lse(qb, kb, vb, mask_b, scaling)
+        except RuntimeError:  # a kernel constraint (alignment, dtype) not met: the reference path is exact
+            return _two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling)
         m = torch.maximum(lse_a, lse_b)  # a row is never masked in both parts: its own token is in the window
         wa, wb = (lse_a - m).exp(), (lse_b - m).exp()  # a part with no visible key for a row weighs 0
         out = (torch.nan_to_num(out_a.float()) * wa[..., None] + torch.nan_to_num(out_b.float()) * wb[..., None])
@@ -156,15 +160,26 @@ def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
 
 
 _FUSED_LSE_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_LSE_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 
 
 def _attention_lse(q, k, v, mask, scaling):
-    """(output, log-sum-exp) of masked attention with grouped KV heads, from torch's fused CPU kernel."""
+    """(output, log-sum-exp) of masked attention with grouped KV heads, from torch's fused kernels (the CPU
+    flash kernel; on CUDA the memory-efficient one, whose bias rows must be 16-element aligned)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    out, lse = _FUSED_LSE_CPU(q, k.to(q.dtype), v.to(q.dtype), 0.0, False, attn_mask=bias, scale=scaling)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if q.device.type == "cuda":
+        lq, lk = mask.shape
+        bias = torch.zeros(lq, lk + (-lk) % 16, dtype=q.dtype, device=q.device)[:, :lk]
+        bias.masked_fill_(~mask, float("-inf"))
+        out, lse = _FUSED_LSE_CUDA(q, k, v, bias.expand(q.shape[0], q.shape[1], lq, lk), True, 0.0, False,
+                                   scale=scaling)[:2]
+        lse = lse[..., :lq]  # padded to a multiple of 32 queries
+    else:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = _FUSED_LSE_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scaling)
     # the kernel reports 0 (not -inf) for a row with no visible key: such a row must weigh nothing
     return out, lse.float().masked_fill(~mask.any(-1), float("-inf"))
 
