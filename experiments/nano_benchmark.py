@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     llm = load_video_llm("nano", args.model_path, device="cpu", dtype="float32")
-    text = llm.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     settings = EngineSettings(encode_chunk_size=64, max_new_tokens=args.max_new_tokens, progress=False)
     judge = ExactMatchJudge()
     results = []
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             if quant != "none":
                 knobs["kv_quant"] = quant
                 # the default group (64 values) must divide the head dimension: nano's is 48 -> groups of 16
-                knobs.setdefault("kv_quant_group_size", math.gcd(64, head_dim))
+                knobs.setdefault("kv_quant_group_size", math.gcd(64, llm.geometry.head_dim))
             t0 = time.time()
             rows, mem = run_one(llm, m, knobs, videos, settings, judge)
             tag = f"{m}_{'b' + str(budget) if budget else 'all'}_L{int(length)}" + ("" if quant == "none" else f"_{quant}")

@@ -264,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model == "nano":
         from mukv.models.loading import load_video_llm
 
-        llm = load_video_llm("nano", None, device=args.device, dtype=args.dtype.replace("bf16", "bfloat16").replace(
-            "fp32", "float32").replace("fp16", "float16"))
+        llm = load_video_llm("nano", None, device=args.device, dtype=args.dtype)  # loading takes bf16/fp32/fp16
     elif args.model == "tiny":
         llm = build_tiny(0, torch.device(args.device), dtype)
     else:
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_method(llm, default_method("full", llm.geometry.tokens_per_frame), args.chunk, args.chunk, 2)
     if args.growth:
         return run_growth(llm, args)
-    peak = matmul_gflops(dtype, n=8192 if "cuda" in args.device else 2048, device=args.device)  # a GPU needs big tiles
+    peak = matmul_gflops(dtype, n=8192 if llm.device.type == "cuda" else 2048, device=args.device)  # a GPU needs big tiles
     flops = frame_flops(llm)
     rows = []
     for name in [m for m in args.methods.split(",") if m]:
