@@ -149,7 +149,8 @@ class TrainConfig:
     detail_only_until: float = 0.15
     all_types_from: float = 0.3
     aux_weight: float = 0.5
-    probe_cells: bool = False  # the aux probe also predicts each visual token's cell (see mukv/train.py CellProbe)
+    probe_cells: bool = True  # the aux probe also predicts each visual token's cell (see mukv/train.py CellProbe)
+    probe_words: bool = True  # the aux probe scores classes against the answer words' embeddings (CellProbe)
     detail_share: float = 0.1
     mid_frames: int = 16
     long_share: float = 0.3

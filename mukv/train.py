@@ -84,7 +84,8 @@ class TrainSettings:
     detail_only_until: float = 0.15  # only the needle-colour question until this progress
     all_types_from: float = 0.3
     aux_weight: float = 0.5  # per-cell colour / shape probe on the visual tokens (x0.25 after ramp_end)
-    probe_cells: bool = False  # the probe also predicts each token's cell (puts "where" into the visual tokens)
+    probe_cells: bool = True  # the probe also predicts each token's cell (puts "where" into the visual tokens)
+    probe_words: bool = True  # the probe's classes are the word embeddings of the colour / shape / digit names
     detail_share: float = 0.1  # once all types are in, this share of steps still asks the needle colour only
     mid_frames: int = 16  # > 0: after the ramp, streams are <= mid_frames long except a long_share of steps
     long_share: float = 0.3
@@ -458,23 +459,68 @@ class CellProbe(torch.nn.Module):
     that is uniform at initialisation). The cell head (``cells``) asks each token to say where in the frame
     it lies: without it a linear probe finds the cell in 11% of tokens (chance 6%) while shape and colour are
     read perfectly, so "what is at row r column c" and a ball's direction could only come from position
-    offsets, which the reordered layouts of ReKV and MuKV scramble."""
+    offsets, which the reordered layouts of ReKV and MuKV scramble.
 
-    def __init__(self, hidden: int, cells: bool = False) -> None:
+    ``words`` (the language model's word embeddings) grounds the answer words: colour and shape are then
+    scored by the cosine between the visual token and the embedding of the colour / shape *name*, and the
+    cell by the row and column digits' embeddings (through one learned map each). Without it the shipped
+    recipe fell into a symmetric trap: the embeddings of answer words the model had not yet learned to tell
+    apart drifted together (circle / square / triangle, the digits, the directions reached cosine 0.99;
+    cross / diamond 0.88), and the model answered "What colour was the cross?" and "... the diamond?" the
+    same way in every stream. Tying the probe's classes to the words keeps them as far apart as what they
+    name, and makes "copy the attended token" and "find the token like the asked word" one circuit for all
+    shapes rather than one per shape."""
+
+    def __init__(self, hidden: int, cells: bool = False, words: torch.nn.Embedding | None = None,
+                 colour_ids: list[int] | None = None, shape_ids: list[int] | None = None,
+                 digit_ids: list[int] | None = None) -> None:
         super().__init__()
-        self.colour = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1)
-        self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
-        self.cell = torch.nn.Linear(hidden, TOKENS_PER_FRAME) if cells else None
+        self.words = [words] if words is not None else None  # a list: not a submodule (the model owns it)
+        if words is None:
+            self.colour = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1)
+            self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
+            self.cell = torch.nn.Linear(hidden, TOKENS_PER_FRAME) if cells else None
+        else:
+            self.colour_ids, self.shape_ids, self.digit_ids = colour_ids, shape_ids, digit_ids
+            self.empty = torch.nn.Parameter(torch.randn(2, hidden) * 0.02)  # "no object" classes
+            self.scale = torch.nn.Parameter(torch.tensor(10.0))
+            self.cell = None
+            if cells:
+                self.row = torch.nn.Linear(hidden, hidden, bias=False)
+                self.col = torch.nn.Linear(hidden, hidden, bias=False)
+
+    def _word_logits(self, v: torch.Tensor, ids: list[int], empty: int) -> torch.Tensor:
+        w = torch.cat((self.words[0].weight[ids], self.empty[empty: empty + 1]))
+        return self.scale * F.normalize(v, dim=-1) @ F.normalize(w, dim=-1).T
 
     def loss(self, vis: torch.Tensor, examples: list[Example]) -> torch.Tensor:
         col = torch.from_numpy(np.concatenate([ex.cell_colour for ex in examples])).reshape(-1)
         shp = torch.from_numpy(np.concatenate([ex.cell_shape for ex in examples])).reshape(-1)
         v = vis.reshape(-1, vis.shape[-1])
-        loss = F.cross_entropy(self.colour(v), col) + F.cross_entropy(self.shape(v), shp)
-        if self.cell is not None:  # tokens are in raster order, TOKENS_PER_FRAME per frame
-            cell = torch.arange(TOKENS_PER_FRAME).repeat(v.shape[0] // TOKENS_PER_FRAME)
-            loss = loss + F.cross_entropy(self.cell(v), cell)
+        cell = torch.arange(TOKENS_PER_FRAME).repeat(v.shape[0] // TOKENS_PER_FRAME)  # raster order per frame
+        if self.words is None:
+            loss = F.cross_entropy(self.colour(v), col) + F.cross_entropy(self.shape(v), shp)
+            if self.cell is not None:
+                loss = loss + F.cross_entropy(self.cell(v), cell)
+            return loss
+        loss = (F.cross_entropy(self._word_logits(v, self.colour_ids, 0), col)
+                + F.cross_entropy(self._word_logits(v, self.shape_ids, 1), shp))
+        if self.digit_ids is not None and hasattr(self, "row"):
+            digits = self.words[0].weight[self.digit_ids]  # "1" .. "4": the words of "row r column c"
+            loss = loss + F.cross_entropy(self.row(v) @ digits.T, cell // GRID)
+            loss = loss + F.cross_entropy(self.col(v) @ digits.T, cell % GRID)
         return loss
+
+
+def make_probe(model, tokenizer, cfg: TrainSettings) -> CellProbe:
+    """The auxiliary probe ``cfg`` asks for (word-grounded with ``probe_words``)."""
+    hidden = model.config.text_config.hidden_size
+    if not cfg.probe_words:
+        return CellProbe(hidden, cells=cfg.probe_cells)
+    ids = tokenizer.convert_tokens_to_ids
+    return CellProbe(hidden, cells=cfg.probe_cells, words=model.get_input_embeddings(),
+                     colour_ids=ids(list(COLOUR_NAMES)), shape_ids=ids(list(SHAPES)),
+                     digit_ids=ids([str(r + 1) for r in range(GRID)]))
 
 
 def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout_name: str,
@@ -551,7 +597,7 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     model.train()
     rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
     init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
-    probe = CellProbe(model.config.text_config.hidden_size, cells=cfg.probe_cells)
+    probe = make_probe(model, tokenizer, cfg)
     params = list(model.named_parameters()) + list(probe.named_parameters())
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]

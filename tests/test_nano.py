@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mukv.cache import FullCache, SlidingWindowCache, UniformSampling
 from mukv.cache.base import AnswerContext, decode_attention
@@ -71,14 +72,15 @@ def test_word_tokenizer_round_trip():
 
 
 def test_shipped_checkpoint_answers_held_out_streams(nano):
-    """cache=full within the training length, held-out seeds: the needle colour well above chance.
+    """cache=full within the training length, held-out seeds: the issue's target of >= 90% on detail questions,
+    and counting well above chance.
 
-    The target (>= 90% on detail questions) is NOT reached by the shipped checkpoint (80% on 208 held-out
-    detail questions, see BENCHMARKS.md); this guards what it does reach: at least 60% (3.6x chance) on
-    about 48 detail questions (a checkpoint at its measured 80% falls under 60% here with p < 0.001).
+    Measured on 1,000 held-out questions (BENCHMARKS.md section 1): detail 100%, count 83%. Here 40 of
+    each: a checkpoint at 90% on detail passes with p ~ 0.6, one at the previous 80% fails with p > 0.9; count
+    must reach 50% (2.5x chance).
     """
     spec = SyntheticSpec(num_videos=16, duration_s=48, sample_fps=0.5, questions_per_video=5, seed=500,
-                         question_types=("detail",))
+                         question_types=("detail", "count"))
     engine = StreamingEngine(nano, FullCache(), EngineSettings(max_new_tokens=2, progress=False))
     judge = ExactMatchJudge()
     right: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
@@ -88,8 +90,9 @@ def test_shipped_checkpoint_answers_held_out_streams(nano):
 
     for video in make_synthetic_dataset(spec):
         engine.run_video(video, on_answer)
-    assert len(right["detail"]) >= 40
-    assert np.mean(right["detail"]) >= 0.6 > 3.5 * CHANCE["detail"], right["detail"]
+    assert len(right["detail"]) >= 30 and len(right["count"]) >= 30
+    assert np.mean(right["detail"]) >= 0.9, right["detail"]
+    assert np.mean(right["count"]) >= 0.5 > 2 * CHANCE["count"], right["count"]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -257,7 +260,7 @@ def test_asset_folder_is_tracked_by_git_and_packaged():
 
 def test_cell_probe_puts_the_cell_into_the_visual_tokens():
     """`train.probe_cells`: a few steps of the probe loss alone make each visual token say which cell it is
-    (chance 1/16; the shipped recipe without it leaves a fresh linear probe at about 11%)."""
+    (chance 1/16; a recipe without it left a fresh linear probe at about 11%)."""
     from mukv.models.nano import build_nano
     from mukv.train import CellProbe, pixels_of, visual_tokens
 
@@ -266,7 +269,7 @@ def test_cell_probe_puts_the_cell_into_the_visual_tokens():
     examples = [make_example(TRAIN_SEED_BASE + i, 3, 0.5, 8.0) for i in range(4)]
     pixels = pixels_of(np.concatenate([ex.frames for ex in examples]))
     probe = CellProbe(model.config.text_config.hidden_size, cells=True)
-    assert CellProbe(model.config.text_config.hidden_size).cell is None  # off by default
+    assert CellProbe(model.config.text_config.hidden_size).cell is None  # only when asked
     opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=3e-3)
     target = torch.arange(16).repeat(len(pixels))
 
@@ -276,9 +279,50 @@ def test_cell_probe_puts_the_cell_into_the_visual_tokens():
             return float((probe.cell(vis).argmax(-1) == target).float().mean())
 
     before = cell_accuracy()
-    for _ in range(200):
+    _train_probe(model, probe, pixels, examples, opt, 200)
+    assert before < 0.25 and cell_accuracy() > 0.8
+
+
+def _train_probe(model, probe, pixels, examples, opt, steps: int) -> None:
+    """``steps`` optimiser steps on the probe loss alone (vision tower, projector and probe)."""
+    from mukv.train import visual_tokens
+
+    for _ in range(steps):
         loss = probe.loss(visual_tokens(model, pixels), examples)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert before < 0.25 and cell_accuracy() > 0.8
+
+
+def test_word_probe_grounds_the_answer_words_in_what_they_name():
+    """`train.probe_words`: the probe scores each visual token's shape and colour by its cosine to the
+    language model's own embeddings of the shape and colour names, and its row and column through the digit
+    words. A few steps of that loss alone give every shape word an embedding that picks out its own tokens
+    (the trap it guards against: answer words the model cannot yet tell apart drifting to cosine 0.99)."""
+    from mukv.data.synthetic import COLOUR_NAMES, SHAPES
+    from mukv.models.nano import build_nano
+    from mukv.train import TrainSettings, make_probe, pixels_of, visual_tokens
+
+    model, tokenizer = build_nano(seed=0)
+    torch.manual_seed(0)
+    examples = [make_example(TRAIN_SEED_BASE + i, 3, 0.5, 8.0) for i in range(6)]
+    pixels = pixels_of(np.concatenate([ex.frames for ex in examples]))
+    probe = make_probe(model, tokenizer, TrainSettings(probe_words=True, probe_cells=True))
+    embeddings = model.get_input_embeddings().weight
+    assert all(p is not embeddings for p in probe.parameters())  # the model owns the words; no copy to train
+    shape_ids = tokenizer.convert_tokens_to_ids(list(SHAPES))
+    assert len(set(shape_ids)) == len(SHAPES) and len(set(tokenizer.convert_tokens_to_ids(list(COLOUR_NAMES)))) == 6
+    shapes = torch.from_numpy(np.concatenate([ex.cell_shape for ex in examples]).reshape(-1))
+    drawn = shapes < len(SHAPES)
+
+    def shape_accuracy() -> float:
+        """Each drawn token's nearest shape word (cosine), against the shape it shows."""
+        with torch.no_grad():
+            vis = visual_tokens(model, pixels).reshape(-1, embeddings.shape[1])[drawn]
+            sim = F.normalize(vis, dim=-1) @ F.normalize(embeddings[shape_ids], dim=-1).T
+            return float((sim.argmax(-1) == shapes[drawn]).float().mean())
+
+    before = shape_accuracy()
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=3e-3)
+    _train_probe(model, probe, pixels, examples, opt, 150)
+    assert before < 0.5 and shape_accuracy() > 0.9

@@ -125,18 +125,18 @@ def mukv_budget(geometry: KVGeometry, cfg: Any) -> MuKVBudget:
 
 
 # ------------------------------------------------------------------------------------------ method
-def _block_piece(kv: dict[str, Any], j: int, n: int, received: list[tuple[torch.Tensor, float]]) -> dict[str, Any]:
-    """Block ``j`` of a prefilled batch, its first ``n`` tokens (views, no copy)."""
-    return {"keys": kv["keys"][j, :, :, :n], "values": kv["values"][j, :, :, :n],
-            "last_keys_rot": kv["last_keys_rot"][j, :, :n], "received": [(r[j, :n], w) for r, w in received]}
+def _prefix_view(kv: dict[str, Any], n: int, rows: list[int] | None) -> dict[str, Any]:
+    """The first ``n`` tokens of the prefilled blocks ``rows`` (None: all; views, no copy) with the
+    attention those tokens received as a block of their own."""
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+    return {"keys": pick(kv["keys"][:, :, :, :n]), "values": pick(kv["values"][:, :, :, :n]),
+            "last_keys_rot": pick(kv["last_keys_rot"][:, :, :n]),
+            "received": [(pick(r), w) for r, w in kv["received_prefix"][n]]}
 
 
-def _stack_pieces(pieces: list[dict[str, Any]]) -> dict[str, Any]:
-    """The batch layout ``_trim_and_store`` takes, from per-block pieces of one size."""
-    out = {k: torch.stack([p[k] for p in pieces]) for k in ("keys", "values", "last_keys_rot")}
-    out["received"] = [(torch.stack([p["received"][i][0] for p in pieces]), w)
-                       for i, (_, w) in enumerate(pieces[0]["received"])]
-    return out
+# A trimmed block ready for the store: kept keys and values (layers, H_kv, n, d), their positions, and the
+# block's retrieval representative.
+Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @register_cache("mukv")
@@ -285,7 +285,8 @@ class MuKVCache(CacheMethod, StoreOptions):
         published 49 / 196 / 784 tokens, one in four patch and frame blocks, 490 instead of 588 token forwards
         per frame). Blocks are then trimmed and stored in stream order, as without sharing."""
         n_frames = visual.shape[0]
-        shared: list[dict[int, dict[str, Any]]] = [{} for _ in self.sizes]  # per granularity: offset -> block
+        # per granularity: block index -> its trimmed selection (from its own prefill or a coarser one's)
+        chosen: list[dict[int, Selection]] = [{} for _ in self.sizes]
         for gi in reversed(range(len(self.sizes))):
             g = self.sizes[gi]
             tokens = self._layout(visual, g)
@@ -295,23 +296,22 @@ class MuKVCache(CacheMethod, StoreOptions):
                 continue
             blocks = tokens[: n_blocks * g].reshape(n_blocks, g, -1)
             finer = [fi for fi in range(gi) if self._shares_prefix(self.sizes[fi], g)]
-            pieces = {b: shared[gi][b * g] for b in range(n_blocks) if b * g in shared[gi]}
-            fresh = [b for b in range(n_blocks) if b not in pieces]
+            fresh = [b for b in range(n_blocks) if b not in chosen[gi]]
+            positions = self.n_init + torch.arange(g, device=visual.device)
             for a in range(0, len(fresh), self.batch_blocks):
                 ids = fresh[a:a + self.batch_blocks]
                 kv = self.prefill_blocks(blocks[ids], prefix_lengths=[self.sizes[fi] for fi in finer])
-                for j, b in enumerate(ids):
-                    pieces[b] = _block_piece(kv, j, g, kv["received"])
-                    for fi in finer:
-                        gf = self.sizes[fi]
-                        if (b * g) % gf == 0:
-                            shared[fi].setdefault(b * g, _block_piece(kv, j, gf, kv["received_prefix"][gf]))
-            positions = self.n_init + torch.arange(g, device=visual.device)
-            for a in range(0, n_blocks, self.batch_blocks):
-                ids = list(range(a, min(n_blocks, a + self.batch_blocks)))
-                kv = _stack_pieces([pieces[b] for b in ids])
-                self._trim_and_store(gi, kv, positions.expand(len(ids), g), [start + b * g for b in ids])
-            shared[gi].clear()
+                chosen[gi].update(zip(ids, self._select(gi, kv, positions.expand(len(ids), g)), strict=True))
+                for fi in finer:  # blocks of a finer granularity that start where these start
+                    gf = self.sizes[fi]
+                    rows = [j for j, b in enumerate(ids) if (b * g) % gf == 0 and (b * g) // gf not in chosen[fi]]
+                    if rows:
+                        part = _prefix_view(kv, gf, None if len(rows) == len(ids) else rows)
+                        pos = (self.n_init + torch.arange(gf, device=visual.device)).expand(len(rows), gf)
+                        chosen[fi].update(zip([ids[j] * g // gf for j in rows], self._select(fi, part, pos),
+                                              strict=True))
+            for b in range(n_blocks):  # stream order, as without sharing
+                self._store(gi, chosen[gi].pop(b), start + b * g)
 
     def _warn_large(self, g: int, n_frames: int) -> None:
         if not self._warned_large:
@@ -409,11 +409,13 @@ class MuKVCache(CacheMethod, StoreOptions):
                     received.append((signals.attention_received(probs, n0, per_block=True), w))
                 kv = {"keys": kb, "values": vb, "received": received,
                       "last_keys_rot": rope.rotate(kb[:, self.last_layer], pos)}
-                self._trim_and_store(gi, kv, n0 + start + idx, [start + int(b[0]) for b in idx])
+                for sel, b in zip(self._select(gi, kv, n0 + start + idx), idx, strict=True):
+                    self._store(gi, sel, start + int(b[0]))
 
     # ------------------------------------------------------------------------------ trimming
-    def _trim_and_store(self, gi: int, kv: dict[str, Any], positions: torch.Tensor, starts: list[int]) -> None:
-        """Score, trim and store a batch of blocks of granularity ``gi``; positions (B, g)."""
+    def _select(self, gi: int, kv: dict[str, Any], positions: torch.Tensor) -> list[Selection]:
+        """Score and trim a batch of blocks of granularity ``gi`` (positions (B, g)); only the kept tokens
+        are gathered (the batch itself may be a view into a larger prefill)."""
         g, keep = self.sizes[gi], self.kept[gi]
         keys_mean = kv["last_keys_rot"].float().mean(dim=1)  # (B, g, d), KV-head mean, with RoPE
         scores = signals.token_scores(kv["received"] or None, keys_mean, float(self.alpha[gi]), self.scoring_method,
@@ -425,16 +427,22 @@ class MuKVCache(CacheMethod, StoreOptions):
             top = signals.select_top(scores, keep) if keep < g else (
                 torch.arange(g, device=scores.device).expand(scores.shape[0], g))
             chosen = list(top)
+        out = []
         for b, idx in enumerate(chosen):
             k = kv["keys"][b][:, :, idx]  # (layers, H_kv, n, d)
             v = kv["values"][b][:, :, idx]
-            pos = positions[b][idx]
             last = kv["last_keys_rot"][b][:, idx] if self.retrieval_keys == "rotated" else k[self.last_layer]
-            repr_vec = last.float().mean(dim=1).reshape(-1)  # heads concatenated
-            t = self.geometry.tokens_per_frame
-            bid = self.store.add(k, v, pos, first_frame=starts[b] / t, num_frames=g / t, meta={"granularity": gi})
-            self.block_ids[gi].append(bid)
-            self._pending[gi].append(repr_vec)
+            out.append((k, v, positions[b][idx], last.float().mean(dim=1).reshape(-1)))  # heads concatenated
+        return out
+
+    def _store(self, gi: int, sel: Selection, start: int) -> None:
+        """Add a trimmed block (starting at video token ``start``) to the store and its representative."""
+        k, v, pos, repr_vec = sel
+        t = self.geometry.tokens_per_frame
+        bid = self.store.add(k, v, pos, first_frame=start / t, num_frames=self.sizes[gi] / t,
+                             meta={"granularity": gi})
+        self.block_ids[gi].append(bid)
+        self._pending[gi].append(repr_vec)
 
     # ---------------------------------------------------------------------------------- recall
     @torch.inference_mode()
