@@ -75,11 +75,19 @@ def knobs_for(method: str, budget_frames: int) -> dict:
 
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``method.knob=value`` overrides; a value that is JSON (numbers, lists, true / false, null) is parsed,
+    anything else (``time_ordered``, ``mean_query``) stays a string."""
     out: dict[str, dict] = {}
     for item in items:
-        key, _, value = item.partition("=")
-        method, _, knob = key.partition(".")
-        out.setdefault(method, {})[knob] = json.loads(value) if value[:1] in "[{0123456789-tf" else value
+        key, eq, value = item.partition("=")
+        method, dot, knob = key.partition(".")
+        if not (eq and dot and method and knob):
+            raise SystemExit(f"--set {item!r}: expected method.knob=value, for example mukv.rerank=false")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[knob] = parsed
     return out
 
 

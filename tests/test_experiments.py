@@ -328,3 +328,14 @@ def test_nano_benchmark_quant_preset_shrinks_the_store(tmp_path):
         kv = g.set_index("kv_quant").kv_mib
         assert kv["int4"] < kv["int8"] < kv["none"], (method, kv)
         assert all(json.loads(k).get("kv_quant_group_size", 16) == 16 for k in g.knobs)
+
+
+def test_nano_benchmark_set_parses_json_and_keeps_words_as_strings():
+    """`--set mukv.assembly=time_ordered` once crashed with a JSONDecodeError (a word starting with "t")."""
+    parse = _nano_benchmark().parse_sets
+    got = parse(["mukv.assembly=time_ordered", "mukv.keep_ratio=[1.0,1.0,1.0]", "mukv.rerank=false",
+                 "rekv.n_local=512", "mukv.query_vector=mean_query", "mukv.n_local=null"])
+    assert got == {"mukv": {"assembly": "time_ordered", "keep_ratio": [1.0, 1.0, 1.0], "rerank": False,
+                            "query_vector": "mean_query", "n_local": None}, "rekv": {"n_local": 512}}
+    with pytest.raises(SystemExit, match="method.knob=value"):
+        parse(["rerank=false"])
