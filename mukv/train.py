@@ -476,6 +476,7 @@ class CellProbe(torch.nn.Module):
                  digit_ids: list[int] | None = None) -> None:
         super().__init__()
         self.words = [words] if words is not None else None  # a list: not a submodule (the model owns it)
+        self.row = self.col = None  # word-grounded cell heads (words and cells)
         if words is None:
             self.colour = torch.nn.Linear(hidden, len(COLOUR_NAMES) + 1)
             self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
@@ -505,7 +506,7 @@ class CellProbe(torch.nn.Module):
             return loss
         loss = (F.cross_entropy(self._word_logits(v, self.colour_ids, 0), col)
                 + F.cross_entropy(self._word_logits(v, self.shape_ids, 1), shp))
-        if self.digit_ids is not None and hasattr(self, "row"):
+        if self.row is not None:
             digits = self.words[0].weight[self.digit_ids]  # "1" .. "4": the words of "row r column c"
             loss = loss + F.cross_entropy(self.row(v) @ digits.T, cell // GRID)
             loss = loss + F.cross_entropy(self.col(v) @ digits.T, cell % GRID)

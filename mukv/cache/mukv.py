@@ -307,7 +307,7 @@ class MuKVCache(CacheMethod, StoreOptions):
                     rows = [j for j, b in enumerate(ids) if (b * g) % gf == 0 and (b * g) // gf not in chosen[fi]]
                     if rows:
                         part = _prefix_view(kv, gf, None if len(rows) == len(ids) else rows)
-                        pos = (self.n_init + torch.arange(gf, device=visual.device)).expand(len(rows), gf)
+                        pos = positions[:gf].expand(len(rows), gf)  # a prefix sits at the block's first positions
                         chosen[fi].update(zip([ids[j] * g // gf for j in rows], self._select(fi, part, pos),
                                               strict=True))
             for b in range(n_blocks):  # stream order, as without sharing
