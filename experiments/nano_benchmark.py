@@ -111,6 +111,9 @@ def summarise(rows: list[dict], mem: list[dict]) -> dict:
     for t in QUESTION_TYPES:
         sub = df[df.qtype == t]
         out[t] = float(sub.judge_correct.mean()) if len(sub) else float("nan")
+    # recall diagnostic: share of the detail needles the recalled context holds (methods that report it)
+    rec = df[df.qtype == "detail"].evidence_recalled.dropna() if "evidence_recalled" in df else pd.Series(dtype=float)
+    out["detail_recall"] = float(rec.mean()) if len(rec) else float("nan")
     out.update(online_tokens=float(df.online_tokens.mean()), kv_mib=float(pd.DataFrame(mem).peak_kv_bytes.mean()) / 2**20,
                latency_ms=1000 * float(df.latency_s.mean()), mean_age_s=float(df.end_time.sub(df.start_time).mean()))
     return out
@@ -118,14 +121,14 @@ def summarise(rows: list[dict], mem: list[dict]) -> dict:
 
 def markdown(results: pd.DataFrame) -> str:
     cols = ["length_s", "frames", "method", "budget", "kv_quant", "questions", "accuracy", *QUESTION_TYPES,
-            "online_tokens", "kv_mib", "latency_ms"]
+            "detail_recall", "online_tokens", "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
     for _, r in results[cols].iterrows():
         cells = []
         for c in cols:
             v = r[c]
-            if c in ("accuracy", *QUESTION_TYPES):
+            if c in ("accuracy", "detail_recall", *QUESTION_TYPES):
                 cells.append("-" if pd.isna(v) else f"{100 * v:.0f}")
             elif isinstance(v, float):
                 cells.append(f"{v:.3g}" if c != "length_s" else f"{v:g}")
@@ -133,7 +136,8 @@ def markdown(results: pd.DataFrame) -> str:
                 cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     chance = ", ".join(f"{t} {100 * c:.0f}%" for t, c in CHANCE.items())
-    return head + "\n".join(lines) + f"\n\nChance per type: {chance}. Accuracy columns in %.\n"
+    return head + "\n".join(lines) + (f"\n\nChance per type: {chance}. Accuracy columns in %. detail_recall: % of "
+                                       "detail needles in the recalled context (methods that report it).\n")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -151,6 +151,11 @@ class TrainConfig:
     aux_weight: float = 0.5
     probe_cells: bool = True  # the aux probe also predicts each visual token's cell (see mukv/train.py CellProbe)
     probe_words: bool = True  # the aux probe scores classes against the answer words' embeddings (CellProbe)
+    attend_weight: float = 0.0  # attention supervision on the evidence tokens (mukv/train.py AttentionTargets)
+    attend_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    motion_weight: float = 0.5  # direction probe on the ball tokens' hidden state (mukv/train.py MotionProbe)
+    motion_layer: int = 2
+    motion_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # ball tokens attend to the previous ball
     detail_share: float = 0.1
     mid_frames: int = 16
     long_share: float = 0.3

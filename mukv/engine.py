@@ -65,12 +65,28 @@ class AnswerRecord:
     new_tokens: int
     error: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # share of the question's evidence (``meta['evidence_cells']``) in the recalled context; None where the
+    # question names none or the method does not report what it recalled (``info['recalled_tokens']``)
+    evidence_recalled: float | None = None
 
     def row(self) -> dict[str, Any]:
         """A flat row; ``meta`` (keys vary by question type) stays one JSON column."""
         d = asdict(self)
         d["meta"] = json.dumps(d["meta"], sort_keys=True, default=str)
         return d
+
+
+def evidence_recalled(meta: dict[str, Any], recalled: list[int] | None, tokens_per_frame: int) -> float | None:
+    """Share of ``meta['evidence_cells']`` ([frame, cell] on a ``meta['grid']`` raster) among the ``recalled``
+    video tokens: token by token when the model has one visual token per grid cell, else frame by frame."""
+    cells = meta.get("evidence_cells")
+    if not cells or recalled is None:
+        return None
+    have = set(recalled)
+    if tokens_per_frame == meta.get("grid", 0) ** 2:
+        return sum(f * tokens_per_frame + c in have for f, c in cells) / len(cells)
+    frames = {t // tokens_per_frame for t in have}
+    return sum(f in frames for f, _ in cells) / len(cells)
 
 
 @dataclass
@@ -205,4 +221,6 @@ class StreamingEngine:
             kv_bytes=stats.kv_bytes, encode_s=encode_s, recall_s=recall_s, ttft_s=recall_s + answer.prefill_s,
             latency_s=recall_s + answer.prefill_s + answer.decode_s, new_tokens=len(answer.token_ids),
             meta=dict(q.meta),
+            evidence_recalled=evidence_recalled(q.meta, context.info.get("recalled_tokens"),
+                                                self.llm.geometry.tokens_per_frame),
         )

@@ -146,7 +146,11 @@ class WindowStreamingCache(CacheMethod):
                 k, v = torch.cat((layer.init_k, layer.k), dim=-2), torch.cat((layer.init_v, layer.v), dim=-2)
             keys.append(self.llm.rope.rotate_range(k, 0))
             values.append(v)
-        return AnswerContext(keys, values, next_position=int(keys[0].shape[-2]))
+        first = self.layers[0]
+        held = first.k.shape[-2] - (self.n_init if first.start == 0 else 0)  # video tokens in the window
+        n_video = self.frames_seen * self.geometry.tokens_per_frame
+        return AnswerContext(keys, values, next_position=int(keys[0].shape[-2]),
+                             info={"recalled_tokens": list(range(n_video - held, n_video))})
 
     def window_stats(self) -> CacheStats:
         layer_bytes = [tensor_bytes(L.k, L.v) + (tensor_bytes(L.init_k, L.init_v) if L.start else 0)

@@ -134,9 +134,9 @@ def _prefix_view(kv: dict[str, Any], n: int, rows: list[int] | None) -> dict[str
             "received": [(pick(r), w) for r, w in kv["received_prefix"][n]]}
 
 
-# A trimmed block ready for the store: kept keys and values (layers, H_kv, n, d), their positions, and the
-# block's retrieval representative.
-Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# A trimmed block ready for the store: kept keys and values (layers, H_kv, n, d), their positions, the
+# block's retrieval representative, and the kept tokens' offsets in the block.
+Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # k, v, pos, repr, kept offsets
 
 
 @register_cache("mukv")
@@ -285,6 +285,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         published 49 / 196 / 784 tokens, one in four patch and frame blocks, 490 instead of 588 token forwards
         per frame). Blocks are then trimmed and stored in stream order, as without sharing."""
         n_frames = visual.shape[0]
+        t = visual.shape[1]
         # per granularity: block index -> its trimmed selection (from its own prefill or a coarser one's)
         chosen: list[dict[int, Selection]] = [{} for _ in self.sizes]
         for gi in reversed(range(len(self.sizes))):
@@ -310,8 +311,9 @@ class MuKVCache(CacheMethod, StoreOptions):
                         pos = positions[:gf].expand(len(rows), gf)  # a prefix sits at the block's first positions
                         chosen[fi].update(zip([ids[j] * g // gf for j in rows], self._select(fi, part, pos),
                                               strict=True))
+            order = start + self._layout(torch.arange(n_frames * t).view(n_frames, t, 1), g).view(-1)  # video tokens
             for b in range(n_blocks):  # stream order, as without sharing
-                self._store(gi, chosen[gi].pop(b), start + b * g)
+                self._store(gi, chosen[gi].pop(b), start + b * g, order[b * g:(b + 1) * g])
 
     def _warn_large(self, g: int, n_frames: int) -> None:
         if not self._warned_large:
@@ -410,7 +412,7 @@ class MuKVCache(CacheMethod, StoreOptions):
                 kv = {"keys": kb, "values": vb, "received": received,
                       "last_keys_rot": rope.rotate(kb[:, self.last_layer], pos)}
                 for sel, b in zip(self._select(gi, kv, n0 + start + idx), idx, strict=True):
-                    self._store(gi, sel, start + int(b[0]))
+                    self._store(gi, sel, start + int(b[0]), start + b)
 
     # ------------------------------------------------------------------------------ trimming
     def _select(self, gi: int, kv: dict[str, Any], positions: torch.Tensor) -> list[Selection]:
@@ -432,15 +434,16 @@ class MuKVCache(CacheMethod, StoreOptions):
             k = kv["keys"][b][:, :, idx]  # (layers, H_kv, n, d)
             v = kv["values"][b][:, :, idx]
             last = kv["last_keys_rot"][b][:, idx] if self.retrieval_keys == "rotated" else k[self.last_layer]
-            out.append((k, v, positions[b][idx], last.float().mean(dim=1).reshape(-1)))  # heads concatenated
+            out.append((k, v, positions[b][idx], last.float().mean(dim=1).reshape(-1), idx))  # heads concatenated
         return out
 
-    def _store(self, gi: int, sel: Selection, start: int) -> None:
-        """Add a trimmed block (starting at video token ``start``) to the store and its representative."""
-        k, v, pos, repr_vec = sel
+    def _store(self, gi: int, sel: Selection, start: int, tokens: torch.Tensor) -> None:
+        """Add a trimmed block (starting at video token ``start``; ``tokens``: the video token index of each of
+        its tokens, in block order) to the store and its representative."""
+        k, v, pos, repr_vec, kept = sel
         t = self.geometry.tokens_per_frame
         bid = self.store.add(k, v, pos, first_frame=start / t, num_frames=self.sizes[gi] / t,
-                             meta={"granularity": gi})
+                             meta={"granularity": gi, "video_tokens": tokens.cpu()[kept.cpu()].tolist()})
         self.block_ids[gi].append(bid)
         self._pending[gi].append(repr_vec)
 
@@ -526,6 +529,8 @@ class MuKVCache(CacheMethod, StoreOptions):
                 n: sum(self.block(gi, b).tokens for b in sel.indices.tolist())
                 for gi, (n, sel) in enumerate(zip(names, chosen, strict=True))},
             "reranked": reranked,
+            # the video tokens (frame * tokens_per_frame + index in frame) the answer sees, for recall diagnostics
+            "recalled_tokens": sorted(t for i in ids for t in self.store.blocks[i].meta["video_tokens"]),
         }
         return AnswerContext(out_k, out_v, next_position=length, info=info)
 

@@ -39,7 +39,10 @@ Seeds: evaluation datasets (``split='eval'``) use ``seed < TRAIN_SEED_BASE``; tr
 streams are never trained on.
 
 For every question ``meta['age_s'] = end_time - start_time``: how far back the oldest needed evidence lies,
-and ``meta['evidence_time'] = start_time``.
+and ``meta['evidence_time'] = start_time``. Detail, current and motion questions also name the exact
+``meta['evidence_cells']`` (``[frame, cell]`` pairs on the ``meta['grid']`` x grid raster, cell = row * grid +
+column) the answer needs: the needle, the asked cell in the last frame, the ball's run. The engine reports
+how much of it a method's recalled context holds (``evidence_recalled``).
 Frames are indexed at the dataset's ``sample_fps`` (frame ``i`` shown at ``i / sample_fps``), the same rate
 the engine samples at, so answers are exact for exactly the frames the model sees.
 
@@ -347,6 +350,8 @@ def _question(
     b: _Builder, k: int, text: str, answer: str, qtype: str, start: float, end: float, **meta: Any
 ) -> Question:
     meta.update(evidence_time=start, age_s=end - start)
+    if "evidence_cells" in meta:
+        meta["grid"] = GRID
     return Question(
         qid=f"{b.video_id}_q{k}",
         question=text,
@@ -401,7 +406,7 @@ def _detail(b: _Builder, k: int, n: int, end: float) -> Question | None:
     b.asked.add(inst.shape)
     return _question(
         b, k, f"What colour was the {inst.shape}?", inst.colour, "detail", b.time(inst.start), end,
-        needle_frame=inst.start, needle_cell=inst.cell, needle_shape=inst.shape,
+        needle_frame=inst.start, needle_cell=inst.cell, needle_shape=inst.shape, evidence_cells=[[inst.start, inst.cell]],
         needle_depth=inst.start / max(1, n - 1), scale="patch",
     )
 
@@ -430,6 +435,7 @@ def _current(b: _Builder, k: int, n: int, end: float) -> Question | None:
     return _question(
         b, k, text, inst.shape, "current", b.time(last), end,
         cell=cell, frame=last, colour=inst.colour, object_since=b.time(inst.start), scale="frame",
+        evidence_cells=[[last, cell]],
     )
 
 
@@ -491,6 +497,7 @@ def _motion(b: _Builder, k: int, n: int, end: float) -> Question | None:
     return _question(
         b, k, f"Which way did the {MOTION_SHAPE} move?", direction, "motion", b.time(start), end,
         run_frames=[start + j for j in range(MOTION_FRAMES)], run_cells=cells, scale="segment",
+        evidence_cells=[[start + j, c] for j, c in enumerate(cells)],
     )
 
 
