@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,8 @@ class AnswerRecord:
     error: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     # share of the question's evidence (``meta['evidence_cells']``) in the recalled context; None where the
-    # question names none or the method does not report what it recalled (``info['recalled_tokens']``)
+    # question names none or the method does not report what it recalled (``info['recalled_tokens']`` or
+    # ``info['recalled_frames']``)
     evidence_recalled: float | None = None
 
     def row(self) -> dict[str, Any]:
@@ -76,17 +77,22 @@ class AnswerRecord:
         return d
 
 
-def evidence_recalled(meta: dict[str, Any], recalled: list[int] | None, tokens_per_frame: int) -> float | None:
-    """Share of ``meta['evidence_cells']`` ([frame, cell] on a ``meta['grid']`` raster) among the ``recalled``
-    video tokens: token by token when the model has one visual token per grid cell, else frame by frame."""
+def evidence_recalled(meta: dict[str, Any], recalled: Collection[int] | None, tokens_per_frame: int,
+                      frames: Collection[int] | None = None) -> float | None:
+    """Share of ``meta['evidence_cells']`` ([frame, cell] on a ``meta['grid']`` raster) in the recalled context.
+    Methods that recall whole frames report ``frames``; methods that keep single tokens report the ``recalled``
+    video tokens (a ``range`` for a window), counted token by token when the model has one visual token per
+    grid cell, else frame by frame."""
     cells = meta.get("evidence_cells")
-    if not cells or recalled is None:
+    if not cells or (recalled is None and frames is None):
         return None
-    have = set(recalled)
-    if tokens_per_frame == meta.get("grid", 0) ** 2:
-        return sum(f * tokens_per_frame + c in have for f, c in cells) / len(cells)
-    frames = {t // tokens_per_frame for t in have}
-    return sum(f in frames for f, _ in cells) / len(cells)
+    if frames is None:
+        have = recalled if isinstance(recalled, (range, set, frozenset)) else set(recalled)
+        if tokens_per_frame == meta.get("grid", 0) ** 2:
+            return sum(f * tokens_per_frame + c in have for f, c in cells) / len(cells)
+        return sum(any(f * tokens_per_frame + j in have for j in range(tokens_per_frame)) for f, _ in cells) / len(cells)
+    have_frames = frames if isinstance(frames, (range, set, frozenset)) else set(frames)
+    return sum(f in have_frames for f, _ in cells) / len(cells)
 
 
 @dataclass
@@ -222,5 +228,5 @@ class StreamingEngine:
             latency_s=recall_s + answer.prefill_s + answer.decode_s, new_tokens=len(answer.token_ids),
             meta=dict(q.meta),
             evidence_recalled=evidence_recalled(q.meta, context.info.get("recalled_tokens"),
-                                                self.llm.geometry.tokens_per_frame),
+                                                self.llm.geometry.tokens_per_frame, context.info.get("recalled_frames")),
         )

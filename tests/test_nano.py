@@ -500,7 +500,8 @@ def test_recalled_evidence_mukv_and_rekv(nano, recall_videos, patch_layout):
 
 
 def test_evidence_recalled_falls_back_to_frames():
-    """A model with more visual tokens per frame than grid cells: recall is counted by frame."""
+    """A model with more visual tokens per frame than grid cells: recall is counted by frame; methods that
+    recall whole frames report frames."""
     from mukv.engine import evidence_recalled
 
     meta = {"evidence_cells": [[2, 5], [3, 6]], "grid": 4}
@@ -508,3 +509,5 @@ def test_evidence_recalled_falls_back_to_frames():
     assert evidence_recalled(meta, [2 * 16 + 4, 3 * 16 + 6], 16) == 0.5
     assert evidence_recalled(meta, [2 * 196 + 100], 196) == 0.5
     assert evidence_recalled(meta, None, 16) is None and evidence_recalled({}, [1], 16) is None
+    assert evidence_recalled(meta, None, 16, frames=[3, 9]) == 0.5  # methods that recall whole frames
+    assert evidence_recalled(meta, range(2 * 16 + 5, 3 * 16 + 7), 16) == 1.0  # a window

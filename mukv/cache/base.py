@@ -150,7 +150,7 @@ class WindowStreamingCache(CacheMethod):
         held = first.k.shape[-2] - (self.n_init if first.start == 0 else 0)  # video tokens in the window
         n_video = self.frames_seen * self.geometry.tokens_per_frame
         return AnswerContext(keys, values, next_position=int(keys[0].shape[-2]),
-                             info={"recalled_tokens": list(range(n_video - held, n_video))})
+                             info={"recalled_tokens": range(n_video - held, n_video)})
 
     def window_stats(self) -> CacheStats:
         layer_bytes = [tensor_bytes(L.k, L.v) + (tensor_bytes(L.init_k, L.init_v) if L.start else 0)

@@ -101,15 +101,10 @@ class ReKVCache(WindowStreamingCache, StoreOptions):
             chosen = [shared for _ in chosen]
             contexts = self._all_layer_contexts(shared)
         keys = [rope.rotate_range(k, 0) for k, _ in contexts]
-        t = self.geometry.tokens_per_frame
-        any_layer = set().union(*chosen)  # blocks are frames
-        every_layer = set.intersection(*(set(c) for c in chosen))
         return AnswerContext(keys, [v for _, v in contexts], next_position=int(keys[0].shape[-2]),
                              info={"blocks": chosen[0], "layers_differ": any(c != chosen[0] for c in chosen),
-                                   # recall diagnostics: the video tokens in some layer's context (what the
-                                   # answer can read from), and the frames retrieved by every layer
-                                   "recalled_tokens": [f * t + j for f in sorted(any_layer) for j in range(t)],
-                                   "frames_every_layer": sorted(every_layer)})
+                                   # recall diagnostics: the frames (blocks) in some layer's context
+                                   "recalled_frames": sorted(set().union(*chosen))})
 
     def _layer_context(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-rotated init + blocks for one layer."""

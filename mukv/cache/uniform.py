@@ -53,9 +53,7 @@ class UniformSampling(CacheMethod):
         self.run_layers(embeds, attend)
         keys = [self.llm.rope.rotate_range(L.k, 0) for L in layers]
         return AnswerContext(keys, [L.v for L in layers], next_position=int(keys[0].shape[-2]),
-                             info={"frames": picked, "recalled_tokens": [
-                                 f * self.geometry.tokens_per_frame + j for f in picked
-                                 for j in range(self.geometry.tokens_per_frame)]})
+                             info={"frames": picked, "recalled_frames": picked})
 
     def stats(self) -> CacheStats:
         return CacheStats(kv_tokens=0, kv_bytes=0, device_kv_bytes=0, aux_bytes=tensor_bytes(*self.features))
