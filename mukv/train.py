@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mukv.cache.attention import SinkWindowKV, grouped_sdpa
+from mukv.cache.attention import SinkWindowKV, attention_weights, grouped_sdpa
 from mukv.data.synthetic import (
     COLOUR_NAMES,
     DIRECTIONS,
@@ -242,16 +242,13 @@ def _evidence_log_mass(qq, keys, mask, scaling: float, targets: AttentionTargets
     n_q = targets.answer_pos.shape[1]
     rows = (torch.arange(n_q, device=qq.device)[None, :] * q_len + targets.answer_pos.clamp(min=0))  # (B, n_q)
     qa = qq.gather(2, rows[:, None, :, None].expand(b, h, n_q, d))
-    groups = h // keys.shape[1]
-    kk = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
-    logits = torch.matmul(qa.float(), kk.float().transpose(-1, -2)) * scaling  # (B, H, n_q, K)
     allowed = mask.gather(1, rows[..., None].expand(-1, -1, mask.shape[-1]))  # (B, n_q, K)
-    logp = logits.masked_fill(~allowed[:, None], float("-inf")).log_softmax(-1)
+    probs = attention_weights(qa, keys, scaling, allowed[:, None])  # (B, H, n_q, K)
     c = targets.target.shape[-1]
     tgt = torch.zeros_like(allowed)
     tgt[..., :c] = targets.target
     tgt = torch.where(tgt.any(-1, keepdim=True), tgt, allowed)  # no evidence: mass 1 (excluded from the loss)
-    mass = logp.masked_fill(~tgt[:, None], float("-inf")).logsumexp(-1)  # (B, H, n_q)
+    mass = (probs * tgt[:, None]).sum(-1).clamp_min(1e-30).log()  # (B, H, n_q)
     return mass.amax(1)
 
 
@@ -263,13 +260,10 @@ def _encoding_log_prob(qe, ke, scaling: float, targets: AttentionTargets, rope: 
     r = rows.shape[1]
     qa = rotate_batched(rope, qe.gather(2, rows[:, None, :, None].expand(b, h, r, d)), rows)
     kk = rope.rotate(ke, torch.arange(n, device=qe.device))
-    groups = h // kk.shape[1]
-    kk = kk.repeat_interleave(groups, dim=1) if groups > 1 else kk
-    logits = torch.matmul(qa.float(), kk.float().transpose(-1, -2)) * scaling  # (B, H, R, n)
     causal = torch.arange(n, device=qe.device)[None, None, :] <= rows[..., None]  # (B, R, n)
-    logp = logits.masked_fill(~causal[:, None], float("-inf")).log_softmax(-1)
-    picked = logp.gather(3, targets.enc_keys.to(qe.device)[:, None, :, None].expand(b, h, r, 1)).squeeze(-1)
-    return picked.amax(1)
+    probs = attention_weights(qa, kk, scaling, causal[:, None])  # (B, H, R, n)
+    picked = probs.gather(3, targets.enc_keys.to(qe.device)[:, None, :, None].expand(b, h, r, 1)).squeeze(-1)
+    return picked.clamp_min(1e-30).log().amax(1)
 
 
 def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q: int, rope: RotaryTable,
@@ -493,17 +487,21 @@ def attention_targets(layout: Layout, examples: list[Example], qb: QuestionBatch
     return AttentionTargets(layers, qb.answer_pos, target)
 
 
+def motion_runs(ex: Example) -> list[tuple[list[int | None], str]]:
+    """Each motion question's ball tokens in this example's frames (None: frame dropped) and its direction."""
+    return [([ex.token_index(t) for t in question_evidence(q)], q.answer) for q in ex.questions
+            if q.qtype == "motion"]
+
+
 def previous_ball_targets(examples: list[Example], n_init: int) -> tuple[torch.Tensor, ...]:
     """(rows, keys, valid) of the ball tokens of frames 2-4 of each motion run and the ball token of the
     frame before each, as indices into [init | video] (runs whose frames were dropped are left out)."""
     pairs: list[list[tuple[int, int]]] = []
     for ex in examples:
         item = []
-        for q in ex.questions:
-            if q.qtype == "motion":
-                run = [ex.token_index(t) for t in question_evidence(q)]
-                item += [(n_init + a, n_init + b) for b, a in zip(run[:-1], run[1:], strict=True)
-                         if a is not None and b is not None]
+        for run, _ in motion_runs(ex):
+            item += [(n_init + a, n_init + b) for b, a in zip(run[:-1], run[1:], strict=True)
+                     if a is not None and b is not None]
         pairs.append(item)
     r = max(1, max(len(p) for p in pairs))
     rows = torch.zeros(len(examples), r, dtype=torch.long)
@@ -542,16 +540,12 @@ class MotionProbe(torch.nn.Module):
         """Cross-entropy over the directions at the run's ball tokens after its first frame (None: no run)."""
         rows, cols, labels = [], [], []
         for i, ex in enumerate(examples):
-            for q in ex.questions:
-                if q.qtype != "motion":
-                    continue
-                run = question_evidence(q)[1:]
-                toks = [ex.token_index(t) for t in run]
-                for t in toks:
+            for run, direction in motion_runs(ex):
+                for t in run[1:]:
                     if t is not None:
                         rows.append(i)
                         cols.append(n_init + t)
-                        labels.append(DIRECTIONS.index(q.answer))
+                        labels.append(DIRECTIONS.index(direction))
         if not rows:
             return None
         h = hidden[self.layer][torch.tensor(rows), torch.tensor(cols)]
