@@ -83,6 +83,23 @@ def frame_flops(llm: VideoLLM) -> dict[str, float]:
     return {"vision": float(vision + projector), "llm": float(llm_f)}
 
 
+def plain_prefill_s_per_frame(llm: VideoLLM, frames: int, repeats: int = 3) -> float:
+    """Seconds per frame of one causal forward of the language model over ``frames`` frames' visual tokens,
+    with no history and no cache method (transformers' own SDPA path): what the architecture itself costs
+    at this chunk size, the ceiling any method's encoding is measured against."""
+    lm = llm.model.model.language_model
+    x = torch.randn(1, frames * llm.geometry.tokens_per_frame, llm.geometry.hidden_size, device=llm.device,
+                    dtype=llm.dtype)
+    with torch.inference_mode():
+        lm(inputs_embeds=x, use_cache=False)
+        sync(llm.device)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            lm(inputs_embeds=x, use_cache=False)
+        sync(llm.device)
+    return (time.perf_counter() - t) / repeats / frames
+
+
 class _Frames:
     def __init__(self, n: int, size: int, fps: float) -> None:
         self.n, self.size, self.sample_fps = n, size, fps
@@ -95,8 +112,10 @@ class _Frames:
         return self.rng.integers(0, 256, (b - a, self.size, self.size, 3), dtype=np.uint8)
 
 
-def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, new_tokens: int) -> dict[str, Any]:
-    """Stream ``frames`` random frames, then answer one question with exactly ``new_tokens`` tokens."""
+def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, new_tokens: int,
+                 profile_dir: Path | None = None) -> dict[str, Any]:
+    """Stream ``frames`` random frames, then answer one question with exactly ``new_tokens`` tokens.
+    ``profile_dir``: afterwards, profile one more chunk and one more answer (see :func:`profile_step`)."""
     engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=new_tokens,
                                                          progress=False))
     eos = llm.eos_token_ids
@@ -121,9 +140,15 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
             vision_s, llm_s = vision_s + t1 - t0, llm_s + t2 - t1
             chunk_s.append((t2 - t0) / len(pixels))
         answer, context, recall_s = engine.answer("What happened just before the person opened the door?")
+        stats = method.stats()
+        if profile_dir is not None:
+            pixels = source.frames(frames, frames + chunk)
+            visual = llm.encode_frames(pixels)
+            profile_step(lambda: method.ingest(visual, frames), llm.device, profile_dir / f"{method.name}_ingest")
+            profile_step(lambda: engine.answer("What happened just before the person opened the door?"), llm.device,
+                         profile_dir / f"{method.name}_answer")
     finally:
         llm.eos_token_ids = eos
-    stats = method.stats()
     per_frame = stats.kv_bytes / frames
     return {
         "method": method.name, "frames": frames, "encode_fps": frames / (vision_s + llm_s),
@@ -134,6 +159,53 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
         "kv_gb_per_hour_0.5fps": per_frame * 0.5 * 3600 / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if llm.device.type == "cuda" else None,
     }
+
+
+def profile_step(step, device: torch.device, stem: Path, top: int = 30) -> dict[str, Any]:
+    """Run ``step`` once under torch's profiler and write where its time went: ``stem.txt`` holds the ops
+    ranked by device time (self) and by host time (self), and the summary line; ``stem.json`` the summary.
+    On CUDA the summary sets the wall time against the summed kernel time (busy < 1: the host sets the pace)
+    and counts the host-device synchronisations, by the Python line that caused them."""
+    import warnings
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    syncs: Counter[str] = Counter()
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=activities) as prof:
+                t = time.perf_counter()
+                step()
+                sync(device)
+                wall = time.perf_counter() - t
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    events = prof.key_averages()
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    summary = {"wall_s": wall, "kernel_s": kernel_us / 1e6, "device_busy": kernel_us / 1e6 / wall if cuda else None,
+               "ops": int(sum(e.count for e in events)), "syncs": sum(syncs.values()), "sync_sites": dict(syncs.most_common(12))}
+    text = [json.dumps(summary)]
+    for key in (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        try:
+            text.append(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
+        except Exception as e:  # the sort key's name moved between torch versions
+            text.append(f"({key}: {e})")
+    stem.with_suffix(".txt").write_text("\n\n".join(text))
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"profile {stem.name}: {json.dumps(summary)}", flush=True)
+    return summary
 
 
 def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, answer_every: int,
@@ -252,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here (--growth: a folder)")
     parser.add_argument("--growth", action="store_true", help="time and memory as the stream grows (small models)")
     parser.add_argument("--answer-every", type=int, default=600, help="--growth: answer a question every N frames")
+    parser.add_argument("--profile", default=None,
+                        help="a folder: after each method's stream, profile one more chunk and one answer there")
     parser.add_argument("--llm-only", action="store_true",
                         help="--growth: random visual tokens instead of the vision tower (LLM-side curves)")
     args = parser.parse_args(argv)
@@ -275,10 +349,13 @@ def main(argv: list[str] | None = None) -> None:
         return run_growth(llm, args)
     peak = matmul_gflops(dtype, n=8192 if llm.device.type == "cuda" else 2048, device=args.device)  # a GPU needs big tiles
     flops = frame_flops(llm)
+    plain = plain_prefill_s_per_frame(llm, args.chunk)
+    print(f"plain causal prefill of a {args.chunk}-frame chunk: {plain:.4g} s/frame, "
+          f"{flops['llm'] / plain / 1e9 / peak:.3f} of the matmul roofline", flush=True)
     rows = []
     for name in [m for m in args.methods.split(",") if m]:
         row = bench_method(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
-                           args.new_tokens)
+                           args.new_tokens, Path(args.profile) if args.profile else None)
         row["vision_roofline"] = flops["vision"] / row["vision_s_per_frame"] / 1e9 / peak
         row["llm_roofline"] = flops["llm"] / row["llm_s_per_frame"] / 1e9 / peak
         rows.append(row)
@@ -292,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
             r["latency_vs_rekv"] = r["latency_s"] / base["rekv"]["latency_s"]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
-              "device": _device_name(llm.device), "matmul_gflops": peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
+              "device": _device_name(llm.device), "matmul_gflops": peak,
+              "plain_prefill_s_per_frame": plain, "plain_prefill_roofline": flops["llm"] / plain / 1e9 / peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
     print(markdown(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,21 @@ def reference_sink_window(q, k, v, n_local: int, n_init: int, rope: RotaryTable,
     return out
 
 
+def stream_layer(layer: SinkWindowKV, q, k, v, n_init: int, chunks: list[int], rope: RotaryTable) -> list:
+    """Feed the init tokens (they become the sinks; none with ``n_init`` 0) then ``chunks`` to ``layer``;
+    the outputs in order."""
+    outs = []
+    if n_init:
+        outs.append(layer.attend_and_append(q[..., :n_init, :], k[..., :n_init, :], v[..., :n_init, :], 0.25, rope))
+        layer.set_init(layer.k, layer.v)
+    start = n_init
+    for c in chunks:
+        outs.append(layer.attend_and_append(q[..., start:start + c, :], k[..., start:start + c, :],
+                                            v[..., start:start + c, :], 0.25, rope))
+        start += c
+    return outs
+
+
 @pytest.mark.parametrize("n_local,chunks,query_block", [(5, [3, 4, 6, 2], 3), (8, [20], 4), (100, [7, 9], 5)])
 def test_sink_window_matches_direct_masked_attention(n_local, chunks, query_block):
     torch.manual_seed(0)
@@ -87,16 +102,37 @@ def test_sink_window_matches_direct_masked_attention(n_local, chunks, query_bloc
     total = n_init + sum(chunks)
     q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
     layer = SinkWindowKV(n_local, query_block)
-    outs = [layer.attend_and_append(q[..., :n_init, :], k[..., :n_init, :], v[..., :n_init, :], 0.25, rope)]
-    layer.set_init(layer.k, layer.v)
-    start = n_init
-    for c in chunks:
-        outs.append(layer.attend_and_append(q[..., start:start + c, :], k[..., start:start + c, :],
-                                            v[..., start:start + c, :], 0.25, rope))
-        start += c
+    outs = stream_layer(layer, q, k, v, n_init, chunks, rope)
     ref = reference_sink_window(q, k, v, n_local, n_init, rope, 0.25)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
     assert layer.k.shape[-2] == min(n_local, total)
+
+
+@pytest.mark.parametrize("n_local", [None, 16])
+def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local, monkeypatch):
+    """Once the window (and the sinks' distance) is full, queries are attended as unmasked fused-kernel parts
+    merged by log-sum-exp (own keys, the keys all queries see, the reversed triangle, the sinks), a whole
+    chunk at once where it is shorter than the window, and still equal attention by definition; before
+    that the masked path runs, block by block."""
+    from mukv.cache import attention
+
+    sizes = []
+    merge = attention._merge_parts
+    monkeypatch.setattr(attention, "_merge_parts", lambda parts, dtype: sizes.append(len(parts)) or merge(parts, dtype))
+    torch.manual_seed(1)
+    n_init, hq, hk, d, chunks = 3, 4, 2, 16, [40, 33, 50]
+    rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    total = n_init + sum(chunks)
+    q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
+    layer = SinkWindowKV(n_local, 7)
+    outs = stream_layer(layer, q, k, v, n_init, chunks, rope)
+    ref = reference_sink_window(q, k, v, n_local or 10**9, n_init, rope, 0.25)
+    torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
+    assert sizes and max(sizes) == (2 if n_local is None else 4)
+    if n_local is None:  # unmasked parts need no query blocks: one call per chunk
+        assert len(sizes) == 1 + len(chunks)
+    else:  # chunks longer than the window go block by block; the first blocks take the masked path
+        assert 0 < len(sizes) < 1 + sum((c + 6) // 7 for c in chunks)
 
 
 def test_sliding_window_model_matches_reference_forward(tiny_llm):
@@ -238,3 +274,26 @@ def test_fused_sink_window_attention_equals_one_softmax(dtype):
     assert attention._FUSED_LSE_CPU is not None  # this torch has the fused kernel: the test exercises it
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkeypatch):
+    """A 30-token chunk into a full 50-token window with 3 sinks: one set of unmasked parts (no per-block
+    loop), equal to attention by definition."""
+    from mukv.cache import attention
+
+    sizes = []
+    merge = attention._merge_parts
+    monkeypatch.setattr(attention, "_merge_parts", lambda parts, dtype: sizes.append(len(parts)) or merge(parts, dtype))
+    torch.manual_seed(2)
+    n_init, hq, hk, d, chunks = 3, 4, 2, 16, [30, 30, 30, 30]
+    rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    total = n_init + sum(chunks)
+    q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
+    layer = SinkWindowKV(50, 8)
+    outs = stream_layer(layer, q, k, v, n_init, chunks[:-1], rope)
+    before = len(sizes)
+    outs += stream_layer(layer, q[..., total - chunks[-1]:, :], k[..., total - chunks[-1]:, :],
+                         v[..., total - chunks[-1]:, :], 0, chunks[-1:], rope)
+    assert sizes[before:] == [4]  # the last chunk: one call of four parts
+    ref = reference_sink_window(q, k, v, 50, n_init, rope, 0.25)
+    torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)

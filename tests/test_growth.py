@@ -109,15 +109,22 @@ def test_bf16_is_chosen_only_where_the_cpu_runs_it_natively():
 
 def test_make_bench_writes_its_table_and_ratios(tmp_path, capsys):
     """`make bench` end to end on the nano model: every method's row, ratios against rekv and full from the
-    same run, the roofline fractions, and the JSON in a folder that did not exist."""
+    same run, the roofline fractions, the plain prefill ceiling, the JSON in a folder that did not exist,
+    and the profile of each method's extra chunk and answer."""
     import json
 
     from mukv.bench import main
 
     out = tmp_path / "new" / "bench.json"
     main(["--model", "nano", "--dtype", "fp32", "--frames", "4", "--chunk", "4", "--new-tokens", "2",
-          "--methods", "full,rekv,mukv+share_prefixes=false", "--out", str(out)])
+          "--methods", "full,rekv,mukv+share_prefixes=false", "--out", str(out), "--profile", str(tmp_path / "prof")])
     result = json.loads(out.read_text())
+    assert result["plain_prefill_s_per_frame"] > 0 and 0 < result["plain_prefill_roofline"]
+    for method in ("full", "rekv", "mukv+share_prefixes=false"):  # --profile: one more chunk and one answer
+        for step in ("ingest", "answer"):
+            summary = json.loads((tmp_path / "prof" / f"{method}_{step}.json").read_text())
+            assert summary["ops"] > 0 and summary["wall_s"] > 0 and summary["syncs"] == 0  # no waits on a CPU
+            assert "aten::" in (tmp_path / "prof" / f"{method}_{step}.txt").read_text()
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["full", "rekv", "mukv+share_prefixes=false"]
     assert rows["rekv"]["encode_time_vs_rekv"] == 1.0 and rows["full"]["encode_time_vs_full"] == 1.0

@@ -117,6 +117,57 @@ def test_same_answers_with_and_without_prefetching_and_pinned_memory(tiny_llm, m
         assert torch.equal(answer.first_token_logits, runs[0][0].first_token_logits)
 
 
+@pytest.mark.parametrize("quant,spill", [("none", False), ("int8", False), ("none", True)])
+def test_staged_blocks_leave_in_one_flush_with_the_same_bytes(tmp_path, monkeypatch, quant, spill):
+    """Blocks added from a device wait on it until ``flush`` (one copy per dtype for all of them, the GPU's
+    encoding path; forced here on host tensors). The flushed store equals one that copied each block at
+    ``add``: keys, values, positions, tensor-valued meta (as lists), bytes and spill; the caller's tensors
+    may be written again after ``add`` (unstaged) or after the flush (staged)."""
+    stores = {}
+    for staged in (False, True):
+        monkeypatch.setattr(BlockStore, "stage_host_blocks", staged)
+        written = []
+        store = BlockStore(quant=quant, group_size=32, ram_budget_bytes=0 if spill else None,
+                           spill_dir=tmp_path / str(staged))
+        for i in range(3):
+            k, v = kv_like((4, 2, 5 + i, 64), 2 * i), kv_like((4, 2, 5 + i, 64), 2 * i + 1)
+            store.add(k, v, torch.arange(5 + i) + 10 * i, first_frame=i, meta={"video_tokens": torch.arange(i + 1)})
+            written.append(k)
+            if not staged:
+                k.fill_(7.0)  # the caller reuses its buffers
+        assert len(store._staged) == (3 if staged else 0) and len(store) == 3
+        store.flush()
+        for k in written:
+            k.fill_(7.0)
+        stores[staged] = store
+    a, b = stores[False], stores[True]
+    assert a.nbytes == b.nbytes and a.disk_bytes == b.disk_bytes
+    assert [x.meta for x in a.blocks] == [x.meta for x in b.blocks] == [{"video_tokens": list(range(i + 1))}
+                                                                        for i in range(3)]
+    assert not b._staged and all(x.on_disk == spill for x in b.blocks)
+    assert torch.equal(a.positions([2, 0]), b.positions([2, 0]))
+    for layer in range(4):
+        ka, va = a.layer_kv([2, 0, 1], layer, "cpu")
+        kb, vb = b.layer_kv([2, 0, 1], layer, "cpu")
+        assert torch.equal(ka, kb) and torch.equal(va, vb) and not (ka == 7.0).all()
+
+
+@pytest.mark.parametrize("make", [lambda **kw: MuKVCache(**MUKV_SMALL, **kw),
+                                  lambda **kw: ReKVCache(n_local=40, retrieve_size=3, **kw)], ids=["mukv", "rekv"])
+def test_same_answers_with_staged_offload(tiny_llm, make, monkeypatch):
+    """The methods' answers do not depend on whether blocks leave the device one by one or per chunk."""
+    frames = random_frames(8, seed=3)
+    runs = []
+    for staged in (False, True):
+        monkeypatch.setattr(BlockStore, "stage_host_blocks", staged)
+        engine = stream(tiny_llm, make(), frames, 3)
+        answer, context, _ = engine.answer(QUESTION)
+        assert not engine.method.store._staged  # every ingest flushed
+        runs.append((answer, context))
+    contexts_equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0][0].first_token_logits, runs[1][0].first_token_logits)
+
+
 @pytest.mark.parametrize("make", [lambda **kw: MuKVCache(**MUKV_SMALL, **kw),
                                   lambda **kw: ReKVCache(n_local=40, retrieve_size=3, **kw)], ids=["mukv", "rekv"])
 def test_quantized_store_keeps_the_recalled_context_close(tiny_llm, make):

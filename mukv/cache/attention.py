@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mukv.models.rope import RotaryTable
 
@@ -37,11 +38,20 @@ def _count(q: torch.Tensor, k: torch.Tensor) -> None:
     OpCounter.attention_pairs += q.shape[0] * q.shape[1] * q.shape[-2] * k.shape[-2]
 
 
+# cuDNN's attention builds an execution plan for every new shape, about 2 ms of host time on an H200. A
+# stream changes the key length at every chunk and every decoded token, so there it cost more than the
+# attention itself (40 ms per answer token for the 0.5B); the other fused kernels have no such step.
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                  mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA with grouped KV heads; ``mask`` is boolean (Lq, Lk), True where attention is allowed."""
     _count(q, k)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    with sdpa_kernel(_NO_CUDNN):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
 def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
@@ -95,8 +105,11 @@ class SinkWindowKV:
         keys = k if self.k is None else torch.cat((self.k, k), dim=-2)
         vals = v if self.v is None else torch.cat((self.v, v), dim=-2)
         first_new = self.n_seen
-        outs = [self._attend_block(q[..., a:a + self.query_block, :], first_new + a, keys, vals, scaling, rope)
-                for a in range(0, q.shape[-2], self.query_block)]
+        if self._fused_applies(q, first_new, self._view_start(first_new)):
+            outs = [self._attend_block(q, first_new, keys, vals, scaling, rope)]  # no mask: no need for blocks
+        else:
+            outs = [self._attend_block(q[..., a:a + self.query_block, :], first_new + a, keys, vals, scaling, rope)
+                    for a in range(0, q.shape[-2], self.query_block)]
         if self.n_local is not None and keys.shape[-2] > self.n_local:
             drop = keys.shape[-2] - self.n_local
             keys, vals = keys[..., drop:, :], vals[..., drop:, :]
@@ -112,11 +125,28 @@ class SinkWindowKV:
         self.k, self.v, self.start = saved
         return out
 
+    def _view_start(self, qa: int) -> int:
+        """The first key a query block starting at ``qa`` can see (window and eviction)."""
+        return self.start if self.n_local is None else max(self.start, qa - self.n_local + 1)
+
+    def _fused_applies(self, q: torch.Tensor, qa: int, lo: int) -> bool:
+        """Whether the block of queries ``q`` starting at ``qa`` runs as unmasked parts (``_unmasked_parts``):
+        a fused kernel with log-sum-exp exists here, and the window and the sinks' distance are full."""
+        if q.shape[-2] == 0 or lse_kernel(q.device, q.dtype, q.shape[-1]) is None:  # (torch's CPU flash kernel
+            return False                                                              # crashes on no queries)
+        if self.n_local is None:
+            return True
+        lq = q.shape[-2]
+        if lo != qa - self.n_local + 1 or self.n_local <= lq:
+            return False
+        sink_needed = self.n_init > 0 and (qa + lq - 1) >= self.n_local
+        return not sink_needed or qa - (self.n_init - 1) >= self.n_local
+
     def _attend_block(self, q: torch.Tensor, qa: int, keys: torch.Tensor, vals: torch.Tensor,
                       scaling: float, rope: RotaryTable) -> torch.Tensor:
         lq = q.shape[-2]
         qb = qa + lq  # global query range [qa, qb)
-        lo = self.start if self.n_local is None else max(self.start, qa - self.n_local + 1)
+        lo = self._view_start(qa)
         kw, vw = keys[..., lo - self.start:qb - self.start, :], vals[..., lo - self.start:qb - self.start, :]
         # Positions relative to the first key in view keep the rotation angles small (as ReKV does).
         q_rot = rope.rotate(q, torch.arange(qa - lo, qb - lo, device=q.device))
@@ -128,12 +158,128 @@ class SinkWindowKV:
             band &= (qi - kj) < self.n_local
         sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
         self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + (self.n_init if sink_needed else 0))
+        try:
+            parts = self._unmasked_parts(q, qa, lo, k_rot, vw, q_rot, sink_needed, scaling, rope)
+        except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
+            parts = None
+        if parts is not None:
+            return _merge_parts(parts, q.dtype)
         if not sink_needed:
             return grouped_sdpa(q_rot, k_rot, vw, scaling, band)
         # Sink tokens outside a query's window are seen at the fixed distance n_local.
         q_sink = rope.rotate(q, torch.full((lq,), self.n_local, device=q.device))
         sink_mask = (qi - torch.arange(self.n_init, device=q.device)[None, :]) >= self.n_local
         return _two_part_attention(q_rot, k_rot, vw, band, q_sink, self.init_k, self.init_v, sink_mask, scaling)
+
+
+    def _unmasked_parts(self, q, qa, lo, k_rot, vw, q_rot, sink_needed, scaling, rope):
+        """The block's attention as parts that need no mask, each run by a fused kernel that returns its
+        log-sum-exp (``_merge_parts`` combines them exactly); None where this does not apply (no such kernel
+        on the device, or a window or sink not yet full at the start of the stream: the masked path).
+
+        Keys [lo, qb) of queries [qa, qb) split into: the block's own keys (causal: a square triangle); with
+        no window, everything before them (all visible); with a window of n_local, the keys every query
+        sees, [qb - n_local + 1, qa), and the lq keys [lo, lo + lq) that query r sees from offset r on:
+        with queries and keys both reversed that is again a square causal triangle. Sinks are one more
+        unmasked part once every query sees them all. Before this, the window was one masked kernel call
+        and the mask cost more than the attention: the masked kernels run at half the speed of the fused
+        unmasked ones on an H200."""
+        if not self._fused_applies(q, qa, lo):
+            return None
+        kernel = lse_kernel(q.device, q.dtype, q.shape[-1])
+        lq = q.shape[-2]
+        own = k_rot.shape[-2] - lq
+        n_local = self.n_local
+        groups = q.shape[1] // k_rot.shape[1]
+        k_all = k_rot.repeat_interleave(groups, dim=1) if groups > 1 else k_rot
+        v_all = vw.repeat_interleave(groups, dim=1) if groups > 1 else vw
+        parts = [kernel(q_rot, k_all[..., own:, :], v_all[..., own:, :], True, scaling)]
+        _count(q_rot, k_all[..., own:, :])
+        if n_local is None:
+            if own > 0:
+                parts.append(kernel(q_rot, k_all[..., :own, :], v_all[..., :own, :], False, scaling))
+                _count(q_rot, k_all[..., :own, :])
+        else:
+            if own > lq:
+                parts.append(kernel(q_rot, k_all[..., lq:own, :], v_all[..., lq:own, :], False, scaling))
+                _count(q_rot, k_all[..., lq:own, :])
+            out, lse = kernel(q_rot.flip(-2), k_all[..., :lq, :].flip(-2), v_all[..., :lq, :].flip(-2), True, scaling)
+            parts.append((out.flip(-2), lse.flip(-1)))
+            _count(q_rot, k_all[..., :lq, :])
+            if sink_needed:
+                q_sink = rope.rotate(q, torch.full((lq,), n_local, device=q.device))
+                ks = self.init_k.repeat_interleave(groups, dim=1) if groups > 1 else self.init_k
+                vs = self.init_v.repeat_interleave(groups, dim=1) if groups > 1 else self.init_v
+                parts.append(kernel(q_sink, ks.to(q.dtype), vs.to(q.dtype), False, scaling))
+                _count(q_sink, ks)
+        return parts
+
+
+def _merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """Softmax attention over the union of the parts' keys, from each part's output and log-sum-exp."""
+    m = torch.stack([lse for _, lse in parts]).amax(dim=0)
+    num = den = 0
+    for out, lse in parts:
+        w = (lse - m).exp()
+        num = num + out.float() * w[..., None]
+        den = den + w
+    return (num / den[..., None]).to(dtype)
+
+
+_LSE_KERNELS: dict[tuple, object] = {}
+
+
+def _cpu_flash(q, k, v, causal, scaling):
+    out, lse = _FUSED_LSE_CPU(q, k, v, 0.0, causal, scale=scaling)
+    return out, lse.float()
+
+
+def _cuda_cudnn(q, k, v, causal, scaling):
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scaling)
+    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+
+
+def _cuda_flash(q, k, v, causal, scaling):
+    r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scaling)
+    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+
+
+def _cuda_efficient(q, k, v, causal, scaling):
+    r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scaling)
+    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+
+
+def lse_kernel(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """The fastest fused attention of this device that returns the log-sum-exp and agrees with the one-softmax
+    reference on a small problem (square causal and unmasked, checked once per device, dtype and head size):
+    flash, then memory-efficient, then cuDNN (last: it plans each new shape, see ``_NO_CUDNN``) on CUDA;
+    torch's flash kernel on CPU. None: none does."""
+    key = (device.type, device.index, dtype, head_dim)
+    if key not in _LSE_KERNELS:
+        candidates = {"cpu": [_cpu_flash] if _FUSED_LSE_CPU is not None else [],
+                      "cuda": [_cuda_flash, _cuda_efficient, _cuda_cudnn]}.get(device.type, [])
+        _LSE_KERNELS[key] = next((c for c in candidates if _agrees(c, device, dtype, head_dim)), None)
+    return _LSE_KERNELS[key]
+
+
+def _agrees(kernel, device, dtype, head_dim) -> bool:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, head_dim, generator=g).to(device, dtype) for n in (37, 53, 53))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    try:
+        for causal, kk, vv in ((True, k[..., :37, :], v[..., :37, :]), (False, k, v)):
+            out, lse = kernel(q, kk, vv, causal, 0.125)
+            s = (q.float() @ kk.float().transpose(-1, -2)) * 0.125
+            if causal:
+                s = s.masked_fill(~torch.ones(37, 37, dtype=torch.bool, device=device).tril(), float("-inf"))
+            want_lse = s.logsumexp(-1)
+            want = s.softmax(-1) @ vv.float()
+            if lse.shape != want_lse.shape or not torch.allclose(lse, want_lse, atol=tol, rtol=tol) or \
+                    not torch.allclose(out.float(), want, atol=tol, rtol=tol):
+                return False
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):

@@ -6,6 +6,11 @@ positions its tokens were encoded at, and what part of the video it covers. Byte
 2 x layers x kv_heads x head_dim x element size per token, or the quantized codes and scales
 (``quant='int8' | 'int4'``, :mod:`mukv.cache.quant`; dequantized on the device a question uses them on).
 
+Blocks added from an accelerator are staged: their KV stays on the device until ``flush`` (the methods call
+it at the end of each ingest; reading ``blocks`` or any KV flushes first), which moves every staged block
+in one copy per dtype. On a GPU, a copy per block made the host wait for the device hundreds of times per
+chunk (MuKV stores ~5 blocks per frame), and that wait, not the arithmetic, set MuKV's encoding speed.
+
 ``layers_kv`` hands the recalled blocks out layer by layer; with ``prefetch`` a worker thread gathers
 (and reads from disk, moves, dequantizes) layer l+1 while the caller works on layer l. The worker issues
 its copies on the caller's current CUDA stream, so ordering is the same as without it.
@@ -57,6 +62,8 @@ class BlockStore:
     files under ``spill_dir`` (a temporary folder by default, removed by ``clear``). ``quant`` stores them
     as int8 / int4 codes with a float16 scale per ``group_size`` values."""
 
+    stage_host_blocks = False  # stage blocks added from host tensors too (tests run the GPU path on a CPU)
+
     def __init__(self, pin_memory: bool = False, ram_budget_bytes: int | None = None,
                  spill_dir: str | Path | None = None, quant: str = "none", group_size: int = 64,
                  prefetch: bool = False) -> None:
@@ -68,12 +75,21 @@ class BlockStore:
         self.ram_budget_bytes = ram_budget_bytes
         self._spill_parent = spill_dir
         self._spill_dir: Path | None = None
-        self.blocks: list[Block] = []
+        self._blocks: list[Block] = []
+        self._staged: list[Block] = []  # added from a device, not yet moved to host memory (see flush)
+        self._staged_bytes = 0
+        self.stage_limit_bytes = 1 << 30  # flush by itself past this much staged KV
         self.ram_bytes = 0
         self.disk_bytes = 0
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self._blocks)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block, in insertion order, in host memory or on disk (staged blocks are flushed first)."""
+        self.flush()
+        return self._blocks
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +97,7 @@ class BlockStore:
 
     @property
     def tokens(self) -> int:
-        return sum(b.tokens for b in self.blocks)
+        return sum(b.tokens for b in self._blocks)
 
     @property
     def spill_dir(self) -> Path | None:
@@ -89,22 +105,66 @@ class BlockStore:
 
     def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
             first_frame: float = 0.0, num_frames: float = 1.0, meta: dict[str, Any] | None = None) -> int:
-        """Store one block (all layers); returns its id (0, 1, ... in insertion order)."""
+        """Store one block (all layers); returns its id (0, 1, ... in insertion order). Device tensors are
+        staged, not copied: the caller must not write to them before the next ``flush``."""
         n = k.shape[2]
-        pos = torch.arange(n) if positions is None else positions.detach().to("cpu", torch.long)
+        if positions is None:
+            positions = torch.arange(n)
         if self.quant != "none":
             k, v = quantize(k, self.quant, self.group_size), quantize(v, self.quant, self.group_size)
         size = _nbytes(k) + _nbytes(v)
         spill = self.ram_budget_bytes is not None and self.ram_bytes + size > self.ram_budget_bytes
         if spill:
-            k_host, v_host = self._to_disk(k, len(self.blocks), "k"), self._to_disk(v, len(self.blocks), "v")
             self.disk_bytes += size
         else:
-            k_host, v_host = self._to_host(k), self._to_host(v)
             self.ram_bytes += size
-        block = Block(len(self.blocks), k_host, v_host, pos, first_frame, num_frames, spill, dict(meta or {}))
-        self.blocks.append(block)
+        block = Block(len(self._blocks), k, v, positions.detach().to(torch.long), first_frame, num_frames, spill,
+                      dict(meta or {}))
+        self._blocks.append(block)
+        if _leaves(k)[0].device.type == "cpu" and not self.stage_host_blocks:
+            self._settle(block)
+        else:
+            self._staged.append(block)
+            self._staged_bytes += size
+            if self._staged_bytes > self.stage_limit_bytes:
+                self.flush()
         return block.id
+
+    def flush(self) -> None:
+        """Move the staged blocks to host memory (or disk): one device-to-host copy per dtype for all of them."""
+        if not self._staged:
+            return
+        staged, self._staged, self._staged_bytes = self._staged, [], 0
+        tensors = []
+        for b in staged:
+            tensors += _leaves(b.k) + _leaves(b.v) + [b.positions]
+            tensors += [m for m in b.meta.values() if isinstance(m, torch.Tensor)]
+        host: dict[int, torch.Tensor] = {}
+        for device, dtype in {(t.device, t.dtype) for t in tensors}:
+            group = [t for t in tensors if t.device == device and t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            buf = torch.empty(flat.shape, dtype=dtype, pin_memory=self.pin_memory)
+            buf.copy_(flat)  # the one wait for the device
+            offset = 0
+            for t in group:
+                host[id(t)] = buf[offset:offset + t.numel()].view(t.shape)
+                offset += t.numel()
+        for b in staged:
+            b.k = _map_leaves(b.k, lambda t: host[id(t)])
+            b.v = _map_leaves(b.v, lambda t: host[id(t)])
+            b.positions = host[id(b.positions)]
+            b.meta = {key: host[id(m)].tolist() if isinstance(m, torch.Tensor) else m for key, m in b.meta.items()}
+            if b.on_disk:
+                self._settle(b)  # the flush buffer's slice goes to its file (the buffer is freed after)
+
+    def _settle(self, block: Block) -> None:
+        """Give a block added from host tensors its final home: a copy in host memory, or a file when it spilled."""
+        if block.on_disk:
+            block.k, block.v = self._to_disk(block.k, block.id, "k"), self._to_disk(block.v, block.id, "v")
+        else:
+            block.k, block.v = self._to_host(block.k), self._to_host(block.v)
+        block.positions = block.positions.to("cpu")
+        block.meta = {key: m.tolist() if isinstance(m, torch.Tensor) else m for key, m in block.meta.items()}
 
     def layer_kv(self, ids: list[int], layer: int, device: torch.device | str,
                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +176,7 @@ class BlockStore:
                   dtype: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``layer_kv`` for layers 0..num_layers-1 in turn; with ``prefetch`` the next layer is prepared by
         a worker thread while the caller uses the current one (same values either way)."""
+        self.flush()  # here, not in the prefetch worker
         if not self.prefetch or num_layers < 2:
             for layer in range(num_layers):
                 yield self.layer_kv(ids, layer, device, dtype)
@@ -137,7 +198,8 @@ class BlockStore:
                 yield current
 
     def _take(self, ids: list[int]) -> list[Block]:
-        return [self.blocks[i] for i in ids]
+        blocks = self.blocks
+        return [blocks[i] for i in ids]
 
     def _gather(self, parts: list, layer: int, device, dtype) -> torch.Tensor:
         if self.quant == "none":
@@ -148,11 +210,14 @@ class BlockStore:
         return dequantize(q, dtype)[None]
 
     def positions(self, ids: list[int]) -> torch.Tensor:
-        return torch.cat([self.blocks[i].positions for i in ids]) if ids else torch.empty(0, dtype=torch.long)
+        blocks = self.blocks
+        return torch.cat([blocks[i].positions for i in ids]) if ids else torch.empty(0, dtype=torch.long)
 
     def clear(self) -> None:
         """Drop every block and remove spill files."""
-        self.blocks.clear()
+        self._blocks.clear()
+        self._staged.clear()
+        self._staged_bytes = 0
         self.ram_bytes = self.disk_bytes = 0
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
@@ -167,8 +232,8 @@ class BlockStore:
         if isinstance(t, QuantizedTensor):
             return t.map(self._to_host)
         host = t.detach().to("cpu").contiguous()
-        if host is t:
-            host = host.clone()
+        if host.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            host = host.clone()  # never keep the caller's storage
         return host.pin_memory() if self.pin_memory else host
 
     def _to_disk(self, t: torch.Tensor | QuantizedTensor, block_id: int, name: str):
@@ -187,6 +252,14 @@ class BlockStore:
         mm.flush()
         # Opened read-write (never written after this) so that torch gets a writable buffer.
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=raw.shape)).view(t.dtype)
+
+
+def _leaves(t: torch.Tensor | QuantizedTensor) -> list[torch.Tensor]:
+    return [t.codes, t.scales] if isinstance(t, QuantizedTensor) else [t]
+
+
+def _map_leaves(t: torch.Tensor | QuantizedTensor, fn) -> torch.Tensor | QuantizedTensor:
+    return t.map(fn) if isinstance(t, QuantizedTensor) else fn(t)
 
 
 @dataclass

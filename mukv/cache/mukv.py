@@ -270,6 +270,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         else:
             self._ingest_independent(visual, start)
         self.tokens_seen = (first_frame + n_frames) * t
+        self.store.flush()  # the chunk's blocks leave the device in one copy
 
     def _shares_prefix(self, fine: int, coarse: int) -> bool:
         """Whether a ``fine``-token block starting where a ``coarse``-token block starts is that block's first
@@ -311,7 +312,8 @@ class MuKVCache(CacheMethod, StoreOptions):
                         pos = positions[:gf].expand(len(rows), gf)  # a prefix sits at the block's first positions
                         chosen[fi].update(zip([ids[j] * g // gf for j in rows], self._select(fi, part, pos),
                                               strict=True))
-            order = start + self._layout(torch.arange(n_frames * t).view(n_frames, t, 1), g).view(-1)  # video tokens
+            order = start + self._layout(torch.arange(n_frames * t, device=visual.device).view(n_frames, t, 1),
+                                         g).view(-1)  # video tokens
             for b in range(n_blocks):  # stream order, as without sharing
                 self._store(gi, chosen[gi].pop(b), start + b * g, order[b * g:(b + 1) * g])
 
@@ -395,6 +397,7 @@ class MuKVCache(CacheMethod, StoreOptions):
                 self._warn_large(g, flat.shape[0] // t)
                 continue
             blocks = order[: n_blocks * g].view(n_blocks, g)
+            firsts = blocks[:, 0].tolist()  # one copy to the host, not one per block
             pos = torch.arange(n0, n0 + g, device=flat.device)
             mask = prefix_causal_mask(g, n0 + g, flat.device)
             for a in range(0, n_blocks, self.batch_blocks):
@@ -411,8 +414,8 @@ class MuKVCache(CacheMethod, StoreOptions):
                     received.append((signals.attention_received(probs, n0, per_block=True), w))
                 kv = {"keys": kb, "values": vb, "received": received,
                       "last_keys_rot": rope.rotate(kb[:, self.last_layer], pos)}
-                for sel, b in zip(self._select(gi, kv, n0 + start + idx), idx, strict=True):
-                    self._store(gi, sel, start + int(b[0]), start + b)
+                for j, (sel, b) in enumerate(zip(self._select(gi, kv, n0 + start + idx), idx, strict=True)):
+                    self._store(gi, sel, start + firsts[a + j], start + b)
 
     # ------------------------------------------------------------------------------ trimming
     def _select(self, gi: int, kv: dict[str, Any], positions: torch.Tensor) -> list[Selection]:
@@ -443,7 +446,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         k, v, pos, repr_vec, kept = sel
         t = self.geometry.tokens_per_frame
         bid = self.store.add(k, v, pos, first_frame=start / t, num_frames=self.sizes[gi] / t,
-                             meta={"granularity": gi, "video_tokens": tokens.cpu()[kept.cpu()].tolist()})
+                             meta={"granularity": gi, "video_tokens": tokens[kept.to(tokens.device)]})
         self.block_ids[gi].append(bid)
         self._pending[gi].append(repr_vec)
 

@@ -69,6 +69,7 @@ class ReKVCache(WindowStreamingCache, StoreOptions):
             start = self.n_init + (first_frame + f) * t
             self.store.add(kb[:, :, f], vb[:, :, f], torch.arange(start, start + t), first_frame + f, 1)
         self.reprs = torch.cat((self.reprs, block_representatives(kb, self.geometry.num_heads)), dim=1)
+        self.store.flush()  # the chunk's blocks leave the device in one copy
 
     # ---------------------------------------------------------------------------------- recall
     def recall(self, question: str) -> AnswerContext:

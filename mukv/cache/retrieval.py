@@ -49,4 +49,4 @@ def select_top_blocks(scores: torch.Tensor, k: int, chunk: int = 1) -> list[int]
         grouped = torch.cat((grouped, scores[full:].mean(dim=0, keepdim=True)))
     picked = grouped.topk(min(k // chunk, grouped.shape[0])).indices.sort().values
     ids = (picked[:, None] * chunk + torch.arange(chunk, device=picked.device)[None, :]).reshape(-1)
-    return [int(i) for i in ids if i < n]
+    return ids[ids < n].tolist()  # one device-to-host copy (not one per block)
