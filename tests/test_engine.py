@@ -297,3 +297,22 @@ def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkey
     assert sizes[before:] == [4]  # the last chunk: one call of four parts
     ref = reference_sink_window(q, k, v, 50, n_init, rope, 0.25)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_local", [None, 10])
+def test_streaming_attention_gradients_equal_attention_by_definition(n_local):
+    """Training differentiates through the streaming attention (the nano layouts): queries', keys' and
+    values' gradients equal those of the definition. The fused kernels give no gradient through their
+    log-sum-exp, so a merge by it (the no-grad fast paths) would get the queries' and keys' wrong."""
+    torch.manual_seed(3)
+    n_init, hq, hk, d, chunks = 3, 4, 2, 16, [12, 9, 15]
+    rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    total = n_init + sum(chunks)
+    leaves = [torch.randn(1, h, total, d, dtype=torch.float64, requires_grad=True) for h in (hq, hk, hk)]
+    q, k, v = (x.float() for x in leaves)
+    out = torch.cat(stream_layer(SinkWindowKV(n_local, 1 << 20), q, k, v, n_init, chunks, rope), -2)
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    ref = reference_sink_window(*leaves, n_local or 10**9, n_init, rope, 0.25)
+    want = torch.autograd.grad(ref.square().sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -132,8 +132,8 @@ class SinkWindowKV:
     def _fused_applies(self, q: torch.Tensor, qa: int, lo: int) -> bool:
         """Whether the block of queries ``q`` starting at ``qa`` runs as unmasked parts (``_unmasked_parts``):
         a fused kernel with log-sum-exp exists here, and the window and the sinks' distance are full."""
-        if q.shape[-2] == 0 or lse_kernel(q.device, q.dtype, q.shape[-1]) is None:  # (torch's CPU flash kernel
-            return False                                                              # crashes on no queries)
+        if q.shape[-2] == 0 or _needs_grad(q) or lse_kernel(q.device, q.dtype, q.shape[-1]) is None:
+            return False  # (torch's CPU flash kernel crashes on no queries)
         if self.n_local is None:
             return True
         lq = q.shape[-2]
@@ -184,7 +184,7 @@ class SinkWindowKV:
         unmasked part once every query sees them all. Before this, the window was one masked kernel call
         and the mask cost more than the attention: the masked kernels run at half the speed of the fused
         unmasked ones on an H200."""
-        if not self._fused_applies(q, qa, lo):
+        if not self._fused_applies(q, qa, lo) or _needs_grad(k_rot, vw):
             return None
         kernel = lse_kernel(q.device, q.dtype, q.shape[-1])
         lq = q.shape[-2]
@@ -213,6 +213,13 @@ class SinkWindowKV:
                 parts.append(kernel(q_sink, ks.to(q.dtype), vs.to(q.dtype), False, scaling))
                 _count(q_sink, ks)
         return parts
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will differentiate through these. The fused kernels give no gradient through their
+    log-sum-exp output, so a merge by log-sum-exp would get the queries' and keys' gradients wrong: training
+    takes the masked one-softmax path (the same values)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
@@ -292,7 +299,7 @@ def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
     _count(qa, ka)
     _count(qb, kb)
     fused = {"cpu": _FUSED_LSE_CPU, "cuda": _FUSED_LSE_CUDA}.get(qa.device.type)
-    if fused is not None:
+    if fused is not None and not _needs_grad(qa, ka, va, qb, kb, vb):
         try:
             out_a, lse_a = _attention_lse(qa, ka, va, mask_a, scaling)
             out_b, lse_b = _attention_lse(qb, kb, vb, mask_b, scaling)
