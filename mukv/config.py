@@ -156,6 +156,9 @@ class TrainConfig:
     motion_weight: float = 0.5  # direction probe on the ball tokens' hidden state (mukv/train.py MotionProbe)
     motion_layer: int = 2
     motion_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # ball tokens attend to the previous ball
+    motion_words: bool = True  # the direction probe scores against the direction words' embeddings (MotionProbe)
+    separate_weight: float = 1.0  # keeps each answer set's word embeddings apart (mukv/train.py answer_word_separation)
+    separate_margin: float = 0.2
     detail_share: float = 0.1
     mid_frames: int = 16
     long_share: float = 0.3

@@ -47,6 +47,8 @@ from mukv.data.synthetic import (
     COLOUR_NAMES,
     DIRECTIONS,
     GRID,
+    MAX_RINGS,
+    NEEDLE_SHAPES,
     OBJECT_SHAPES,
     QUESTION_TYPES,
     SHAPES,
@@ -100,6 +102,13 @@ class TrainSettings:
     # ... helped by attention supervision: in some head of these layers, each of those ball tokens attends to
     # the ball of the frame before (where the step is read from); () off
     motion_attend_layers: tuple[int, ...] = (0, 1)
+    # ... whose classes are the direction words' embeddings (through a learned map: a dot product, as the cell
+    # probe's row / column heads), not a free linear head: the internal direction is then tied to the words
+    motion_words: bool = True
+    # answer-word separation: within each answer set (colours, object shapes, needle shapes, directions, count
+    # digits) every pair of word embeddings above cosine separate_margin is penalised (x separate_weight, 0: off)
+    separate_weight: float = 1.0
+    separate_margin: float = 0.2
     detail_share: float = 0.1  # once all types are in, this share of steps still asks the needle colour only
     mid_frames: int = 16  # > 0: after the ramp, streams are <= mid_frames long except a long_share of steps
     long_share: float = 0.3
@@ -206,26 +215,14 @@ class Layout:
 
 @dataclass
 class AttentionTargets:
-    """Attention supervision of one forward: at each question's answer position, the context entries it should
-    attend to. ``attend`` fills ``log_mass`` with, per supervised layer, the log of the attention mass the
-    best head of that layer puts on them, (B, n_q)."""
+    """Answer-side attention supervision of one forward: at each question's answer position, the context
+    entries it should attend to. ``attend`` fills ``log_mass`` with, per supervised layer, the log of the
+    attention mass the best head of that layer puts on them, (B, n_q)."""
 
     layers: tuple[int, ...]
     answer_pos: torch.Tensor  # (B, n_q) index of the answer position within its question (-1: no question)
     target: torch.Tensor  # (B, n_q, C) bool over the layout's context
     log_mass: list[torch.Tensor] = field(default_factory=list)
-    # within a causal encoding (contiguous positions): query rows that should attend to one earlier key each
-    enc_layers: tuple[int, ...] = ()
-    enc_rows: torch.Tensor | None = None  # (B, R) indices into [init | video]
-    enc_keys: torch.Tensor | None = None  # (B, R)
-    enc_valid: torch.Tensor | None = None  # (B, R) bool
-    enc_log_mass: list[torch.Tensor] = field(default_factory=list)
-
-    def encoding_loss(self) -> torch.Tensor | None:
-        """-log(attention) of the best (layer, head) from each encoding row to its key, averaged."""
-        if not self.enc_log_mass or self.enc_valid is None or not bool(self.enc_valid.any()):
-            return None
-        return -torch.stack(self.enc_log_mass).amax(0)[self.enc_valid].mean()
 
     def loss(self) -> torch.Tensor | None:
         """-log(mass) of the best (layer, head), averaged over the questions that have evidence in context."""
@@ -234,6 +231,25 @@ class AttentionTargets:
             return None
         best = torch.stack(self.log_mass).amax(0)
         return -best[valid].mean()
+
+
+@dataclass
+class EncodingTargets:
+    """Attention supervision inside a causal encoding (contiguous positions): query rows that should attend to
+    one earlier key each (a ball token to the ball of the frame before). ``attend`` fills ``log_prob`` with,
+    per supervised layer, the log attention of the best head from each row to its key, (B, R)."""
+
+    layers: tuple[int, ...]
+    rows: torch.Tensor  # (B, R) indices into [init | video]
+    keys: torch.Tensor  # (B, R)
+    valid: torch.Tensor  # (B, R) bool
+    log_prob: list[torch.Tensor] = field(default_factory=list)
+
+    def loss(self) -> torch.Tensor | None:
+        """-log(attention) of the best (layer, head) from each row to its key, averaged."""
+        if not self.log_prob or not bool(self.valid.any()):
+            return None
+        return -torch.stack(self.log_prob).amax(0)[self.valid].mean()
 
 
 def _evidence_log_mass(qq, keys, mask, scaling: float, targets: AttentionTargets, q_len: int) -> torch.Tensor:
@@ -252,31 +268,30 @@ def _evidence_log_mass(qq, keys, mask, scaling: float, targets: AttentionTargets
     return mass.amax(1)
 
 
-def _encoding_log_prob(qe, ke, scaling: float, targets: AttentionTargets, rope: RotaryTable) -> torch.Tensor:
+def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: RotaryTable) -> torch.Tensor:
     """log(attention) from each supervised row of a causal encoding (positions = indices) to its key, best
     head: (B, R)."""
     b, h, n, d = qe.shape
-    rows = targets.enc_rows.to(qe.device)
+    rows = targets.rows.to(qe.device)
     r = rows.shape[1]
     qa = rotate_batched(rope, qe.gather(2, rows[:, None, :, None].expand(b, h, r, d)), rows)
     kk = rope.rotate(ke, torch.arange(n, device=qe.device))
     causal = torch.arange(n, device=qe.device)[None, None, :] <= rows[..., None]  # (B, R, n)
     probs = attention_weights(qa, kk, scaling, causal[:, None])  # (B, H, R, n)
-    picked = probs.gather(3, targets.enc_keys.to(qe.device)[:, None, :, None].expand(b, h, r, 1)).squeeze(-1)
+    picked = probs.gather(3, targets.keys.to(qe.device)[:, None, :, None].expand(b, h, r, 1)).squeeze(-1)
     return picked.clamp_min(1e-30).log().amax(1)
 
 
 def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q: int, rope: RotaryTable,
-                     targets: AttentionTargets | None = None):
+                     targets: AttentionTargets | None = None, encoding_targets: EncodingTargets | None = None):
     """The per-layer attention callable of one training forward (sequence: init | video | questions)."""
     n_enc = n_init + n_video
 
     def attend(idx: int, q, k, v, scaling):
         b = q.shape[0]
         qe, ke, ve = q[:, :, :n_enc], k[:, :, :n_enc], v[:, :, :n_enc]
-        if (targets is not None and targets.enc_rows is not None and idx in targets.enc_layers
-                and layout.encoding == "causal"):
-            targets.enc_log_mass.append(_encoding_log_prob(qe, ke, scaling, targets, rope))
+        if encoding_targets is not None and idx in encoding_targets.layers and layout.encoding == "causal":
+            encoding_targets.log_prob.append(_encoding_log_prob(qe, ke, scaling, encoding_targets, rope))
         # ---- encoding (init + video)
         if layout.encoding in ("causal", "window"):
             kv = SinkWindowKV(layout.n_local if layout.encoding == "window" else None, query_block=1 << 20)
@@ -453,17 +468,17 @@ class QuestionBatch:
 
 def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.Tensor, qb: QuestionBatch,
                    layout: Layout, targets: AttentionTargets | None = None,
-                   hidden_out: list | None = None) -> torch.Tensor:
+                   hidden_out: list | None = None, encoding_targets: EncodingTargets | None = None) -> torch.Tensor:
     """Logits (B, n_q, q_len, V) of the question tokens under ``layout``; ``visual`` is (B, T, D). With
-    ``targets`` the forward records the attention supervision; ``hidden_out`` receives the hidden states of
-    every layer (transformers' ``hidden_states`` tuple)."""
+    ``targets`` / ``encoding_targets`` the forward records the attention supervision; ``hidden_out``
+    receives the hidden states of every layer (transformers' ``hidden_states`` tuple)."""
     lm = model.model.language_model
     b, n_video = visual.shape[:2]
     embed = lm.embed_tokens
     init = embed(torch.tensor(init_ids).view(1, -1)).expand(b, -1, -1)
     qe = embed(qb.ids.view(b, -1))
     embeds = torch.cat((init, visual.to(init.dtype), qe), dim=1)
-    attend = layout_attention(layout, len(init_ids), n_video, qb.q_len, qb.n_q, rope, targets)
+    attend = layout_attention(layout, len(init_ids), n_video, qb.q_len, qb.n_q, rope, targets, encoding_targets)
     pos = torch.zeros(embeds.shape[:2], dtype=torch.long)
     out = lm(inputs_embeds=embeds, position_ids=pos, use_cache=False, mukv_attention=attend,
              output_hidden_states=hidden_out is not None)
@@ -528,13 +543,17 @@ class MotionProbe(torch.nn.Module):
     four direction embeddings at cosine 0.99. A cosine to those (collapsed) word embeddings, as the
     colour / shape probe uses, did not learn in 60 steps from that checkpoint; the linear head did."""
 
-    def __init__(self, hidden: int, layer: int, attend_layers: tuple[int, ...] = ()) -> None:
+    def __init__(self, hidden: int, layer: int, attend_layers: tuple[int, ...] = (),
+                 words: torch.nn.Embedding | None = None, direction_ids: list[int] | None = None) -> None:
         super().__init__()
         self.layer, self.attend_layers = layer, tuple(attend_layers)
-        self.head = torch.nn.Linear(hidden, len(DIRECTIONS))
+        self.words = [words] if words is not None else None  # a list: not a submodule (the model owns it)
+        self.direction_ids = direction_ids
+        self.head = torch.nn.Linear(hidden, hidden if words is not None else len(DIRECTIONS))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(F.layer_norm(h, h.shape[-1:]))
+        z = self.head(F.layer_norm(h, h.shape[-1:]))
+        return z if self.words is None else z @ self.words[0].weight[self.direction_ids].T
 
     def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], n_init: int) -> torch.Tensor | None:
         """Cross-entropy over the directions at the run's ball tokens after its first frame (None: no run)."""
@@ -552,11 +571,35 @@ class MotionProbe(torch.nn.Module):
         return F.cross_entropy(self.logits(h), torch.tensor(labels))
 
 
-def make_motion_probe(model, cfg: TrainSettings) -> MotionProbe | None:
+def make_motion_probe(model, tokenizer, cfg: TrainSettings) -> MotionProbe | None:
     """The direction-word probe ``cfg`` asks for (None with ``motion_weight`` 0)."""
     if cfg.motion_weight <= 0:
         return None
-    return MotionProbe(model.config.text_config.hidden_size, cfg.motion_layer, tuple(cfg.motion_attend_layers))
+    hidden = model.config.text_config.hidden_size
+    if not cfg.motion_words:
+        return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers))
+    return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers), model.get_input_embeddings(),
+                       tokenizer.convert_tokens_to_ids(list(DIRECTIONS)))
+
+
+ANSWER_SETS: tuple[tuple[str, ...], ...] = (COLOUR_NAMES, OBJECT_SHAPES, NEEDLE_SHAPES, DIRECTIONS,
+                                            tuple(str(n) for n in range(MAX_RINGS + 1)))
+
+
+def answer_word_separation(words: torch.nn.Embedding, sets: list[list[int]], margin: float) -> torch.Tensor:
+    """Mean over the pairs of each answer set of relu(cosine - margin)^2: zero while the set's words stay apart.
+
+    The answer is read through the tied word embeddings, and words the model cannot yet tell apart get the
+    same gradient, so they drift together; once together (up / down at cosine 0.98, the count digits at 0.60
+    in the shipped checkpoint of 2026-11-27) the answer cannot name one rather than the other even when the
+    hidden state knows it. This keeps the words distinct while the rest learns."""
+    losses = []
+    for ids in sets:
+        e = F.normalize(words.weight[ids], dim=-1)
+        cos = e @ e.T
+        off = ~torch.eye(len(ids), dtype=torch.bool)
+        losses.append(F.relu(cos[off] - margin).pow(2).mean())
+    return torch.stack(losses).mean()
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -723,6 +766,9 @@ class AuxLosses:
     attend_weight: float = 0.0
     motion: MotionProbe | None = None
     motion_weight: float = 0.0
+    answer_sets: list[list[int]] | None = None  # token ids of each answer set (answer_word_separation)
+    separate_weight: float = 0.0
+    separate_margin: float = 0.2
 
 
 def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout_name: str,
@@ -742,13 +788,10 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
     targets = (attention_targets(layout, examples, qb, len(init_ids), aux.attend_layers)
                if aux.attend_weight > 0 else None)
     motion = aux.motion if aux.motion is not None and aux.motion_weight > 0 and layout.encoding == "causal" else None
-    if motion is not None and motion.attend_layers:
-        if targets is None:
-            targets = AttentionTargets((), qb.answer_pos, torch.zeros(len(examples), qb.n_q, 1, dtype=torch.bool))
-        targets.enc_layers = motion.attend_layers
-        targets.enc_rows, targets.enc_keys, targets.enc_valid = previous_ball_targets(examples, len(init_ids))
+    previous_ball = (EncodingTargets(motion.attend_layers, *previous_ball_targets(examples, len(init_ids)))
+                     if motion is not None and motion.attend_layers else None)
     hidden: list | None = [] if motion is not None else None
-    logits = forward_layout(model, rope, init_ids, vis, qb, layout, targets, hidden)
+    logits = forward_layout(model, rope, init_ids, vis, qb, layout, targets, hidden, previous_ball)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), qb.targets.reshape(-1), ignore_index=-100)
     extra = {}
     if aux.probe is not None and aux.probe_weight > 0:
@@ -757,8 +800,11 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
         extra["attend"] = (aux.attend_weight, targets.loss())
     if motion is not None:
         extra["motion"] = (aux.motion_weight, motion.loss(tuple(hidden), examples, len(init_ids)))
-        if motion.attend_layers:
-            extra["previous_ball"] = (aux.motion_weight, targets.encoding_loss())
+        if previous_ball is not None:
+            extra["previous_ball"] = (aux.motion_weight, previous_ball.loss())
+    if aux.answer_sets and aux.separate_weight > 0:
+        extra["separate"] = (aux.separate_weight,
+                             answer_word_separation(model.get_input_embeddings(), aux.answer_sets, aux.separate_margin))
     for name, (w, value) in extra.items():
         if value is not None:
             loss = loss + w * value
@@ -824,7 +870,8 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
     init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
     probe = make_probe(model, tokenizer, cfg)
-    motion_probe = make_motion_probe(model, cfg)
+    motion_probe = make_motion_probe(model, tokenizer, cfg)
+    answer_sets = [tokenizer.convert_tokens_to_ids(list(words)) for words in ANSWER_SETS]
     params = list(model.named_parameters()) + list(probe.named_parameters())
     if motion_probe is not None:
         params += list(motion_probe.named_parameters())
@@ -866,7 +913,8 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
         examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings,
                                  questions=cfg.questions_per_stream or None) for s in seeds]
         aux = AuxLosses(probe, cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25),
-                        tuple(cfg.attend_layers), cfg.attend_weight, motion_probe, cfg.motion_weight)
+                        tuple(cfg.attend_layers), cfg.attend_weight, motion_probe, cfg.motion_weight,
+                        answer_sets, cfg.separate_weight, cfg.separate_margin)
         parts: dict[str, float] = {}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, stats = batch_loss(model, rope, tokenizer, init_ids, examples, layout, rng, aux, parts)
