@@ -463,18 +463,18 @@ def test_answer_word_separation_pushes_collapsed_words_apart():
     words = torch.nn.Embedding(6, 16)
     with torch.no_grad():
         words.weight.copy_(torch.eye(6, 16))
-    assert float(answer_word_separation(words, [[0, 1, 2], [3, 4]], 0.2)) == 0.0
+    assert float(answer_word_separation(words, [[0, 1, 2], [3, 4]], 0.2).detach()) == 0.0
     with torch.no_grad():
         words.weight[1] = words.weight[0] + 0.05 * torch.randn(16)  # "up" and "down" at cosine ~0.98
     opt = torch.optim.SGD(words.parameters(), lr=0.5)
-    first = float(answer_word_separation(words, [[0, 1, 2], [3, 4]], 0.2))
+    first = float(answer_word_separation(words, [[0, 1, 2], [3, 4]], 0.2).detach())
     assert first > 0.1
     for _ in range(50):
         opt.zero_grad()
         answer_word_separation(words, [[0, 1, 2], [3, 4]], 0.2).backward()
         opt.step()
     e = torch.nn.functional.normalize(words.weight[:2], dim=-1)
-    assert float(e[0] @ e[1]) < 0.3
+    assert float((e[0] @ e[1]).detach()) < 0.3
 
 
 # ------------------------------------------------------------------------------------ recall diagnostic
