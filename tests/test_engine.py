@@ -79,6 +79,18 @@ def reference_sink_window(q, k, v, n_local: int, n_init: int, rope: RotaryTable,
     return out
 
 
+def spy_on_unmasked_parts(monkeypatch, sizes: list[int]) -> None:
+    """Record how many parts each unmasked-parts call of ``SinkWindowKV`` made (one entry per call)."""
+    parts = SinkWindowKV._unmasked_parts
+
+    def spy(self, *args):
+        out = parts(self, *args)
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(SinkWindowKV, "_unmasked_parts", spy)
+
+
 def stream_layer(layer: SinkWindowKV, q, k, v, n_init: int, chunks: list[int], rope: RotaryTable) -> list:
     """Feed the init tokens (they become the sinks; none with ``n_init`` 0) then ``chunks`` to ``layer``;
     the outputs in order."""
@@ -114,11 +126,9 @@ def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local
     merged by log-sum-exp (own keys, the keys all queries see, the reversed triangle, the sinks), a whole
     chunk at once where it is shorter than the window, and still equal attention by definition; before
     that the masked path runs, block by block."""
-    from mukv.cache import attention
 
     sizes = []
-    merge = attention._merge_parts
-    monkeypatch.setattr(attention, "_merge_parts", lambda parts, dtype: sizes.append(len(parts)) or merge(parts, dtype))
+    spy_on_unmasked_parts(monkeypatch, sizes)
     torch.manual_seed(1)
     n_init, hq, hk, d, chunks = 3, 4, 2, 16, [40, 33, 50]
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
@@ -279,11 +289,9 @@ def test_fused_sink_window_attention_equals_one_softmax(dtype):
 def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkeypatch):
     """A 30-token chunk into a full 50-token window with 3 sinks: one set of unmasked parts (no per-block
     loop), equal to attention by definition."""
-    from mukv.cache import attention
 
     sizes = []
-    merge = attention._merge_parts
-    monkeypatch.setattr(attention, "_merge_parts", lambda parts, dtype: sizes.append(len(parts)) or merge(parts, dtype))
+    spy_on_unmasked_parts(monkeypatch, sizes)
     torch.manual_seed(2)
     n_init, hq, hk, d, chunks = 3, 4, 2, 16, [30, 30, 30, 30]
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))

@@ -13,6 +13,8 @@ Keys and values are kept un-rotated (B, H_kv, L, d); positions are chosen by the
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,9 +50,7 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: flo
                  mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA with grouped KV heads; ``mask`` is boolean (Lq, Lk), True where attention is allowed."""
     _count(q, k)
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-    with sdpa_kernel(_NO_CUDNN):
+    with sdpa_kernel(_NO_CUDNN) if q.device.type == "cuda" else nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
@@ -151,19 +151,18 @@ class SinkWindowKV:
         # Positions relative to the first key in view keep the rotation angles small (as ReKV does).
         q_rot = rope.rotate(q, torch.arange(qa - lo, qb - lo, device=q.device))
         k_rot = rope.rotate_range(kw, 0)
+        sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
+        self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + (self.n_init if sink_needed else 0))
+        if self._fused_applies(q, qa, lo) and not _needs_grad(k_rot, vw):  # before any (Lq, Lk) mask is built
+            try:
+                return _merge_parts(self._unmasked_parts(q, k_rot, vw, q_rot, sink_needed, scaling, rope), q.dtype)
+            except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
+                pass
         qi = torch.arange(qa, qb, device=q.device)[:, None]
         kj = torch.arange(lo, qb, device=q.device)[None, :]
         band = kj <= qi
         if self.n_local is not None:
             band &= (qi - kj) < self.n_local
-        sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
-        self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + (self.n_init if sink_needed else 0))
-        try:
-            parts = self._unmasked_parts(q, qa, lo, k_rot, vw, q_rot, sink_needed, scaling, rope)
-        except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
-            parts = None
-        if parts is not None:
-            return _merge_parts(parts, q.dtype)
         if not sink_needed:
             return grouped_sdpa(q_rot, k_rot, vw, scaling, band)
         # Sink tokens outside a query's window are seen at the fixed distance n_local.
@@ -171,11 +170,10 @@ class SinkWindowKV:
         sink_mask = (qi - torch.arange(self.n_init, device=q.device)[None, :]) >= self.n_local
         return _two_part_attention(q_rot, k_rot, vw, band, q_sink, self.init_k, self.init_v, sink_mask, scaling)
 
-
-    def _unmasked_parts(self, q, qa, lo, k_rot, vw, q_rot, sink_needed, scaling, rope):
+    def _unmasked_parts(self, q, k_rot, vw, q_rot, sink_needed, scaling, rope) -> list[tuple[torch.Tensor, ...]]:
         """The block's attention as parts that need no mask, each run by a fused kernel that returns its
-        log-sum-exp (``_merge_parts`` combines them exactly); None where this does not apply (no such kernel
-        on the device, or a window or sink not yet full at the start of the stream: the masked path).
+        log-sum-exp (``_merge_parts`` combines them exactly). Only where ``_fused_applies``: a kernel exists
+        on the device, and the window and the sinks' distance are full (before that, the masked path).
 
         Keys [lo, qb) of queries [qa, qb) split into: the block's own keys (causal: a square triangle); with
         no window, everything before them (all visible); with a window of n_local, the keys every query
@@ -184,8 +182,6 @@ class SinkWindowKV:
         unmasked part once every query sees them all. Before this, the window was one masked kernel call
         and the mask cost more than the attention: the masked kernels run at half the speed of the fused
         unmasked ones on an H200."""
-        if not self._fused_applies(q, qa, lo) or _needs_grad(k_rot, vw):
-            return None
         kernel = lse_kernel(q.device, q.dtype, q.shape[-1])
         lq = q.shape[-2]
         own = k_rot.shape[-2] - lq
@@ -241,19 +237,24 @@ def _cpu_flash(q, k, v, causal, scaling):
     return out, lse.float()
 
 
+def _lse_rows(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A CUDA kernel's log-sum-exp as (B, H, Lq) fp32 (cuDNN adds a trailing 1, memory-efficient pads Lq)."""
+    return lse.reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+
+
 def _cuda_cudnn(q, k, v, causal, scaling):
     r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scaling)
-    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+    return r[0], _lse_rows(r[1], q)
 
 
 def _cuda_flash(q, k, v, causal, scaling):
     r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scaling)
-    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+    return r[0], _lse_rows(r[1], q)
 
 
 def _cuda_efficient(q, k, v, causal, scaling):
     r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scaling)
-    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+    return r[0], _lse_rows(r[1], q)
 
 
 def lse_kernel(device: torch.device, dtype: torch.dtype, head_dim: int):
@@ -305,10 +306,9 @@ def _two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
             out_b, lse_b = _attention_lse(qb, kb, vb, mask_b, scaling)
         except RuntimeError:  # a kernel constraint (alignment, dtype) not met: the reference path is exact
             return _two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling)
-        m = torch.maximum(lse_a, lse_b)  # a row is never masked in both parts: its own token is in the window
-        wa, wb = (lse_a - m).exp(), (lse_b - m).exp()  # a part with no visible key for a row weighs 0
-        out = (torch.nan_to_num(out_a.float()) * wa[..., None] + torch.nan_to_num(out_b.float()) * wb[..., None])
-        return (out / (wa + wb)[..., None]).to(qa.dtype)
+        # A row is never masked in both parts (its own token is in the window); a part with no visible key for
+        # a row has log-sum-exp -inf, so it weighs 0, and its undefined output is zeroed.
+        return _merge_parts([(torch.nan_to_num(out_a), lse_a), (torch.nan_to_num(out_b), lse_b)], qa.dtype)
     return _two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling)
 
 
