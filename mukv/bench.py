@@ -350,8 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_gflops(dtype, n=8192 if llm.device.type == "cuda" else 2048, device=args.device)  # a GPU needs big tiles
     flops = frame_flops(llm)
     plain = plain_prefill_s_per_frame(llm, args.chunk)
+    plain_roofline = flops["llm"] / plain / 1e9 / peak
     print(f"plain causal prefill of a {args.chunk}-frame chunk: {plain:.4g} s/frame, "
-          f"{flops['llm'] / plain / 1e9 / peak:.3f} of the matmul roofline", flush=True)
+          f"{plain_roofline:.3f} of the matmul roofline", flush=True)
     rows = []
     for name in [m for m in args.methods.split(",") if m]:
         row = bench_method(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
               "device": _device_name(llm.device), "matmul_gflops": peak,
-              "plain_prefill_s_per_frame": plain, "plain_prefill_roofline": flops["llm"] / plain / 1e9 / peak, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
+              "plain_prefill_s_per_frame": plain, "plain_prefill_roofline": plain_roofline, "frame_gflops": {k: v / 1e9 for k, v in flops.items()}, "rows": rows}
     print(markdown(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

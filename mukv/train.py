@@ -534,14 +534,17 @@ class MotionProbe(torch.nn.Module):
     A ball run crosses a row or column one cell per frame. Under a causal encoding, the ball token of each
     frame after the first can attend to the ball of the frame before and read its cell (the visual tokens
     carry their row and column, see :class:`CellProbe`); the direction is the step between the two cells.
-    The probe is a linear head on the language model's hidden state after layer ``layer`` at those ball
-    tokens, and ``attend_layers`` supervises the attention that finds the previous ball (some head of those
-    layers puts its attention on it). The answer then only has to find the ball and copy, as it does for a
+    The probe reads the language model's hidden state after layer ``layer`` at those ball tokens: with
+    ``words`` (``TrainSettings.motion_words``, the recipe) a learned map scored by dot product against the
+    four direction words' embeddings, so the direction the ball tokens learn is tied to the answer words;
+    without, a free linear head. ``attend_layers`` supervises the attention that finds the previous ball
+    (some head of those layers puts its attention on it). The answer then only has to find the ball and copy, as it does for a
     needle's colour (the answer-side attention is ``TrainSettings.attend_weight``'s).
 
     Without it the shipped recipe answered motion questions at chance, "down" two times in three, with the
     four direction embeddings at cosine 0.99. A cosine to those (collapsed) word embeddings, as the
-    colour / shape probe uses, did not learn in 60 steps from that checkpoint; the linear head did."""
+    colour / shape probe uses, did not learn in 60 steps from that checkpoint; the linear head did, and the
+    dot product against the words (with ``answer_word_separation`` keeping them apart) took motion to 100%."""
 
     def __init__(self, hidden: int, layer: int, attend_layers: tuple[int, ...] = (),
                  words: torch.nn.Embedding | None = None, direction_ids: list[int] | None = None) -> None:

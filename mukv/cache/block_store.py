@@ -153,15 +153,15 @@ class BlockStore:
             b.k = _map_leaves(b.k, lambda t: host[id(t)])
             b.v = _map_leaves(b.v, lambda t: host[id(t)])
             b.positions = host[id(b.positions)]
-            b.meta = {key: host[id(m)].tolist() if isinstance(m, torch.Tensor) else m for key, m in b.meta.items()}
-            if b.on_disk:
-                self._settle(b)  # the flush buffer's slice goes to its file (the buffer is freed after)
+            b.meta = {key: host[id(m)] if isinstance(m, torch.Tensor) else m for key, m in b.meta.items()}
+            self._settle(b, owned=True)
 
-    def _settle(self, block: Block) -> None:
-        """Give a block added from host tensors its final home: a copy in host memory, or a file when it spilled."""
+    def _settle(self, block: Block, owned: bool = False) -> None:
+        """Give a block its final home: host memory, or a file when it spilled. ``owned``: its tensors are
+        already the store's own host copies (slices of a flush buffer), kept as they are unless spilled."""
         if block.on_disk:
             block.k, block.v = self._to_disk(block.k, block.id, "k"), self._to_disk(block.v, block.id, "v")
-        else:
+        elif not owned:
             block.k, block.v = self._to_host(block.k), self._to_host(block.v)
         block.positions = block.positions.to("cpu")
         block.meta = {key: m.tolist() if isinstance(m, torch.Tensor) else m for key, m in block.meta.items()}
