@@ -153,6 +153,12 @@ class TrainConfig:
     probe_words: bool = True  # the aux probe scores classes against the answer words' embeddings (CellProbe)
     attend_weight: float = 0.0  # attention supervision on the evidence tokens (mukv/train.py AttentionTargets)
     attend_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    attend_head: str = "best"  # which heads attend_weight supervises: best (any one), mean (all), or an index ("0")
+    attend_types: list[str] = field(default_factory=lambda: ["detail", "current", "motion"])  # supervised types
+    cell_words: bool = False  # "row r" / "column c" are single tokens (mukv/models/nano.py build_word_tokenizer)
+    parse_weight: float = 0.0  # probe of the asked cell at "current" answers (mukv/train.py AskedCellProbe)
+    parse_layer: int = 2
+    parse_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # the answer attends to the cell words
     motion_weight: float = 0.5  # direction probe on the ball tokens' hidden state (mukv/train.py MotionProbe)
     motion_layer: int = 2
     motion_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # ball tokens attend to the previous ball

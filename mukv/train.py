@@ -56,6 +56,7 @@ from mukv.data.synthetic import (
     SyntheticSpec,
     make_video,
 )
+from mukv.errors import ConfigError
 from mukv.models.adapter import DEFAULT_INIT_PROMPT, DEFAULT_QUESTION_TEMPLATE
 from mukv.models.rope import RotaryTable
 
@@ -89,12 +90,26 @@ class TrainSettings:
     aux_weight: float = 0.5  # per-cell colour / shape probe on the visual tokens (x0.25 after ramp_end)
     probe_cells: bool = True  # the probe also predicts each token's cell (puts "where" into the visual tokens)
     probe_words: bool = True  # the probe's classes are the word embeddings of the colour / shape / digit names
-    # attention supervision: some head of layers attend_layers, at each detail / current / motion question's
-    # answer position, puts its attention on the question's evidence tokens (x attend_weight, 0: off). Off in
-    # the recipe: at 1.0 from scratch the heads found the needle, but detail training accuracy stalled at 43%
-    # (93% without it at the same step)
+    # attention supervision: at each answer position of a question of attend_types (detail / current / motion:
+    # the types whose evidence is a few tokens), the heads of the best of attend_layers put their attention on
+    # the question's evidence tokens (x attend_weight, 0: off). Off in the recipe: on every type at 1.0
+    # ("best") from scratch the heads found the needle, but detail training accuracy stalled at 43% (93% without
+    # it at the same step); on "current" only ("mean", layers 2-3, with the cell words and the asked-cell probe:
+    # experiment=nano_current) current reached 100% while detail fell to 78% and motion and count to chance
     attend_weight: float = 0.0
     attend_layers: tuple[int, ...] = (0, 1, 2, 3)
+    attend_head: str = "best"  # best: any one head of a layer; mean: the heads' mean mass; "0", "1", ...: that head
+    attend_types: tuple[str, ...] = ("detail", "current", "motion")
+    # the cell words: "row r" / "column c" are single tokens (build_word_tokenizer), and the probe of the asked
+    # cell reads them at each "current" question's answer position (the hidden state after parse_layer layers)
+    # through the cell words' embeddings (x parse_weight, 0: off). Off in the recipe (experiment=nano_current)
+    cell_words: bool = False
+    parse_weight: float = 0.0
+    parse_layer: int = 2
+    # ... helped by attention supervision: some head of these layers, at those answer positions, attends to the
+    # question's "row r" and "column c" tokens (from scratch, the probe alone stayed at chance: at
+    # initialisation those two tokens get 1/500 of the answer position's attention); () off
+    parse_attend_layers: tuple[int, ...] = (0, 1)
     # the motion probe: a linear head on the language model's hidden state (after layer motion_layer) at each ball
     # token that follows the ball of the frame before predicts the run's direction (x motion_weight, 0: off)
     motion_weight: float = 0.5
@@ -222,15 +237,27 @@ class AttentionTargets:
     layers: tuple[int, ...]
     answer_pos: torch.Tensor  # (B, n_q) index of the answer position within its question (-1: no question)
     target: torch.Tensor  # (B, n_q, C) bool over the layout's context
-    log_mass: list[torch.Tensor] = field(default_factory=list)
+    head: str = "best"  # which heads are supervised: best (any one), mean (all of them), or one index ("0")
+    question_target: torch.Tensor | None = None  # (B, n_q, q_len) bool over each question's own tokens
+    log_mass: list[torch.Tensor] = field(default_factory=list)  # per layer, (B, H, n_q)
 
     def loss(self) -> torch.Tensor | None:
-        """-log(mass) of the best (layer, head), averaged over the questions that have evidence in context."""
+        """-log(mass) of the best supervised layer, averaged over the questions that have evidence in context.
+        Within a layer, ``head`` picks the mass: the best head's (a different head may serve each question),
+        the mean over heads (every head should attend there), or one fixed head's."""
         valid = self.target.any(-1) & (self.answer_pos >= 0)
+        if self.question_target is not None:
+            valid = valid | (self.question_target.any(-1) & (self.answer_pos >= 0))
         if not self.log_mass or not bool(valid.any()):
             return None
-        best = torch.stack(self.log_mass).amax(0)
-        return -best[valid].mean()
+        per_layer = torch.stack(self.log_mass)  # (layers, B, H, n_q)
+        if self.head == "best":
+            per_layer = per_layer.amax(2)
+        elif self.head == "mean":  # log of the heads' mean mass: bounded by the best head's loss + log(H)
+            per_layer = per_layer.logsumexp(2) - math.log(per_layer.shape[2])
+        else:
+            per_layer = per_layer[:, :, int(self.head)]
+        return -per_layer.amax(0)[valid].mean()
 
 
 @dataclass
@@ -253,7 +280,7 @@ class EncodingTargets:
 
 
 def _evidence_log_mass(qq, keys, mask, scaling: float, targets: AttentionTargets, q_len: int) -> torch.Tensor:
-    """log(attention mass on the targets) at the answer positions, best head: (B, n_q)."""
+    """log(attention mass on the targets) at the answer positions, per head: (B, H, n_q)."""
     b, h, _, d = qq.shape
     n_q = targets.answer_pos.shape[1]
     rows = (torch.arange(n_q, device=qq.device)[None, :] * q_len + targets.answer_pos.clamp(min=0))  # (B, n_q)
@@ -263,9 +290,11 @@ def _evidence_log_mass(qq, keys, mask, scaling: float, targets: AttentionTargets
     c = targets.target.shape[-1]
     tgt = torch.zeros_like(allowed)
     tgt[..., :c] = targets.target
+    if targets.question_target is not None:  # question j's own tokens sit at c + j * q_len ...
+        for j in range(n_q):
+            tgt[:, j, c + j * q_len: c + (j + 1) * q_len] = targets.question_target[:, j]
     tgt = torch.where(tgt.any(-1, keepdim=True), tgt, allowed)  # no evidence: mass 1 (excluded from the loss)
-    mass = (probs * tgt[:, None]).sum(-1).clamp_min(1e-30).log()  # (B, H, n_q)
-    return mass.amax(1)
+    return (probs * tgt[:, None]).sum(-1).clamp_min(1e-30).log()
 
 
 def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: RotaryTable) -> torch.Tensor:
@@ -283,9 +312,11 @@ def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: R
 
 
 def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q: int, rope: RotaryTable,
-                     targets: AttentionTargets | None = None, encoding_targets: EncodingTargets | None = None):
+                     targets: AttentionTargets | list[AttentionTargets] | None = None,
+                     encoding_targets: EncodingTargets | None = None):
     """The per-layer attention callable of one training forward (sequence: init | video | questions)."""
     n_enc = n_init + n_video
+    answer_targets = [] if targets is None else [targets] if isinstance(targets, AttentionTargets) else list(targets)
 
     def attend(idx: int, q, k, v, scaling):
         b = q.shape[0]
@@ -327,8 +358,9 @@ def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q:
         mask = torch.cat((layout.ctx_valid[:, None, :].expand(b, n_q * q_len, c), own.expand(b, -1, -1)), dim=-1)
         out_q = grouped_sdpa(qq, torch.cat((kc, kq), -2), torch.cat((vc, v[:, :, n_enc:]), -2), scaling,
                              mask[:, None])
-        if targets is not None and idx in targets.layers:
-            targets.log_mass.append(_evidence_log_mass(qq, torch.cat((kc, kq), -2), mask, scaling, targets, q_len))
+        for t in answer_targets:
+            if idx in t.layers:
+                t.log_mass.append(_evidence_log_mass(qq, torch.cat((kc, kq), -2), mask, scaling, t, q_len))
         return torch.cat((enc_out, out_q), dim=-2)
 
     return attend
@@ -467,7 +499,7 @@ class QuestionBatch:
 
 
 def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.Tensor, qb: QuestionBatch,
-                   layout: Layout, targets: AttentionTargets | None = None,
+                   layout: Layout, targets: AttentionTargets | list[AttentionTargets] | None = None,
                    hidden_out: list | None = None, encoding_targets: EncodingTargets | None = None) -> torch.Tensor:
     """Logits (B, n_q, q_len, V) of the question tokens under ``layout``; ``visual`` is (B, T, D). With
     ``targets`` / ``encoding_targets`` the forward records the attention supervision; ``hidden_out``
@@ -489,17 +521,21 @@ def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.
 
 
 def attention_targets(layout: Layout, examples: list[Example], qb: QuestionBatch, n_init: int,
-                      layers: tuple[int, ...]) -> AttentionTargets:
-    """Each question's evidence tokens (``question_evidence``) as a mask over ``layout``'s context."""
+                      layers: tuple[int, ...], head: str = "best",
+                      types: tuple[str, ...] = QUESTION_TYPES) -> AttentionTargets:
+    """Each question's evidence tokens (``question_evidence``) as a mask over ``layout``'s context (questions
+    of other ``types`` are not supervised)."""
     b, c = layout.ctx_idx.shape
     target = torch.zeros(b, qb.n_q, c, dtype=torch.bool)
     for i, ex in enumerate(examples):
         for j, q in enumerate(ex.questions):
+            if q.qtype not in types:
+                continue
             toks = [ex.token_index(t) for t in question_evidence(q)]
             toks = [n_init + t for t in toks if t is not None]
             if toks:
                 target[i, j] = torch.isin(layout.ctx_idx[i], torch.tensor(toks)) & layout.ctx_valid[i]
-    return AttentionTargets(layers, qb.answer_pos, target)
+    return AttentionTargets(layers, qb.answer_pos, target, head)
 
 
 def motion_runs(ex: Example) -> list[tuple[list[int | None], str]]:
@@ -583,6 +619,69 @@ def make_motion_probe(model, tokenizer, cfg: TrainSettings) -> MotionProbe | Non
         return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers))
     return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers), model.get_input_embeddings(),
                        tokenizer.convert_tokens_to_ids(list(DIRECTIONS)))
+
+
+class AskedCellProbe(torch.nn.Module):
+    """Auxiliary training head (not part of the checkpoint): at each "current" question's answer position, the
+    hidden state after ``layer`` layers (``hidden_states[layer]``) names the asked row and column, scored
+    through one learned map each against the "row r" / "column c" word embeddings (``cell_words``).
+
+    The question gives the cell in words; the answer has to find that cell's token in the last frame. The
+    shipped recipe never moved the cell to the answer position (a linear probe there finds it at chance in
+    every layer; layer 0 attends to the word "row", not the digit after it), so no lookup could form. With the
+    cell words and this probe, fine-tuning the shipped checkpoint named the cell in 100% of held-out questions
+    after 250 steps (``experiments/nano_current_pilot.py``)."""
+
+    def __init__(self, hidden: int, layer: int, words: torch.nn.Embedding, row_ids: list[int],
+                 col_ids: list[int], attend_layers: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.layer, self.attend_layers = layer, tuple(attend_layers)
+        self.words = [words]  # a list: not a submodule (the model owns it)
+        self.row_ids, self.col_ids = row_ids, col_ids
+        self.row = torch.nn.Linear(hidden, hidden, bias=False)
+        self.col = torch.nn.Linear(hidden, hidden, bias=False)
+
+    def logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.layer_norm(h, h.shape[-1:])
+        w = self.words[0].weight
+        return self.row(h) @ w[self.row_ids].T, self.col(h) @ w[self.col_ids].T
+
+    def attention_targets(self, layout: Layout, examples: list[Example], qb: QuestionBatch) -> AttentionTargets:
+        """Some head of ``attend_layers``, at each current question's answer position, attends to the
+        question's "row r" and "column c" tokens (where the probe's answer is read from)."""
+        current = torch.tensor([[q.qtype == "current" for q in ex.questions] + [False] * (qb.n_q - len(ex.questions))
+                                for ex in examples])
+        words = torch.isin(qb.ids, torch.tensor(self.row_ids + self.col_ids)) & current[..., None]
+        no_context = torch.zeros(len(examples), qb.n_q, layout.ctx_idx.shape[1], dtype=torch.bool)
+        return AttentionTargets(self.attend_layers, qb.answer_pos, no_context, "best", words)
+
+    def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
+             n_context: int) -> torch.Tensor | None:
+        """Cross-entropy over the rows plus over the columns (None: no current question in the batch)."""
+        items, cols, cells = [], [], []
+        for i, ex in enumerate(examples):
+            for j, q in enumerate(ex.questions):
+                if q.qtype == "current":
+                    items.append(i)
+                    cols.append(n_context + j * qb.q_len + int(qb.answer_pos[i, j]))
+                    cells.append(q.meta["cell"])
+        if not items:
+            return None
+        row_logits, col_logits = self.logits(hidden[self.layer][torch.tensor(items), torch.tensor(cols)])
+        cell = torch.tensor(cells)
+        return F.cross_entropy(row_logits, cell // GRID) + F.cross_entropy(col_logits, cell % GRID)
+
+
+def make_parse_probe(model, tokenizer, cfg: TrainSettings) -> AskedCellProbe | None:
+    """The asked-cell probe ``cfg`` asks for (None with ``parse_weight`` 0)."""
+    if cfg.parse_weight <= 0:
+        return None
+    from mukv.models.nano import cell_words
+
+    words = cell_words()
+    ids = tokenizer.convert_tokens_to_ids(words)
+    return AskedCellProbe(model.config.text_config.hidden_size, cfg.parse_layer, model.get_input_embeddings(),
+                          ids[:GRID], ids[GRID:], tuple(cfg.parse_attend_layers))
 
 
 ANSWER_SETS: tuple[tuple[str, ...], ...] = (COLOUR_NAMES, OBJECT_SHAPES, NEEDLE_SHAPES, DIRECTIONS,
@@ -708,7 +807,7 @@ class CellProbe(torch.nn.Module):
 
     def __init__(self, hidden: int, cells: bool = False, words: torch.nn.Embedding | None = None,
                  colour_ids: list[int] | None = None, shape_ids: list[int] | None = None,
-                 digit_ids: list[int] | None = None) -> None:
+                 row_ids: list[int] | None = None, col_ids: list[int] | None = None) -> None:
         super().__init__()
         self.words = [words] if words is not None else None  # a list: not a submodule (the model owns it)
         self.row = self.col = None  # word-grounded cell heads (words and cells)
@@ -717,7 +816,8 @@ class CellProbe(torch.nn.Module):
             self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
             self.cell = torch.nn.Linear(hidden, TOKENS_PER_FRAME) if cells else None
         else:
-            self.colour_ids, self.shape_ids, self.digit_ids = colour_ids, shape_ids, digit_ids
+            self.colour_ids, self.shape_ids = colour_ids, shape_ids
+            self.row_ids, self.col_ids = row_ids, col_ids
             self.empty = torch.nn.Parameter(torch.randn(2, hidden) * 0.02)  # "no object" classes
             self.scale = torch.nn.Parameter(torch.tensor(10.0))
             self.cell = None
@@ -742,9 +842,9 @@ class CellProbe(torch.nn.Module):
         loss = (F.cross_entropy(self._word_logits(v, self.colour_ids, 0), col)
                 + F.cross_entropy(self._word_logits(v, self.shape_ids, 1), shp))
         if self.row is not None:
-            digits = self.words[0].weight[self.digit_ids]  # "1" .. "4": the words of "row r column c"
-            loss = loss + F.cross_entropy(self.row(v) @ digits.T, cell // GRID)
-            loss = loss + F.cross_entropy(self.col(v) @ digits.T, cell % GRID)
+            w = self.words[0].weight  # the words of "row r column c": the digits, or the cell words
+            loss = loss + F.cross_entropy(self.row(v) @ w[self.row_ids].T, cell // GRID)
+            loss = loss + F.cross_entropy(self.col(v) @ w[self.col_ids].T, cell % GRID)
         return loss
 
 
@@ -754,9 +854,15 @@ def make_probe(model, tokenizer, cfg: TrainSettings) -> CellProbe:
     if not cfg.probe_words:
         return CellProbe(hidden, cells=cfg.probe_cells)
     ids = tokenizer.convert_tokens_to_ids
+    if cfg.cell_words:  # rows against "row 1" .. "row 4", columns against "column 1" .. "column 4"
+        from mukv.models.nano import cell_words
+
+        row_ids, col_ids = ids(cell_words()[:GRID]), ids(cell_words()[GRID:])
+    else:  # both against the digits "1" .. "4"
+        row_ids = col_ids = ids([str(r + 1) for r in range(GRID)])
     return CellProbe(hidden, cells=cfg.probe_cells, words=model.get_input_embeddings(),
-                     colour_ids=ids(list(COLOUR_NAMES)), shape_ids=ids(list(SHAPES)),
-                     digit_ids=ids([str(r + 1) for r in range(GRID)]))
+                     colour_ids=ids(list(COLOUR_NAMES)), shape_ids=ids(list(SHAPES)), row_ids=row_ids,
+                     col_ids=col_ids)
 
 
 @dataclass
@@ -767,6 +873,10 @@ class AuxLosses:
     probe_weight: float = 0.0
     attend_layers: tuple[int, ...] = ()
     attend_weight: float = 0.0
+    attend_head: str = "best"
+    attend_types: tuple[str, ...] = QUESTION_TYPES
+    parse: AskedCellProbe | None = None
+    parse_weight: float = 0.0
     motion: MotionProbe | None = None
     motion_weight: float = 0.0
     answer_sets: list[list[int]] | None = None  # token ids of each answer set (answer_word_separation)
@@ -788,13 +898,16 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
     vis = visual_tokens(model, pixels_of(frames))
     vis = vis.reshape(len(examples), -1, vis.shape[-1])
     qb = QuestionBatch(tokenizer, examples)
-    targets = (attention_targets(layout, examples, qb, len(init_ids), aux.attend_layers)
-               if aux.attend_weight > 0 else None)
+    targets = (attention_targets(layout, examples, qb, len(init_ids), aux.attend_layers, aux.attend_head,
+                                 aux.attend_types) if aux.attend_weight > 0 else None)
+    parse = aux.parse if aux.parse is not None and aux.parse_weight > 0 else None
+    parse_targets = parse.attention_targets(layout, examples, qb) if parse is not None and parse.attend_layers else None
     motion = aux.motion if aux.motion is not None and aux.motion_weight > 0 and layout.encoding == "causal" else None
     previous_ball = (EncodingTargets(motion.attend_layers, *previous_ball_targets(examples, len(init_ids)))
                      if motion is not None and motion.attend_layers else None)
-    hidden: list | None = [] if motion is not None else None
-    logits = forward_layout(model, rope, init_ids, vis, qb, layout, targets, hidden, previous_ball)
+    hidden: list | None = [] if motion is not None or parse is not None else None
+    logits = forward_layout(model, rope, init_ids, vis, qb, layout, [t for t in (targets, parse_targets) if t is not None],
+                            hidden, previous_ball)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), qb.targets.reshape(-1), ignore_index=-100)
     extra = {}
     if aux.probe is not None and aux.probe_weight > 0:
@@ -805,6 +918,10 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
         extra["motion"] = (aux.motion_weight, motion.loss(tuple(hidden), examples, len(init_ids)))
         if previous_ball is not None:
             extra["previous_ball"] = (aux.motion_weight, previous_ball.loss())
+    if parse is not None:
+        extra["parse"] = (aux.parse_weight, parse.loss(tuple(hidden), examples, qb, len(init_ids) + vis.shape[1]))
+        if parse_targets is not None:
+            extra["parse_attend"] = (aux.parse_weight, parse_targets.loss())
     if aux.answer_sets and aux.separate_weight > 0:
         extra["separate"] = (aux.separate_weight,
                              answer_word_separation(model.get_input_embeddings(), aux.answer_sets, aux.separate_margin))
@@ -863,21 +980,30 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    model, tokenizer = build_nano(cfg.seed, **(dims or {}))
+    if cfg.parse_weight > 0 and not cfg.cell_words:
+        raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
+    model, tokenizer = build_nano(cfg.seed, cfg.cell_words, **(dims or {}))
     if cfg.init_from:
-        from transformers import LlavaOnevisionForConditionalGeneration
+        from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init_from)
     model.model.language_model.config._attn_implementation = attention_hook.register()
     model.train()
     rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
     init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
+    heads = model.config.text_config.num_attention_heads
+    if cfg.attend_head not in ("best", "mean") and not (cfg.attend_head.isdigit() and int(cfg.attend_head) < heads):
+        raise ConfigError("train.attend_head", f"must be 'best', 'mean' or a head index below {heads}, "
+                                               f"got {cfg.attend_head!r}")
     probe = make_probe(model, tokenizer, cfg)
     motion_probe = make_motion_probe(model, tokenizer, cfg)
+    parse_probe = make_parse_probe(model, tokenizer, cfg)
     answer_sets = [tokenizer.convert_tokens_to_ids(list(words)) for words in ANSWER_SETS]
     params = list(model.named_parameters()) + list(probe.named_parameters())
-    if motion_probe is not None:
-        params += list(motion_probe.named_parameters())
+    for extra_probe in (motion_probe, parse_probe):
+        if extra_probe is not None:
+            params += list(extra_probe.named_parameters())
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -915,9 +1041,12 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
         types, rings = step_types(cfg, progress, rng)
         examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings,
                                  questions=cfg.questions_per_stream or None) for s in seeds]
-        aux = AuxLosses(probe, cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25),
-                        tuple(cfg.attend_layers), cfg.attend_weight, motion_probe, cfg.motion_weight,
-                        answer_sets, cfg.separate_weight, cfg.separate_margin)
+        aux = AuxLosses(probe=probe, probe_weight=cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25),
+                        attend_layers=tuple(cfg.attend_layers), attend_weight=cfg.attend_weight,
+                        attend_head=cfg.attend_head, attend_types=tuple(cfg.attend_types), parse=parse_probe,
+                        parse_weight=cfg.parse_weight, motion=motion_probe, motion_weight=cfg.motion_weight,
+                        answer_sets=answer_sets, separate_weight=cfg.separate_weight,
+                        separate_margin=cfg.separate_margin)
         parts: dict[str, float] = {}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, stats = batch_loss(model, rope, tokenizer, init_ids, examples, layout, rng, aux, parts)

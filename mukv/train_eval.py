@@ -62,6 +62,16 @@ def validate_config(cfg: DictConfig) -> None:
             _positive(cfg.train[key], f"train.{key}")
         if cfg.train.min_frames < 2 or cfg.train.min_frames > cfg.train.max_frames:
             raise ConfigError("train.min_frames", "must be in [2, train.max_frames]")
+        head = str(cfg.train.attend_head)
+        if head not in ("best", "mean") and not head.isdigit():
+            raise ConfigError("train.attend_head", f"must be 'best', 'mean' or a head index, got {head!r}")
+        from mukv.data.synthetic import QUESTION_TYPES
+
+        bad = [t for t in cfg.train.attend_types if t not in QUESTION_TYPES]
+        if bad:
+            raise ConfigError("train.attend_types", f"unknown question types {bad}; choose from {list(QUESTION_TYPES)}")
+        if cfg.train.parse_weight > 0 and not cfg.train.cell_words:
+            raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
         return
     _positive(cfg.engine.encode_chunk_size, "engine.encode_chunk_size")
     _positive(cfg.engine.max_new_tokens, "engine.max_new_tokens")

@@ -117,3 +117,21 @@ def test_missing_annotation_file_is_named():
     cfg = compose_cfg("dataset=rvs_ego", "dataset.annotation=/nowhere/ego.json")
     with pytest.raises(ConfigError, match="/nowhere/ego.json"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.attend_head=first", "train.attend_head"),
+    ("train.attend_types=[detail,colour]", "train.attend_types"),
+    ("train.parse_weight=1.0", "train.parse_weight"),  # the asked-cell probe reads the cell words
+])
+def test_invalid_training_values_raise_config_error_naming_the_field(override, field):
+    cfg = compose_cfg("mode=train", "model=nano", "dataset=synthetic", override)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert err.value.field == field and field in str(err.value)
+    validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic"))  # the recipe
+    validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current"))
+    validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic", "train.attend_head=2",
+                                "train.attend_types=[detail,motion]"))
+    cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current")
+    assert cfg.mode == "train" and cfg.train.cell_words and cfg.train.attend_types == ["current"]

@@ -339,3 +339,17 @@ def test_nano_benchmark_set_parses_json_and_keeps_words_as_strings():
                             "query_vector": "mean_query", "n_local": None}, "rekv": {"n_local": 512}}
     with pytest.raises(SystemExit, match="method.knob=value"):
         parse(["rerank=false"])
+
+
+def test_nano_current_pilot_runs_every_option():
+    """`experiments/nano_current_pilot.py` (BENCHMARKS.md section 1): the cell-word tokenizer grafted onto the
+    shipped checkpoint, the asked-cell probe, mean-head supervision and the oracle, two steps each, as a script."""
+    out = subprocess.run([sys.executable, "experiments/nano_current_pilot.py", "--steps", "2", "--heldout", "2",
+                          "--cell-words", "--parse-weight", "1", "--attend-weight", "1", "--attend-head", "mean",
+                          "--oracle-layer", "3", "--threads", "1"], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    held = final["heldout"]
+    assert 0 <= held["acc"] <= 1 and 0 <= held["parse_acc"] <= 1 and len(held["mass"]) == 1
+    assert 2 <= sum(held["answers"].values()) <= 2 * 4  # two held-out streams, up to four distinct questions each

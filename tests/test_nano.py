@@ -66,9 +66,17 @@ def test_word_tokenizer_round_trip():
     assert tok.convert_ids_to_tokens(ids) == ["what", "colour", "was", "the", "star", "?", "<|im_end|>"]
     assert tok.decode(tok("red", add_special_tokens=False).input_ids + ids[-1:], skip_special_tokens=True) == "red"
     assert tok.convert_ids_to_tokens(tok("zebra", add_special_tokens=False).input_ids) == ["[unk]"]
-    # the shipped tokenizer is this one
+    # with the cell words, the grid's "row r" / "column c" are one token each; other numbers stay apart
+    cells = build_word_tokenizer(with_cell_words=True)
+    ids = cells("What shape is at row 2 column 4 now? row 7", add_special_tokens=False).input_ids
+    assert cells.convert_ids_to_tokens(ids) == ["what", "shape", "is", "at", "row 2", "column 4", "now", "?", "row",
+                                                "7"]
+    # the shipped tokenizer is the one its recipe trains with
+    from mukv.models.nano import read_meta
+
     shipped = load_video_llm("nano", None, "cpu", "float32").tokenizer
-    assert shipped.get_vocab() == tok.get_vocab()
+    recipe = read_meta(ASSET_DIR)["settings"].get("cell_words", False)
+    assert shipped.get_vocab() == build_word_tokenizer(with_cell_words=recipe).get_vocab()
 
 
 def test_shipped_checkpoint_answers_held_out_streams(nano):
@@ -377,9 +385,27 @@ def test_attention_targets_mark_each_questions_evidence(layout_name):
     assert seen == {"detail", "current", "motion"} or layout_name == "window"
 
 
+def test_attention_targets_supervise_only_the_chosen_types():
+    """`train.attend_types`: questions of other types get no target (the recipe supervises "current" only)."""
+    from mukv.train import attention_targets, build_layout
+
+    examples = [make_example(TRAIN_SEED_BASE + 40 + i, 8, 0.5, 4.0, questions=12) for i in range(3)]
+    layout, _ = build_layout("full", examples, 5, 8, random.Random(0))
+    qb = QuestionBatch(build_word_tokenizer(), examples)
+    every = attention_targets(layout, examples, qb, 5, (0,))
+    current = attention_targets(layout, examples, qb, 5, (0,), "mean", ("current",))
+    assert current.head == "mean"
+    for i, ex in enumerate(examples):
+        for j, q in enumerate(ex.questions):
+            assert torch.equal(current.target[i, j], every.target[i, j] if q.qtype == "current"
+                               else torch.zeros_like(every.target[i, j]))
+    assert current.target.any() and (every.target.sum() > current.target.sum())
+
+
 def test_evidence_log_mass_is_the_attention_on_the_evidence():
-    """The supervised quantity is the softmax attention mass the best head puts on the evidence, from the
-    answer position, over exactly the keys that position may see."""
+    """The supervised quantity is the softmax attention mass each head puts on the evidence, from the
+    answer position, over exactly the keys that position may see; `train.attend_head` picks the best head,
+    the heads' mean mass, or one head."""
     from mukv.cache.attention import attention_weights
     from mukv.train import AttentionTargets, _evidence_log_mass
 
@@ -397,13 +423,33 @@ def test_evidence_log_mass_is_the_attention_on_the_evidence():
     target[0, 0, int(valid[0].nonzero()[0])] = True
     got = _evidence_log_mass(qq, keys, mask, 0.3, AttentionTargets((0,), answer_pos, target), q_len)
     p = attention_weights(qq, keys, 0.3, mask[:, None])
+    want = torch.zeros(b, h, n_q)
     for i in range(b):
         for q in range(n_q):
             if answer_pos[i, q] < 0 or not target[i, q].any():
                 continue
             row = q * q_len + int(answer_pos[i, q])
-            want = p[i, :, row, :c][:, target[i, q]].sum(-1).max().log()
-            assert torch.allclose(got[i, q], want, atol=1e-5), (i, q)
+            want[i, :, q] = p[i, :, row, :c][:, target[i, q]].sum(-1).log()
+            assert torch.allclose(got[i, :, q], want[i, :, q], atol=1e-5), (i, q)
+    supervised = target.any(-1) & (answer_pos >= 0)
+    for head, reduce in (("best", lambda m: m.amax(1)), ("mean", lambda m: m.exp().mean(1).log()), ("2", lambda m: m[:, 2])):
+        t = AttentionTargets((0,), answer_pos, target, head, log_mass=[got])
+        assert torch.allclose(t.loss(), -reduce(want)[supervised].mean(), atol=1e-5), head
+    assert AttentionTargets((0,), answer_pos, target, "best", log_mass=[got]).loss() <= AttentionTargets(
+        (0,), answer_pos, target, "mean", log_mass=[got]).loss()
+    # targets among each question's own tokens (the cell words the asked-cell probe reads): only keys the
+    # answer position may see count, and a question with no context target is supervised through them
+    own_target = torch.rand(b, n_q, q_len) > 0.5
+    t = AttentionTargets((0,), answer_pos, torch.zeros_like(target), "best", own_target)
+    got = _evidence_log_mass(qq, keys, mask, 0.3, t, q_len)
+    for i in range(b):
+        for q in range(n_q):
+            row = q * q_len + int(answer_pos[i, q])
+            seen = own_target[i, q] & (torch.arange(q_len) <= int(answer_pos[i, q]))
+            if answer_pos[i, q] < 0 or not seen.any():
+                continue
+            want = p[i, :, row, c + q * q_len: c + (q + 1) * q_len][:, seen].sum(-1).log()
+            assert torch.allclose(got[i, :, q], want, atol=1e-5), (i, q)
 
 
 def test_motion_probe_reads_the_ball_after_its_first_frame():
@@ -453,6 +499,49 @@ def test_motion_probe_scores_against_the_direction_words():
     assert torch.allclose(probe.logits(h), z @ words[ids].T, atol=1e-5)
     probe.logits(h)[:, 3].sum().backward()
     assert words.grad[ids[3]].abs().sum() > 0 and words.grad[ids[0]].abs().sum() == 0
+
+
+def test_asked_cell_probe_reads_current_answers_through_the_cell_words():
+    """`train.parse_weight`: the probe is trained at the answer position of "current" questions only, labelled
+    with the asked row and column, and scores them against the "row r" / "column c" embeddings."""
+    from mukv.data.synthetic import GRID
+    from mukv.models.nano import build_nano, cell_words
+    from mukv.train import build_layout, make_parse_probe
+
+    model, tok = build_nano(seed=0, with_cell_words=True)
+    cfg = TrainSettings(cell_words=True, parse_weight=1.0, parse_layer=1)
+    probe = make_parse_probe(model, tok, cfg)
+    assert make_parse_probe(model, tok, TrainSettings(parse_weight=0.0)) is None
+    examples = [make_example(TRAIN_SEED_BASE + 80 + i, 4, 0.5, 4.0, types=("current", "detail"), questions=2)
+                for i in range(3)]
+    qb = QuestionBatch(tok, examples)
+    n_context, d = 7, model.config.text_config.hidden_size
+    hidden = torch.randn(3, n_context + qb.n_q * qb.q_len, d, requires_grad=True)
+    loss = probe.loss((None, hidden), examples, qb, n_context)
+    loss.backward()
+    touched = {(i, t) for i, t in (hidden.grad.abs().sum(-1) > 0).nonzero().tolist()}
+    want = {(i, n_context + j * qb.q_len + int(qb.answer_pos[i, j])) for i, ex in enumerate(examples)
+            for j, q in enumerate(ex.questions) if q.qtype == "current"}
+    assert want and touched == want
+    # the class scores are the maps against the cell words' embeddings
+    ids = tok.convert_tokens_to_ids(cell_words())
+    h = torch.randn(2, d)
+    words = model.get_input_embeddings().weight
+    rows, cols = probe.logits(h)
+    hn = F.layer_norm(h, (d,))
+    assert torch.allclose(rows, probe.row(hn) @ words[ids[:GRID]].T, atol=1e-5)
+    assert torch.allclose(cols, probe.col(hn) @ words[ids[GRID:]].T, atol=1e-5)
+    # its attention targets: each current question's "row r" and "column c" tokens, nothing in the context
+    layout, _ = build_layout("full", examples, n_context, 4, random.Random(0))
+    targets = probe.attention_targets(layout, examples, qb)
+    assert targets.layers == cfg.parse_attend_layers and not targets.target.any()
+    for i, ex in enumerate(examples):
+        for j, q in enumerate(ex.questions):
+            words = tok.convert_ids_to_tokens(qb.ids[i, j][targets.question_target[i, j]].tolist())
+            cell = q.meta["cell"] if q.qtype == "current" else None
+            assert words == ([] if cell is None else [f"row {cell // GRID + 1}", f"column {cell % GRID + 1}"])
+    detail_only = [make_example(TRAIN_SEED_BASE + 90, 4, 0.5, 4.0, types=("detail",), questions=1)]
+    assert probe.loss((None, hidden), detail_only, QuestionBatch(tok, detail_only), n_context) is None
 
 
 def test_answer_word_separation_pushes_collapsed_words_apart():
