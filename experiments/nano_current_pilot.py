@@ -37,7 +37,7 @@ import mukv.train as train
 from mukv.data.synthetic import GRID, TRAIN_SEED_BASE
 from mukv.models import attention_hook
 from mukv.models.adapter import DEFAULT_INIT_PROMPT
-from mukv.models.nano import ASSET_DIR, build_word_tokenizer, cell_words
+from mukv.models.nano import ASSET_DIR, build_word_tokenizer, cell_word_ids, cell_words
 from mukv.models.rope import RotaryTable
 from mukv.train import (
     VAL_SEED_BASE,
@@ -121,8 +121,7 @@ def main() -> None:
     layers = tuple(int(x) for x in args.attend_layers.split(","))
     probe = None
     if args.cell_words:
-        ids = tok.convert_tokens_to_ids(cell_words())
-        probe = AskedCellProbe(hidden, args.parse_layer, model.get_input_embeddings(), ids[:GRID], ids[GRID:])
+        probe = AskedCellProbe(hidden, args.parse_layer, model.get_input_embeddings(), *cell_word_ids(tok))
     oracle = None
     if args.oracle_layer is not None:
         oracle = Oracle(args.oracle_layer, model.config.text_config.num_hidden_layers)
@@ -140,18 +139,14 @@ def main() -> None:
         vis = vis.reshape(len(examples), -1, hidden)
         targets = attention_targets(layout, examples, qb, n_init, layers, args.attend_head, ("current",))
         hid: list = []
-        logits = forward_layout(model, rope, init_ids, vis, qb, layout, targets, hid)
+        logits = forward_layout(model, rope, init_ids, vis, qb, layout, [targets], hid)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), qb.targets.reshape(-1), ignore_index=-100)
         rec = {}
         if args.attend_weight > 0:
             loss = loss + args.attend_weight * targets.loss()
         if probe is not None:
-            parse = probe.loss(tuple(hid), examples, qb, n_init + vis.shape[1])
-            loss = loss + args.parse_weight * parse
-            rows, cols = probe.logits(torch.stack([hid[probe.layer][i, n_init + vis.shape[1] + j * qb.q_len
-                                                                     + int(qb.answer_pos[i, j])]
-                                                   for i, ex in enumerate(examples) for j in range(len(ex.questions))]))
-            cells = torch.tensor([q.meta["cell"] for ex in examples for q in ex.questions])
+            loss = loss + args.parse_weight * probe.loss(tuple(hid), examples, qb, n_init + vis.shape[1])
+            rows, cols, cells = probe.read(tuple(hid), examples, qb, n_init + vis.shape[1])
             rec["parse_acc"] = float(((rows.argmax(-1) == cells // GRID) & (cols.argmax(-1) == cells % GRID))
                                      .float().mean())
         first = logits.gather(2, qb.answer_pos.clamp(min=0)[..., None, None].expand(-1, -1, 1, logits.shape[-1]))

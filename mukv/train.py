@@ -35,6 +35,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -137,6 +138,17 @@ class TrainSettings:
     seed: int = 0
     threads: int = 0  # 0: torch default
 
+    def __post_init__(self) -> None:
+        """The checks that need no model (``validate_config`` runs them through this, before anything loads)."""
+        head = str(self.attend_head)
+        if head not in ("best", "mean") and not head.isdigit():
+            raise ConfigError("train.attend_head", f"must be 'best', 'mean' or a head index, got {head!r}")
+        bad = [t for t in self.attend_types if t not in QUESTION_TYPES]
+        if bad:
+            raise ConfigError("train.attend_types", f"unknown question types {bad}; choose from {list(QUESTION_TYPES)}")
+        if self.parse_weight > 0 and not self.cell_words:
+            raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
+
 
 # ------------------------------------------------------------------------------------------ examples
 @dataclass
@@ -231,8 +243,9 @@ class Layout:
 @dataclass
 class AttentionTargets:
     """Answer-side attention supervision of one forward: at each question's answer position, the context
-    entries it should attend to. ``attend`` fills ``log_mass`` with, per supervised layer, the log of the
-    attention mass the best head of that layer puts on them, (B, n_q)."""
+    entries (and, with ``question_target``, the question's own tokens) it should attend to. ``attend`` fills
+    ``log_mass`` with, per supervised layer, the log of the attention mass each head puts on them,
+    (B, H, n_q)."""
 
     layers: tuple[int, ...]
     answer_pos: torch.Tensor  # (B, n_q) index of the answer position within its question (-1: no question)
@@ -312,11 +325,9 @@ def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: R
 
 
 def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q: int, rope: RotaryTable,
-                     targets: AttentionTargets | list[AttentionTargets] | None = None,
-                     encoding_targets: EncodingTargets | None = None):
+                     targets: Sequence[AttentionTargets] = (), encoding_targets: EncodingTargets | None = None):
     """The per-layer attention callable of one training forward (sequence: init | video | questions)."""
     n_enc = n_init + n_video
-    answer_targets = [] if targets is None else [targets] if isinstance(targets, AttentionTargets) else list(targets)
 
     def attend(idx: int, q, k, v, scaling):
         b = q.shape[0]
@@ -358,7 +369,7 @@ def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q:
         mask = torch.cat((layout.ctx_valid[:, None, :].expand(b, n_q * q_len, c), own.expand(b, -1, -1)), dim=-1)
         out_q = grouped_sdpa(qq, torch.cat((kc, kq), -2), torch.cat((vc, v[:, :, n_enc:]), -2), scaling,
                              mask[:, None])
-        for t in answer_targets:
+        for t in targets:
             if idx in t.layers:
                 t.log_mass.append(_evidence_log_mass(qq, torch.cat((kc, kq), -2), mask, scaling, t, q_len))
         return torch.cat((enc_out, out_q), dim=-2)
@@ -499,7 +510,7 @@ class QuestionBatch:
 
 
 def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.Tensor, qb: QuestionBatch,
-                   layout: Layout, targets: AttentionTargets | list[AttentionTargets] | None = None,
+                   layout: Layout, targets: Sequence[AttentionTargets] = (),
                    hidden_out: list | None = None, encoding_targets: EncodingTargets | None = None) -> torch.Tensor:
     """Logits (B, n_q, q_len, V) of the question tokens under ``layout``; ``visual`` is (B, T, D). With
     ``targets`` / ``encoding_targets`` the forward records the attention supervision; ``hidden_out``
@@ -655,9 +666,10 @@ class AskedCellProbe(torch.nn.Module):
         no_context = torch.zeros(len(examples), qb.n_q, layout.ctx_idx.shape[1], dtype=torch.bool)
         return AttentionTargets(self.attend_layers, qb.answer_pos, no_context, "best", words)
 
-    def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
-             n_context: int) -> torch.Tensor | None:
-        """Cross-entropy over the rows plus over the columns (None: no current question in the batch)."""
+    def read(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
+             n_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(row logits, column logits, asked cell) at every current question's answer position (None: none
+        in the batch); ``n_context`` is where the questions start in the forward's sequence."""
         items, cols, cells = [], [], []
         for i, ex in enumerate(examples):
             for j, q in enumerate(ex.questions):
@@ -667,8 +679,15 @@ class AskedCellProbe(torch.nn.Module):
                     cells.append(q.meta["cell"])
         if not items:
             return None
-        row_logits, col_logits = self.logits(hidden[self.layer][torch.tensor(items), torch.tensor(cols)])
-        cell = torch.tensor(cells)
+        return (*self.logits(hidden[self.layer][torch.tensor(items), torch.tensor(cols)]), torch.tensor(cells))
+
+    def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
+             n_context: int) -> torch.Tensor | None:
+        """Cross-entropy over the rows plus over the columns (None: no current question in the batch)."""
+        read = self.read(hidden, examples, qb, n_context)
+        if read is None:
+            return None
+        row_logits, col_logits, cell = read
         return F.cross_entropy(row_logits, cell // GRID) + F.cross_entropy(col_logits, cell % GRID)
 
 
@@ -676,12 +695,10 @@ def make_parse_probe(model, tokenizer, cfg: TrainSettings) -> AskedCellProbe | N
     """The asked-cell probe ``cfg`` asks for (None with ``parse_weight`` 0)."""
     if cfg.parse_weight <= 0:
         return None
-    from mukv.models.nano import cell_words
+    from mukv.models.nano import cell_word_ids
 
-    words = cell_words()
-    ids = tokenizer.convert_tokens_to_ids(words)
     return AskedCellProbe(model.config.text_config.hidden_size, cfg.parse_layer, model.get_input_embeddings(),
-                          ids[:GRID], ids[GRID:], tuple(cfg.parse_attend_layers))
+                          *cell_word_ids(tokenizer), tuple(cfg.parse_attend_layers))
 
 
 ANSWER_SETS: tuple[tuple[str, ...], ...] = (COLOUR_NAMES, OBJECT_SHAPES, NEEDLE_SHAPES, DIRECTIONS,
@@ -855,9 +872,9 @@ def make_probe(model, tokenizer, cfg: TrainSettings) -> CellProbe:
         return CellProbe(hidden, cells=cfg.probe_cells)
     ids = tokenizer.convert_tokens_to_ids
     if cfg.cell_words:  # rows against "row 1" .. "row 4", columns against "column 1" .. "column 4"
-        from mukv.models.nano import cell_words
+        from mukv.models.nano import cell_word_ids
 
-        row_ids, col_ids = ids(cell_words()[:GRID]), ids(cell_words()[GRID:])
+        row_ids, col_ids = cell_word_ids(tokenizer)
     else:  # both against the digits "1" .. "4"
         row_ids = col_ids = ids([str(r + 1) for r in range(GRID)])
     return CellProbe(hidden, cells=cfg.probe_cells, words=model.get_input_embeddings(),
@@ -980,8 +997,6 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    if cfg.parse_weight > 0 and not cfg.cell_words:
-        raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
     model, tokenizer = build_nano(cfg.seed, cfg.cell_words, **(dims or {}))
     if cfg.init_from:
         from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
@@ -993,9 +1008,8 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
     init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
     heads = model.config.text_config.num_attention_heads
-    if cfg.attend_head not in ("best", "mean") and not (cfg.attend_head.isdigit() and int(cfg.attend_head) < heads):
-        raise ConfigError("train.attend_head", f"must be 'best', 'mean' or a head index below {heads}, "
-                                               f"got {cfg.attend_head!r}")
+    if cfg.attend_head.isdigit() and int(cfg.attend_head) >= heads:  # the format is checked by TrainSettings
+        raise ConfigError("train.attend_head", f"must be a head index below {heads}, got {cfg.attend_head!r}")
     probe = make_probe(model, tokenizer, cfg)
     motion_probe = make_motion_probe(model, tokenizer, cfg)
     parse_probe = make_parse_probe(model, tokenizer, cfg)

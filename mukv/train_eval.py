@@ -62,16 +62,9 @@ def validate_config(cfg: DictConfig) -> None:
             _positive(cfg.train[key], f"train.{key}")
         if cfg.train.min_frames < 2 or cfg.train.min_frames > cfg.train.max_frames:
             raise ConfigError("train.min_frames", "must be in [2, train.max_frames]")
-        head = str(cfg.train.attend_head)
-        if head not in ("best", "mean") and not head.isdigit():
-            raise ConfigError("train.attend_head", f"must be 'best', 'mean' or a head index, got {head!r}")
-        from mukv.data.synthetic import QUESTION_TYPES
+        from mukv.train import TrainSettings
 
-        bad = [t for t in cfg.train.attend_types if t not in QUESTION_TYPES]
-        if bad:
-            raise ConfigError("train.attend_types", f"unknown question types {bad}; choose from {list(QUESTION_TYPES)}")
-        if cfg.train.parse_weight > 0 and not cfg.train.cell_words:
-            raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
+        TrainSettings(**train_settings(cfg))  # its own checks (attention heads and types, the asked-cell probe)
         return
     _positive(cfg.engine.encode_chunk_size, "engine.encode_chunk_size")
     _positive(cfg.engine.max_new_tokens, "engine.max_new_tokens")
@@ -278,17 +271,23 @@ def _log_wandb(cfg: DictConfig, resolved: dict[str, Any], out: Path, method: str
     wb.finish()
 
 
+def train_settings(cfg: DictConfig) -> dict:
+    """``cfg.train`` as ``TrainSettings`` keyword arguments (``publish`` is the run's, not the recipe's)."""
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    t.pop("publish")
+    return t
+
+
 def train_nano_from_config(cfg: DictConfig, out: Path) -> RunResult:
     """mode=train: train the nano model; checkpoints in ``<run>/nano/{last,best}`` (``train.publish=true``
     also copies the best over the shipped ``mukv/assets/nano``)."""
     from mukv.models.nano import ASSET_DIR
     from mukv.train import TrainSettings, train_nano
 
-    t = OmegaConf.to_container(cfg.train, resolve=True)
-    publish = t.pop("publish")
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
-    record = train_nano(TrainSettings(**t), out / "nano", publish_dir=ASSET_DIR if publish else None)
+    record = train_nano(TrainSettings(**train_settings(cfg)), out / "nano",
+                        publish_dir=ASSET_DIR if cfg.train.publish else None)
     val = record.get("val") or {}
     metrics = {"method": "train", "dataset": cfg.dataset.name, "model": cfg.model.name, "steps": record["steps"],
                "accuracy": val.get("mean"), "val_accuracy": val, "wall_s": time.time() - started,

@@ -49,6 +49,12 @@ def cell_words() -> list[str]:
     return [f"row {r + 1}" for r in range(GRID)] + [f"column {c + 1}" for c in range(GRID)]
 
 
+def cell_word_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of "row 1" .. "row 4" and of "column 1" .. "column 4" in a cell-word tokenizer."""
+    ids = tokenizer.convert_tokens_to_ids(cell_words())
+    return ids[:GRID], ids[GRID:]
+
+
 def nano_vocabulary(with_cell_words: bool = False) -> list[str]:
     """Word list (order fixed: the checkpoint's embedding rows follow it)."""
     words = ["[UNK]", *_WORDS, *COLOUR_NAMES, *SHAPES, *DIRECTIONS, *[str(i) for i in range(10)]]
