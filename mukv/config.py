@@ -151,18 +151,25 @@ class TrainConfig:
     aux_weight: float = 0.5
     probe_cells: bool = True  # the aux probe also predicts each visual token's cell (see mukv/train.py CellProbe)
     probe_words: bool = True  # the aux probe scores classes against the answer words' embeddings (CellProbe)
-    attend_weight: float = 0.0  # attention supervision on the evidence tokens (mukv/train.py AttentionTargets)
-    attend_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    attend_head: str = "best"  # which heads attend_weight supervises: best (any one), mean (all), or an index ("0")
-    attend_types: list[str] = field(default_factory=lambda: ["detail", "current", "motion"])  # supervised types
-    cell_words: bool = False  # "row r" / "column c" are single tokens (mukv/models/nano.py build_word_tokenizer)
-    parse_weight: float = 0.0  # probe of the asked cell at "current" answers (mukv/train.py AskedCellProbe)
+    attend_weight: float = 1.0  # attention supervision on the evidence tokens (mukv/train.py AttentionTargets)
+    attend_layers: list[int] = field(default_factory=lambda: [2, 3])
+    attend_head: str = "mean"  # which heads attend_weight supervises: best (any one), mean (all), or an index ("0")
+    attend_types: list[str] = field(default_factory=lambda: ["current"])  # supervised types
+    attend_until: float = 0.5  # attend_weight applies until this fraction of the schedule
+    count_weight: float = 1.0  # a head spreads its attention over the rings + a sink at "count" answers (CountTargets)
+    count_layer: int = 1
+    count_head: int = 3
+    cell_words: bool = True  # "row r" / "column c" are single tokens (mukv/models/nano.py build_word_tokenizer)
+    parse_weight: float = 1.0  # probe of the asked cell at "current" answers (mukv/train.py AskedCellProbe)
     parse_layer: int = 2
     parse_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # the answer attends to the cell words
     motion_weight: float = 0.5  # direction probe on the ball tokens' hidden state (mukv/train.py MotionProbe)
     motion_layer: int = 2
     motion_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # ball tokens attend to the previous ball
     motion_words: bool = True  # the direction probe scores against the direction words' embeddings (MotionProbe)
+    order_weight: float = 0.0  # at each needle token, which needles came before (mukv/train.py OrderProbe)
+    order_layer: int = 2
+    order_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # needle tokens attend to earlier needles
     separate_weight: float = 1.0  # keeps each answer set's word embeddings apart (mukv/train.py answer_word_separation)
     separate_margin: float = 0.2
     detail_share: float = 0.1

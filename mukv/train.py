@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from mukv.cache.attention import SinkWindowKV, attention_weights, grouped_sdpa
 from mukv.data.synthetic import (
     COLOUR_NAMES,
+    COUNT_SHAPE,
     DIRECTIONS,
     GRID,
     MAX_RINGS,
@@ -93,19 +94,30 @@ class TrainSettings:
     probe_words: bool = True  # the probe's classes are the word embeddings of the colour / shape / digit names
     # attention supervision: at each answer position of a question of attend_types (detail / current / motion:
     # the types whose evidence is a few tokens), the heads of the best of attend_layers put their attention on
-    # the question's evidence tokens (x attend_weight, 0: off). Off in the recipe: on every type at 1.0
-    # ("best") from scratch the heads found the needle, but detail training accuracy stalled at 43% (93% without
-    # it at the same step); on "current" only ("mean", layers 2-3, with the cell words and the asked-cell probe:
-    # experiment=nano_current) current reached 100% while detail fell to 78% and motion and count to chance
-    attend_weight: float = 0.0
-    attend_layers: tuple[int, ...] = (0, 1, 2, 3)
-    attend_head: str = "best"  # best: any one head of a layer; mean: the heads' mean mass; "0", "1", ...: that head
-    attend_types: tuple[str, ...] = ("detail", "current", "motion")
+    # the question's evidence tokens (x attend_weight, 0: off). The recipe: "current" only, the mean over the
+    # heads of layer 2 or 3 (with the cell words and the asked-cell probe below), until attend_until. On every
+    # type at 1.0 ("best") from scratch the heads found the needle, but detail training accuracy stalled at 43%
+    # (93% without it at the same step); on "current" to the end of the schedule (experiment=nano_current)
+    # current reached 100% while detail fell to 78% and motion and count to chance
+    attend_weight: float = 1.0
+    attend_layers: tuple[int, ...] = (2, 3)
+    attend_head: str = "mean"  # best: any one head of a layer; mean: the heads' mean mass; "0", "1", ...: that head
+    attend_types: tuple[str, ...] = ("current",)
+    # ... only until this progress (1.0: the whole schedule): releasing the heads halfway brought detail and
+    # motion back (to 99 / 100% in range) with current kept at 99%
+    attend_until: float = 0.5
+    # counting: at each "count" answer position, head count_head of layer count_layer spreads its attention
+    # uniformly over the ring tokens in context and the init prompt's tokens (a sink of n), so that its output
+    # moves with k / (k + n) for k rings (x count_weight, 0: off; cross-entropy to that distribution). Without
+    # it, count training accuracy stayed at chance in every recipe; with it, count is 99% in range
+    count_weight: float = 1.0
+    count_layer: int = 1
+    count_head: int = 3
     # the cell words: "row r" / "column c" are single tokens (build_word_tokenizer), and the probe of the asked
     # cell reads them at each "current" question's answer position (the hidden state after parse_layer layers)
-    # through the cell words' embeddings (x parse_weight, 0: off). Off in the recipe (experiment=nano_current)
-    cell_words: bool = False
-    parse_weight: float = 0.0
+    # through the cell words' embeddings (x parse_weight, 0: off)
+    cell_words: bool = True
+    parse_weight: float = 1.0
     parse_layer: int = 2
     # ... helped by attention supervision: some head of these layers, at those answer positions, attends to the
     # question's "row r" and "column c" tokens (from scratch, the probe alone stayed at chance: at
@@ -121,6 +133,14 @@ class TrainSettings:
     # ... whose classes are the direction words' embeddings (through a learned map: a dot product, as the cell
     # probe's row / column heads), not a free linear head: the internal direction is then tied to the words
     motion_words: bool = True
+    # the order probe: at each needle token, a head on the hidden state after layer order_layer names the needle
+    # shapes shown before it (multi-label, scored against the needle words' embeddings), so that the later
+    # needle's token carries the earlier one's word and an "order" answer can copy it as detail copies a colour
+    # (x order_weight, 0: off); helped by attention supervision within the encoding: some head of
+    # order_attend_layers at each needle token attends to each earlier needle; () off
+    order_weight: float = 0.0
+    order_layer: int = 2
+    order_attend_layers: tuple[int, ...] = (0, 1)
     # answer-word separation: within each answer set (colours, object shapes, needle shapes, directions, count
     # digits) every pair of word embeddings above cosine separate_margin is penalised (x separate_weight, 0: off)
     separate_weight: float = 1.0
@@ -138,6 +158,10 @@ class TrainSettings:
     seed: int = 0
     threads: int = 0  # 0: torch default
 
+    def attend_weight_at(self, progress: float) -> float:
+        """``attend_weight`` at this point of the schedule (off from ``attend_until`` on)."""
+        return self.attend_weight if progress < self.attend_until else 0.0
+
     def __post_init__(self) -> None:
         """The checks that need no model (``validate_config`` runs them through this, before anything loads)."""
         head = str(self.attend_head)
@@ -146,6 +170,11 @@ class TrainSettings:
         bad = [t for t in self.attend_types if t not in QUESTION_TYPES]
         if bad:
             raise ConfigError("train.attend_types", f"unknown question types {bad}; choose from {list(QUESTION_TYPES)}")
+        if not 0.0 <= self.attend_until <= 1.0:
+            raise ConfigError("train.attend_until", f"is a fraction of the schedule in [0, 1], got {self.attend_until}")
+        if self.count_layer < 0 or self.count_head < 0:
+            raise ConfigError("train.count_layer" if self.count_layer < 0 else "train.count_head",
+                              "must be a layer / head index (>= 0)")
         if self.parse_weight > 0 and not self.cell_words:
             raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
 
@@ -160,6 +189,8 @@ class Example:
     cell_colour: np.ndarray | None = None  # (F, 16) colour index per cell, len(COLOUR_NAMES) = empty
     cell_shape: np.ndarray | None = None  # (F, 16) shape index per cell, len(SHAPES) = empty
     kept_frames: list[int] | None = None  # frames of the original stream kept here (``uniform``), None: all
+    ring_tokens: tuple[int, ...] = ()  # the counted rings' tokens (frame * 16 + cell) within the video
+    needle_tokens: tuple[tuple[int, str], ...] = ()  # (token, shape) of each needle shown, in time order
 
     def token_index(self, t: int) -> int | None:
         """Where original video token ``t`` sits in this example's frames (None: its frame was dropped)."""
@@ -195,8 +226,12 @@ def make_example(seed: int, n_frames: int, fps: float, gap_s: float, split: str 
     occ = scene.occupancy[:n_frames]
     colour_of = np.array([COLOUR_NAMES.index(i.colour) for i in scene.instances] + [len(COLOUR_NAMES)])
     shape_of = np.array([SHAPES.index(i.shape) for i in scene.instances] + [len(SHAPES)])
+    rings = tuple(sorted(i.start * TOKENS_PER_FRAME + i.cell for i in scene.instances
+                         if i.shape == COUNT_SHAPE and i.start < n_frames))
+    needles = tuple(sorted((i.start * TOKENS_PER_FRAME + i.cell, i.shape) for i in scene.instances
+                           if i.shape in NEEDLE_SHAPES and i.start < n_frames))
     return Example(video.source.frames(0, n_frames), video.questions, {t // TOKENS_PER_FRAME for t in tokens},
-                   tokens, colour_of[occ], shape_of[occ])
+                   tokens, colour_of[occ], shape_of[occ], ring_tokens=rings, needle_tokens=needles)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -254,6 +289,18 @@ class AttentionTargets:
     question_target: torch.Tensor | None = None  # (B, n_q, q_len) bool over each question's own tokens
     log_mass: list[torch.Tensor] = field(default_factory=list)  # per layer, (B, H, n_q)
 
+    def record(self, probs: torch.Tensor, allowed: torch.Tensor, q_len: int) -> None:
+        """Keep the log of the attention mass each head puts on the targets (``probs`` / ``allowed`` as
+        ``_answer_attention`` returns them)."""
+        n_q, c = self.target.shape[1:]
+        tgt = torch.zeros_like(allowed)
+        tgt[..., :c] = self.target
+        if self.question_target is not None:  # question j's own tokens sit at c + j * q_len ...
+            for j in range(n_q):
+                tgt[:, j, c + j * q_len: c + (j + 1) * q_len] = self.question_target[:, j]
+        tgt = torch.where(tgt.any(-1, keepdim=True), tgt, allowed)  # no evidence: mass 1 (excluded from the loss)
+        self.log_mass.append((probs * tgt[:, None]).sum(-1).clamp_min(1e-30).log())
+
     def loss(self) -> torch.Tensor | None:
         """-log(mass) of the best supervised layer, averaged over the questions that have evidence in context.
         Within a layer, ``head`` picks the mass: the best head's (a different head may serve each question),
@@ -292,22 +339,62 @@ class EncodingTargets:
         return -torch.stack(self.log_prob).amax(0)[self.valid].mean()
 
 
-def _evidence_log_mass(qq, keys, mask, scaling: float, targets: AttentionTargets, q_len: int) -> torch.Tensor:
-    """log(attention mass on the targets) at the answer positions, per head: (B, H, n_q)."""
+def _answer_attention(qq, keys, mask, scaling: float, answer_pos: torch.Tensor,
+                      q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head's attention at each question's answer position, (B, H, n_q, K), and which keys that position
+    may see, (B, n_q, K)."""
     b, h, _, d = qq.shape
-    n_q = targets.answer_pos.shape[1]
-    rows = (torch.arange(n_q, device=qq.device)[None, :] * q_len + targets.answer_pos.clamp(min=0))  # (B, n_q)
+    n_q = answer_pos.shape[1]
+    rows = (torch.arange(n_q, device=qq.device)[None, :] * q_len + answer_pos.clamp(min=0))  # (B, n_q)
     qa = qq.gather(2, rows[:, None, :, None].expand(b, h, n_q, d))
     allowed = mask.gather(1, rows[..., None].expand(-1, -1, mask.shape[-1]))  # (B, n_q, K)
-    probs = attention_weights(qa, keys, scaling, allowed[:, None])  # (B, H, n_q, K)
-    c = targets.target.shape[-1]
-    tgt = torch.zeros_like(allowed)
-    tgt[..., :c] = targets.target
-    if targets.question_target is not None:  # question j's own tokens sit at c + j * q_len ...
-        for j in range(n_q):
-            tgt[:, j, c + j * q_len: c + (j + 1) * q_len] = targets.question_target[:, j]
-    tgt = torch.where(tgt.any(-1, keepdim=True), tgt, allowed)  # no evidence: mass 1 (excluded from the loss)
-    return (probs * tgt[:, None]).sum(-1).clamp_min(1e-30).log()
+    return attention_weights(qa, keys, scaling, allowed[:, None]), allowed
+
+
+@dataclass
+class CountTargets:
+    """Counting supervision of one forward: at each "count" answer position, head ``head`` of layer ``layer``
+    should attend with ``target``, a distribution over the context (uniform over the rings in context and the
+    n init-prompt tokens, a constant sink: its output then moves with k / (k + n) for k rings, the way a
+    transformer can count; with n = 11 the steps between counts stay within 1.6x of each other, where one
+    sink token would leave 0, 1/2, 2/3, 3/4, 4/5).
+    ``record`` keeps the cross-entropy to it."""
+
+    layer: int
+    head: int
+    answer_pos: torch.Tensor  # (B, n_q)
+    target: torch.Tensor  # (B, n_q, C) float, rows sum to 1 (all zero: not a count question)
+    cross_entropy: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def record(self, probs: torch.Tensor, allowed: torch.Tensor, q_len: int) -> None:
+        c = self.target.shape[-1]
+        valid = (self.target.sum(-1) > 0) & (self.answer_pos >= 0)
+        if bool(valid.any()):
+            ce = -(self.target * probs[:, self.head, :, :c].clamp_min(1e-30).log()).sum(-1)  # (B, n_q)
+            self.cross_entropy.append(ce[valid].mean())
+
+    def loss(self) -> torch.Tensor | None:
+        return self.cross_entropy[0] if self.cross_entropy else None
+
+
+def count_targets(layout: Layout, examples: list[Example], qb: QuestionBatch, n_init: int, layer: int,
+                  head: int) -> CountTargets:
+    """Each "count" question's target distribution over ``layout``'s context: the rings it can see (a ring
+    dropped by the layout cannot be counted; the answer loss still asks the true count) and the init prompt."""
+    b, c = layout.ctx_idx.shape
+    target = torch.zeros(b, qb.n_q, c)
+    for i, ex in enumerate(examples):
+        rings = [n_init + t for t in (ex.token_index(r) for r in ex.ring_tokens) if t is not None]
+        seen = torch.isin(layout.ctx_idx[i], torch.tensor(rings, dtype=torch.long)) & layout.ctx_valid[i]
+        seen |= (layout.ctx_idx[i] < n_init) & layout.ctx_valid[i]  # every layout's context keeps the init prompt
+        for j, q in enumerate(ex.questions):
+            if q.qtype == "count":
+                target[i, j] = seen.float() / seen.sum()
+    return CountTargets(layer, head, qb.answer_pos, target)
 
 
 def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: RotaryTable) -> torch.Tensor:
@@ -325,15 +412,17 @@ def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: R
 
 
 def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q: int, rope: RotaryTable,
-                     targets: Sequence[AttentionTargets] = (), encoding_targets: EncodingTargets | None = None):
+                     targets: Sequence[AttentionTargets | CountTargets] = (),
+                     encoding_targets: Sequence[EncodingTargets] = ()):
     """The per-layer attention callable of one training forward (sequence: init | video | questions)."""
     n_enc = n_init + n_video
 
     def attend(idx: int, q, k, v, scaling):
         b = q.shape[0]
         qe, ke, ve = q[:, :, :n_enc], k[:, :, :n_enc], v[:, :, :n_enc]
-        if encoding_targets is not None and idx in encoding_targets.layers and layout.encoding == "causal":
-            encoding_targets.log_prob.append(_encoding_log_prob(qe, ke, scaling, encoding_targets, rope))
+        for et in encoding_targets:
+            if idx in et.layers and layout.encoding == "causal":
+                et.log_prob.append(_encoding_log_prob(qe, ke, scaling, et, rope))
         # ---- encoding (init + video)
         if layout.encoding in ("causal", "window"):
             kv = SinkWindowKV(layout.n_local if layout.encoding == "window" else None, query_block=1 << 20)
@@ -371,7 +460,7 @@ def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q:
                              mask[:, None])
         for t in targets:
             if idx in t.layers:
-                t.log_mass.append(_evidence_log_mass(qq, torch.cat((kc, kq), -2), mask, scaling, t, q_len))
+                t.record(*_answer_attention(qq, torch.cat((kc, kq), -2), mask, scaling, t.answer_pos, q_len), q_len)
         return torch.cat((enc_out, out_q), dim=-2)
 
     return attend
@@ -510,8 +599,8 @@ class QuestionBatch:
 
 
 def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.Tensor, qb: QuestionBatch,
-                   layout: Layout, targets: Sequence[AttentionTargets] = (),
-                   hidden_out: list | None = None, encoding_targets: EncodingTargets | None = None) -> torch.Tensor:
+                   layout: Layout, targets: Sequence[AttentionTargets | CountTargets] = (),
+                   hidden_out: list | None = None, encoding_targets: Sequence[EncodingTargets] = ()) -> torch.Tensor:
     """Logits (B, n_q, q_len, V) of the question tokens under ``layout``; ``visual`` is (B, T, D). With
     ``targets`` / ``encoding_targets`` the forward records the attention supervision; ``hidden_out``
     receives the hidden states of every layer (transformers' ``hidden_states`` tuple)."""
@@ -555,6 +644,18 @@ def motion_runs(ex: Example) -> list[tuple[list[int | None], str]]:
             if q.qtype == "motion"]
 
 
+def pair_targets(pairs: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, ...]:
+    """(rows, keys, valid) of per-example (query row, key) index pairs, padded to one length."""
+    r = max(1, max(len(p) for p in pairs))
+    rows = torch.zeros(len(pairs), r, dtype=torch.long)
+    keys = torch.zeros(len(pairs), r, dtype=torch.long)
+    valid = torch.zeros(len(pairs), r, dtype=torch.bool)
+    for i, item in enumerate(pairs):
+        for j, (a, b) in enumerate(item):
+            rows[i, j], keys[i, j], valid[i, j] = a, b, True
+    return rows, keys, valid
+
+
 def previous_ball_targets(examples: list[Example], n_init: int) -> tuple[torch.Tensor, ...]:
     """(rows, keys, valid) of the ball tokens of frames 2-4 of each motion run and the ball token of the
     frame before each, as indices into [init | video] (runs whose frames were dropped are left out)."""
@@ -565,14 +666,65 @@ def previous_ball_targets(examples: list[Example], n_init: int) -> tuple[torch.T
             item += [(n_init + a, n_init + b) for b, a in zip(run[:-1], run[1:], strict=True)
                      if a is not None and b is not None]
         pairs.append(item)
-    r = max(1, max(len(p) for p in pairs))
-    rows = torch.zeros(len(examples), r, dtype=torch.long)
-    keys = torch.zeros(len(examples), r, dtype=torch.long)
-    valid = torch.zeros(len(examples), r, dtype=torch.bool)
-    for i, item in enumerate(pairs):
-        for j, (a, b) in enumerate(item):
-            rows[i, j], keys[i, j], valid[i, j] = a, b, True
-    return rows, keys, valid
+    return pair_targets(pairs)
+
+
+def shown_needles(ex: Example) -> list[tuple[int, str]]:
+    """(token in this example's frames, shape) of each needle whose frame is kept, in time order."""
+    return [(t, shape) for t, shape in ((ex.token_index(t), shape) for t, shape in ex.needle_tokens) if t is not None]
+
+
+def earlier_needle_targets(examples: list[Example], n_init: int) -> tuple[torch.Tensor, ...]:
+    """(rows, keys, valid): each needle token with each needle token before it, as indices into [init | video]."""
+    pairs = []
+    for ex in examples:
+        shown = shown_needles(ex)
+        pairs.append([(n_init + t, n_init + u) for k, (t, _) in enumerate(shown) for u, _ in shown[:k]])
+    return pair_targets(pairs)
+
+
+class OrderProbe(torch.nn.Module):
+    """Auxiliary training head (not part of the checkpoint): puts into each needle's token which needles came
+    before it. Under a causal encoding a needle token can attend to the needles before it (``attend_layers``
+    supervises that); the probe reads the hidden state after layer ``layer`` there and scores it, through a
+    learned map, against the needle words' embeddings, one yes / no per needle shape. "Which came first, the
+    X or the Y?" is then answered by copying the needle word the later of the two carries, as a detail
+    answer copies a colour."""
+
+    def __init__(self, hidden: int, layer: int, attend_layers: tuple[int, ...], words: torch.nn.Embedding,
+                 needle_ids: list[int]) -> None:
+        super().__init__()
+        self.layer, self.attend_layers = layer, tuple(attend_layers)
+        self.words = [words]  # a list: not a submodule (the model owns it)
+        self.needle_ids = needle_ids
+        self.head = torch.nn.Linear(hidden, hidden)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(F.layer_norm(h, h.shape[-1:])) @ self.words[0].weight[self.needle_ids].T
+
+    def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], n_init: int) -> torch.Tensor | None:
+        """Binary cross-entropy, per needle shape, of "shown before this needle" at every needle token
+        (None: no needle in the batch)."""
+        rows, cols, labels = [], [], []
+        for i, ex in enumerate(examples):
+            shown = shown_needles(ex)
+            for k, (t, _) in enumerate(shown):
+                before = {shape for _, shape in shown[:k]}
+                rows.append(i)
+                cols.append(n_init + t)
+                labels.append([float(s in before) for s in NEEDLE_SHAPES])
+        if not rows:
+            return None
+        h = hidden[self.layer][torch.tensor(rows), torch.tensor(cols)]
+        return F.binary_cross_entropy_with_logits(self.logits(h), torch.tensor(labels))
+
+
+def make_order_probe(model, tokenizer, cfg: TrainSettings) -> OrderProbe | None:
+    """The earlier-needles probe ``cfg`` asks for (None with ``order_weight`` 0)."""
+    if cfg.order_weight <= 0:
+        return None
+    return OrderProbe(model.config.text_config.hidden_size, cfg.order_layer, tuple(cfg.order_attend_layers),
+                      model.get_input_embeddings(), tokenizer.convert_tokens_to_ids(list(NEEDLE_SHAPES)))
 
 
 class MotionProbe(torch.nn.Module):
@@ -798,7 +950,8 @@ def _remap_current(ex: Example, kept: list[int]) -> Example:
     """Frames dropped by ``uniform``: the example keeps its questions (their evidence frames are kept)."""
     return Example(ex.frames[kept], ex.questions, ex.evidence_frames, ex.evidence_tokens,
                    None if ex.cell_colour is None else ex.cell_colour[kept],
-                   None if ex.cell_shape is None else ex.cell_shape[kept], list(kept))
+                   None if ex.cell_shape is None else ex.cell_shape[kept], list(kept), ex.ring_tokens,
+                   ex.needle_tokens)
 
 
 class CellProbe(torch.nn.Module):
@@ -892,10 +1045,15 @@ class AuxLosses:
     attend_weight: float = 0.0
     attend_head: str = "best"
     attend_types: tuple[str, ...] = QUESTION_TYPES
+    count_weight: float = 0.0
+    count_layer: int = 1
+    count_head: int = 0
     parse: AskedCellProbe | None = None
     parse_weight: float = 0.0
     motion: MotionProbe | None = None
     motion_weight: float = 0.0
+    order: OrderProbe | None = None
+    order_weight: float = 0.0
     answer_sets: list[list[int]] | None = None  # token ids of each answer set (answer_word_separation)
     separate_weight: float = 0.0
     separate_margin: float = 0.2
@@ -917,24 +1075,36 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
     qb = QuestionBatch(tokenizer, examples)
     targets = (attention_targets(layout, examples, qb, len(init_ids), aux.attend_layers, aux.attend_head,
                                  aux.attend_types) if aux.attend_weight > 0 else None)
+    counting = (count_targets(layout, examples, qb, len(init_ids), aux.count_layer, aux.count_head)
+                if aux.count_weight > 0 else None)
     parse = aux.parse if aux.parse is not None and aux.parse_weight > 0 else None
     parse_targets = parse.attention_targets(layout, examples, qb) if parse is not None and parse.attend_layers else None
     motion = aux.motion if aux.motion is not None and aux.motion_weight > 0 and layout.encoding == "causal" else None
     previous_ball = (EncodingTargets(motion.attend_layers, *previous_ball_targets(examples, len(init_ids)))
                      if motion is not None and motion.attend_layers else None)
-    hidden: list | None = [] if motion is not None or parse is not None else None
-    logits = forward_layout(model, rope, init_ids, vis, qb, layout, [t for t in (targets, parse_targets) if t is not None],
-                            hidden, previous_ball)
+    order = aux.order if aux.order is not None and aux.order_weight > 0 and layout.encoding == "causal" else None
+    earlier_needle = (EncodingTargets(order.attend_layers, *earlier_needle_targets(examples, len(init_ids)))
+                      if order is not None and order.attend_layers else None)
+    hidden: list | None = [] if motion is not None or parse is not None or order is not None else None
+    logits = forward_layout(model, rope, init_ids, vis, qb, layout,
+                            [t for t in (targets, parse_targets, counting) if t is not None], hidden,
+                            [t for t in (previous_ball, earlier_needle) if t is not None])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), qb.targets.reshape(-1), ignore_index=-100)
     extra = {}
     if aux.probe is not None and aux.probe_weight > 0:
         extra["probe"] = (aux.probe_weight, aux.probe.loss(vis, examples))
     if targets is not None and aux.attend_weight > 0:
         extra["attend"] = (aux.attend_weight, targets.loss())
+    if counting is not None:
+        extra["count"] = (aux.count_weight, counting.loss())
     if motion is not None:
         extra["motion"] = (aux.motion_weight, motion.loss(tuple(hidden), examples, len(init_ids)))
         if previous_ball is not None:
             extra["previous_ball"] = (aux.motion_weight, previous_ball.loss())
+    if order is not None:
+        extra["order"] = (aux.order_weight, order.loss(tuple(hidden), examples, len(init_ids)))
+        if earlier_needle is not None:
+            extra["earlier_needle"] = (aux.order_weight, earlier_needle.loss())
     if parse is not None:
         extra["parse"] = (aux.parse_weight, parse.loss(tuple(hidden), examples, qb, len(init_ids) + vis.shape[1]))
         if parse_targets is not None:
@@ -1010,12 +1180,20 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     heads = model.config.text_config.num_attention_heads
     if cfg.attend_head.isdigit() and int(cfg.attend_head) >= heads:  # the format is checked by TrainSettings
         raise ConfigError("train.attend_head", f"must be a head index below {heads}, got {cfg.attend_head!r}")
+    if cfg.count_weight > 0 and cfg.count_head >= heads:
+        raise ConfigError("train.count_head", f"must be a head index below {heads}, got {cfg.count_head}")
+    layers = model.config.text_config.num_hidden_layers
+    for name, on, layer in (("count_layer", cfg.count_weight > 0, cfg.count_layer),
+                            ("order_layer", cfg.order_weight > 0, cfg.order_layer)):
+        if on and not 0 <= layer < layers:
+            raise ConfigError(f"train.{name}", f"must be a layer index below {layers}, got {layer}")
     probe = make_probe(model, tokenizer, cfg)
     motion_probe = make_motion_probe(model, tokenizer, cfg)
+    order_probe = make_order_probe(model, tokenizer, cfg)
     parse_probe = make_parse_probe(model, tokenizer, cfg)
     answer_sets = [tokenizer.convert_tokens_to_ids(list(words)) for words in ANSWER_SETS]
     params = list(model.named_parameters()) + list(probe.named_parameters())
-    for extra_probe in (motion_probe, parse_probe):
+    for extra_probe in (motion_probe, parse_probe, order_probe):
         if extra_probe is not None:
             params += list(extra_probe.named_parameters())
     decay = [p for n, p in params if p.ndim >= 2]
@@ -1056,9 +1234,12 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
         examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings,
                                  questions=cfg.questions_per_stream or None) for s in seeds]
         aux = AuxLosses(probe=probe, probe_weight=cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25),
-                        attend_layers=tuple(cfg.attend_layers), attend_weight=cfg.attend_weight,
-                        attend_head=cfg.attend_head, attend_types=tuple(cfg.attend_types), parse=parse_probe,
+                        attend_layers=tuple(cfg.attend_layers),
+                        attend_weight=cfg.attend_weight_at(progress),
+                        attend_head=cfg.attend_head, count_weight=cfg.count_weight, count_layer=cfg.count_layer,
+                        count_head=cfg.count_head, attend_types=tuple(cfg.attend_types), parse=parse_probe,
                         parse_weight=cfg.parse_weight, motion=motion_probe, motion_weight=cfg.motion_weight,
+                        order=order_probe, order_weight=cfg.order_weight,
                         answer_sets=answer_sets, separate_weight=cfg.separate_weight,
                         separate_margin=cfg.separate_margin)
         parts: dict[str, float] = {}

@@ -122,7 +122,10 @@ def test_missing_annotation_file_is_named():
 @pytest.mark.parametrize("override,field", [
     ("train.attend_head=first", "train.attend_head"),
     ("train.attend_types=[detail,colour]", "train.attend_types"),
-    ("train.parse_weight=1.0", "train.parse_weight"),  # the asked-cell probe reads the cell words
+    ("train.cell_words=false", "train.parse_weight"),  # the asked-cell probe reads the cell words
+    ("train.attend_until=1.5", "train.attend_until"),
+    ("train.count_head=-1", "train.count_head"),
+    ("train.count_layer=-2", "train.count_layer"),
 ])
 def test_invalid_training_values_raise_config_error_naming_the_field(override, field):
     cfg = compose_cfg("mode=train", "model=nano", "dataset=synthetic", override)
@@ -131,7 +134,13 @@ def test_invalid_training_values_raise_config_error_naming_the_field(override, f
     assert err.value.field == field and field in str(err.value)
     validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic"))  # the recipe
     validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current"))
+    validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe"))
     validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic", "train.attend_head=2",
                                 "train.attend_types=[detail,motion]"))
     cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current")
     assert cfg.mode == "train" and cfg.train.cell_words and cfg.train.attend_types == ["current"]
+    assert cfg.train.attend_until == 1.0 and cfg.train.count_weight == 0  # the experiment as it was run
+    recipe = compose_cfg("mode=train", "model=nano", "dataset=synthetic").train
+    assert recipe.count_weight > 0 and 0 < recipe.attend_until < 1 and recipe.cell_words
+    cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe")
+    assert cfg.mode == "train" and not cfg.train.cell_words and cfg.train.attend_weight == cfg.train.count_weight == 0
