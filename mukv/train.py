@@ -456,11 +456,18 @@ def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q:
         j = torch.arange(n_q * q_len, device=q.device)
         own = ((j[:, None] // q_len) == (j[None, :] // q_len)) & (j[None, :] <= j[:, None])
         mask = torch.cat((layout.ctx_valid[:, None, :].expand(b, n_q * q_len, c), own.expand(b, -1, -1)), dim=-1)
-        out_q = grouped_sdpa(qq, torch.cat((kc, kq), -2), torch.cat((vc, v[:, :, n_enc:]), -2), scaling,
-                             mask[:, None])
+        question_keys = torch.cat((kc, kq), -2)  # what the question tokens see: the context, then their own
+        out_q = grouped_sdpa(qq, question_keys, torch.cat((vc, v[:, :, n_enc:]), -2), scaling, mask[:, None])
+        # the answer positions' attention, once per layer and answer-position tensor (the supervised signals of
+        # one forward share the batch's), for every target supervising this layer
+        answer_attention: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for t in targets:
             if idx in t.layers:
-                t.record(*_answer_attention(qq, torch.cat((kc, kq), -2), mask, scaling, t.answer_pos, q_len), q_len)
+                key = id(t.answer_pos)
+                if key not in answer_attention:
+                    answer_attention[key] = _answer_attention(qq, question_keys, mask, scaling, t.answer_pos,
+                                                                q_len)
+                t.record(*answer_attention[key], q_len)
         return torch.cat((enc_out, out_q), dim=-2)
 
     return attend
