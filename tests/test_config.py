@@ -124,6 +124,7 @@ def test_missing_annotation_file_is_named():
     ("train.attend_types=[detail,colour]", "train.attend_types"),
     ("train.cell_words=false", "train.parse_weight"),  # the asked-cell probe reads the cell words
     ("train.attend_until=1.5", "train.attend_until"),
+    ("train.order_until=-0.1", "train.order_until"),
     ("train.count_head=-1", "train.count_head"),
     ("train.count_layer=-2", "train.count_layer"),
 ])
@@ -135,12 +136,19 @@ def test_invalid_training_values_raise_config_error_naming_the_field(override, f
     validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic"))  # the recipe
     validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current"))
     validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe"))
+    for ablation in ("nano_without_order", "nano_order_to_end"):
+        validate_config(compose_cfg("model=nano", "dataset=synthetic", f"experiment={ablation}"))
     validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic", "train.attend_head=2",
                                 "train.attend_types=[detail,motion]"))
     cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current")
     assert cfg.mode == "train" and cfg.train.cell_words and cfg.train.attend_types == ["current"]
-    assert cfg.train.attend_until == 1.0 and cfg.train.count_weight == 0  # the experiment as it was run
+    assert cfg.train.attend_until == 1.0 and cfg.train.count_weight == cfg.train.order_weight == 0  # as it was run
     recipe = compose_cfg("mode=train", "model=nano", "dataset=synthetic").train
     assert recipe.count_weight > 0 and 0 < recipe.attend_until < 1 and recipe.cell_words
+    assert recipe.order_weight > 0 and 0 < recipe.order_until < 1
     cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe")
-    assert cfg.mode == "train" and not cfg.train.cell_words and cfg.train.attend_weight == cfg.train.count_weight == 0
+    assert cfg.mode == "train" and not cfg.train.cell_words
+    assert cfg.train.attend_weight == cfg.train.count_weight == cfg.train.order_weight == 0
+    without = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_without_order").train
+    assert without.order_weight == 0 and {**without, "order_weight": 1.0} == {**recipe}  # that one knob
+    assert compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_order_to_end").train.order_until == 1.0

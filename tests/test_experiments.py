@@ -353,3 +353,25 @@ def test_nano_current_pilot_runs_every_option():
     held = final["heldout"]
     assert 0 <= held["acc"] <= 1 and 0 <= held["parse_acc"] <= 1 and len(held["mass"]) == 1
     assert 2 <= sum(held["answers"].values()) <= 2 * 4  # two held-out streams, up to four distinct questions each
+
+
+def test_nano_head_map_finds_the_supervised_encoding_patterns():
+    """`experiments/nano_head_map.py` (BENCHMARKS.md section 1): a layer x head map of the attention from ball
+    tokens to the previous ball and from needle tokens to earlier needles. In the shipped checkpoint both are
+    supervised in layers 0-1, so some head there carries each (attention spread evenly over a prefix of 100+
+    tokens would give under 0.01), and every entry is an attention mass; the printed tables are the map."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nano_head_map", ROOT / "experiments" / "nano_head_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    maps = module.head_map(str(ROOT / "mukv" / "assets" / "nano"), streams=4, frames=16)
+    assert set(maps) == {"ball -> previous ball", "needle -> earlier needles"}
+    for mass in maps.values():
+        assert mass.shape == (4, 4) and ((mass >= 0) & (mass <= 1)).all()
+    assert maps["ball -> previous ball"][:2].max() > 0.5
+    assert maps["needle -> earlier needles"][:2].max() > 0.2
+    out = subprocess.run([sys.executable, "experiments/nano_head_map.py", "--streams", "2", "--frames", "12"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("| layer | head 0 | head 1 | head 2 | head 3 |") == 2

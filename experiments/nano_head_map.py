@@ -1,0 +1,67 @@
+"""Which heads of a nano checkpoint do the two attention patterns inside the encoding that training supervises:
+each ball token of a motion run looking at the ball of the frame before (``train.motion_attend_layers``), and
+each needle token looking at the needles before it (``train.order_attend_layers``).
+
+    python experiments/nano_head_map.py                                  # the shipped checkpoint
+    python experiments/nano_head_map.py --model-path outputs/train/runs/<run>/nano/best
+
+Held-out streams (evaluation seeds 30,000 on, never trained on), all frames at contiguous positions (``full``).
+Prints, per pattern, a layer x head table of the mean attention from those rows to their keys. Heads that
+serve both a pattern and ``train.count_head`` share their value space with the counting signal
+(BENCHMARKS.md section 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import torch
+
+import mukv.train as train
+from mukv.models import attention_hook
+from mukv.models.adapter import DEFAULT_INIT_PROMPT
+from mukv.models.nano import ASSET_DIR
+from mukv.models.rope import RotaryTable
+
+
+def head_map(model_path: str, streams: int, frames: int) -> dict[str, np.ndarray]:
+    """{pattern: (layers, heads) mean attention mass} over ``streams`` held-out streams of ``frames`` frames."""
+    from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
+    model.model.language_model.config._attn_implementation = attention_hook.register()
+    rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
+    init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
+    layers = tuple(range(model.config.text_config.num_hidden_layers))
+    examples = [train.make_example(30_000 + i, frames, 0.5, 4.0, split="eval",
+                                   questions=10) for i in range(streams)]
+    patterns = {"ball -> previous ball": train.previous_ball_targets(examples, len(init_ids)),
+                "needle -> earlier needles": train.earlier_needle_targets(examples, len(init_ids))}
+    targets = {name: train.EncodingTargets(layers, *t, head_mass=[]) for name, t in patterns.items()}
+    layout, _ = train.build_layout("full", examples, len(init_ids), frames, random.Random(0))
+    with torch.no_grad():
+        vis = train.visual_tokens(model, train.pixels_of(np.concatenate([ex.frames for ex in examples])))
+        train.forward_layout(model, rope, init_ids, vis.reshape(len(examples), -1, vis.shape[-1]),
+                             train.QuestionBatch(tokenizer, examples), layout, (), None, list(targets.values()))
+    return {name: torch.stack(t.head_mass).numpy() for name, t in targets.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", default=str(ASSET_DIR))
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=24)
+    args = ap.parse_args()
+    for name, mass in head_map(args.model_path, args.streams, args.frames).items():
+        print(f"\n{name}: mean attention to the key, layer x head")
+        print("| layer | " + " | ".join(f"head {h}" for h in range(mass.shape[1])) + " |")
+        print("|---|" + "---|" * mass.shape[1])
+        for layer, row in enumerate(mass):
+            print(f"| {layer} | " + " | ".join(f"{m:.2f}" for m in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
