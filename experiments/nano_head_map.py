@@ -20,21 +20,15 @@ import numpy as np
 import torch
 
 import mukv.train as train
-from mukv.models import attention_hook
-from mukv.models.adapter import DEFAULT_INIT_PROMPT
+from mukv.models.loading import load_nano
 from mukv.models.nano import ASSET_DIR
-from mukv.models.rope import RotaryTable
 
 
 def head_map(model_path: str, streams: int, frames: int) -> dict[str, np.ndarray]:
     """{pattern: (layers, heads) mean attention mass} over ``streams`` held-out streams of ``frames`` frames."""
-    from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
-
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
-    model.model.language_model.config._attn_implementation = attention_hook.register()
-    rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
-    init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
+    llm = load_nano(model_path, torch.device("cpu"), torch.float32)  # the streaming attention hook included
+    model, tokenizer = llm.model, llm.tokenizer
+    init_ids = tokenizer(llm.init_prompt, add_special_tokens=False).input_ids
     layers = tuple(range(model.config.text_config.num_hidden_layers))
     examples = [train.make_example(30_000 + i, frames, 0.5, 4.0, split="eval",
                                    questions=10) for i in range(streams)]
@@ -44,7 +38,7 @@ def head_map(model_path: str, streams: int, frames: int) -> dict[str, np.ndarray
     layout, _ = train.build_layout("full", examples, len(init_ids), frames, random.Random(0))
     with torch.no_grad():
         vis = train.visual_tokens(model, train.pixels_of(np.concatenate([ex.frames for ex in examples])))
-        train.forward_layout(model, rope, init_ids, vis.reshape(len(examples), -1, vis.shape[-1]),
+        train.forward_layout(model, llm.rope, init_ids, vis.reshape(len(examples), -1, vis.shape[-1]),
                              train.QuestionBatch(tokenizer, examples), layout, (), None, list(targets.values()))
     return {name: torch.stack(t.head_mass).numpy() for name, t in targets.items()}
 
