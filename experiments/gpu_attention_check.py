@@ -1,5 +1,6 @@
 """On a GPU: which fused log-sum-exp kernel the streaming attention picked, and how far its unmasked-parts
-path is from the masked one on a 0.5B-shaped layer (bf16, 14 query / 2 KV heads, window 15,000, 4 sinks).
+path is from the masked one on a 0.5B-shaped layer (bf16, 14 query / 2 KV heads, window 15,000, 4 sinks),
+and the same for the prefill after a context (``causal_suffix_attention``) at MuKV's block-batch shapes.
 Run by experiments/gpu_check.sh; prints one line per case."""
 
 import time
@@ -7,7 +8,7 @@ import time
 import torch
 
 from mukv.cache import attention
-from mukv.cache.attention import SinkWindowKV, lse_kernel
+from mukv.cache.attention import SinkWindowKV, causal_suffix_attention, grouped_sdpa, lse_kernel, prefix_causal_mask
 from mukv.models.rope import RotaryTable
 
 
@@ -37,6 +38,26 @@ def stream(n_local, chunks, kernel_on: bool, seed=0):
         attention.lse_kernel = saved
 
 
+def prefill_case(bsz: int, lq: int, lk: int) -> str:
+    """causal_suffix_attention against the masked call it replaced: largest difference and time of each."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(bsz, 14, lq, 64, generator=g, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(bsz, 2, lk, 64, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    timing = {}
+    for name, fn in (("parts", lambda: causal_suffix_attention(q, k, v, 0.125)),
+                     ("masked", lambda: grouped_sdpa(q, k, v, 0.125, prefix_causal_mask(lq, lk, q.device)))):
+        out = fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        timing[name] = ((time.perf_counter() - t) / 10, out.float())
+    err = (timing["parts"][1] - timing["masked"][1]).abs().max().item()
+    return (f"prefill after a context, {bsz} x {lq} queries over {lk} keys: max |parts - masked| = {err:.2e} "
+            f"(bf16); {timing['parts'][0] * 1e3:.2f} ms vs {timing['masked'][0] * 1e3:.2f} ms masked")
+
+
 if __name__ == "__main__":
     kernel = lse_kernel(torch.device("cuda"), torch.bfloat16, 64)
     print("lse kernel:", getattr(kernel, "__name__", None), flush=True)
@@ -47,3 +68,6 @@ if __name__ == "__main__":
         err = (fast - ref).abs().max().item()
         print(f"n_local={n_local}: max |unmasked parts - masked| = {err:.2e} (bf16); last chunk "
               f"{tf[-1] * 1e3:.2f} ms vs {tr[-1] * 1e3:.2f} ms masked (one layer, 3,136 queries)", flush=True)
+
+    for bsz, lq, lk in ((64, 49, 63), (64, 196, 210), (16, 784, 798), (1, 30, 12000)):  # blocks; a question
+        print(prefill_case(bsz, lq, lk), flush=True)

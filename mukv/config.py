@@ -166,10 +166,12 @@ class TrainConfig:
     motion_weight: float = 0.5  # direction probe on the ball tokens' hidden state (mukv/train.py MotionProbe)
     motion_layer: int = 2
     motion_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # ball tokens attend to the previous ball
+    motion_attend_heads: list[int] = field(default_factory=list)  # ... in these heads only ([]: any head)
     motion_words: bool = True  # the direction probe scores against the direction words' embeddings (MotionProbe)
     order_weight: float = 1.0  # at each needle token, which needles came before (mukv/train.py OrderProbe)
     order_layer: int = 2
     order_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # needle tokens attend to earlier needles
+    order_attend_heads: list[int] = field(default_factory=list)  # ... in these heads only ([]: any head)
     order_until: float = 0.5  # order_weight applies until this fraction of the schedule
     separate_weight: float = 1.0  # keeps each answer set's word embeddings apart (mukv/train.py answer_word_separation)
     separate_margin: float = 0.2

@@ -149,11 +149,13 @@ class StreamingEngine:
         t2 = time.perf_counter()
         first_logits, tokens = logits.clone(), []
         for _ in range(self.settings.max_new_tokens):
-            token = int(logits.argmax())
+            token_t = logits.argmax()
+            token = int(token_t)
             tokens.append(token)
             if token in self.llm.eos_token_ids or len(tokens) == self.settings.max_new_tokens:
                 break
-            logits = self.llm.logits(self.llm.forward(self.llm.embed_ids([token]), attend)[:, -1])[0]
+            # embedded from the device's copy of the token: no host-to-device copy per token
+            logits = self.llm.logits(self.llm.forward(self.llm.embed_ids(token_t.view(1)), attend)[:, -1])[0]
         self._sync()
         t3 = time.perf_counter()
         text = self.llm.decode(tokens).replace("\n", " ").strip()

@@ -59,6 +59,7 @@ from mukv.data.synthetic import (
     make_video,
 )
 from mukv.errors import ConfigError
+from mukv.models import attention_hook
 from mukv.models.adapter import DEFAULT_INIT_PROMPT, DEFAULT_QUESTION_TEMPLATE
 from mukv.models.rope import RotaryTable
 
@@ -130,6 +131,9 @@ class TrainSettings:
     # ... helped by attention supervision: in some head of these layers, each of those ball tokens attends to
     # the ball of the frame before (where the step is read from); () off
     motion_attend_layers: tuple[int, ...] = (0, 1)
+    # ... by these heads of those layers only (() any head). Left free, the order pattern took layer 0 and
+    # the ball pattern moved into layer 1, onto the counting head (experiments/nano_head_map.py)
+    motion_attend_heads: tuple[int, ...] = ()
     # ... whose classes are the direction words' embeddings (through a learned map: a dot product, as the cell
     # probe's row / column heads), not a free linear head: the internal direction is then tied to the words
     motion_words: bool = True
@@ -142,6 +146,7 @@ class TrainSettings:
     order_weight: float = 1.0
     order_layer: int = 2
     order_attend_layers: tuple[int, ...] = (0, 1)
+    order_attend_heads: tuple[int, ...] = ()  # ... by these heads of those layers only (() any head)
     # ... only until this progress (1.0: the whole schedule). To the end, order reached 90% in range while
     # motion stayed at chance (24%); released halfway (with attend_until), motion came back to 100% in ~500 steps
     order_until: float = 0.5
@@ -181,6 +186,9 @@ class TrainSettings:
         for name in ("attend_until", "order_until"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}", f"is a fraction of the schedule in [0, 1], got {getattr(self, name)}")
+        for name in ("motion_attend_heads", "order_attend_heads"):
+            if any(h < 0 for h in getattr(self, name)):
+                raise ConfigError(f"train.{name}", f"are head indices (>= 0), got {list(getattr(self, name))}")
         if self.count_layer < 0 or self.count_head < 0:
             raise ConfigError("train.count_layer" if self.count_layer < 0 else "train.count_head",
                               "must be a layer / head index (>= 0)")
@@ -339,6 +347,7 @@ class EncodingTargets:
     rows: torch.Tensor  # (B, R) indices into [init | video]
     keys: torch.Tensor  # (B, R)
     valid: torch.Tensor  # (B, R) bool
+    heads: tuple[int, ...] = ()  # the heads that may carry the pattern (() any)
     log_prob: list[torch.Tensor] = field(default_factory=list)
     # a diagnostic (experiments/nano_head_map.py): when a list, each supervised layer appends every head's
     # mean attention from the valid rows to their keys, (H,)
@@ -411,7 +420,7 @@ def count_targets(layout: Layout, examples: list[Example], qb: QuestionBatch, n_
 
 def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: RotaryTable) -> torch.Tensor:
     """log(attention) from each supervised row of a causal encoding (positions = indices) to its key, best
-    head: (B, R)."""
+    head (of ``targets.heads``): (B, R)."""
     b, h, n, d = qe.shape
     rows = targets.rows.to(qe.device)
     r = rows.shape[1]
@@ -422,6 +431,8 @@ def _encoding_log_prob(qe, ke, scaling: float, targets: EncodingTargets, rope: R
     picked = probs.gather(3, targets.keys.to(qe.device)[:, None, :, None].expand(b, h, r, 1)).squeeze(-1)
     if targets.head_mass is not None:
         targets.head_mass.append(picked.detach().transpose(0, 1)[:, targets.valid.to(qe.device)].mean(1))
+    if targets.heads:
+        picked = picked[:, list(targets.heads)]
     return picked.clamp_min(1e-30).log().amax(1)
 
 
@@ -634,7 +645,7 @@ def forward_layout(model, rope: RotaryTable, init_ids: list[int], visual: torch.
     attend = layout_attention(layout, len(init_ids), n_video, qb.q_len, qb.n_q, rope, targets, encoding_targets)
     pos = torch.zeros(embeds.shape[:2], dtype=torch.long)
     out = lm(inputs_embeds=embeds, position_ids=pos, use_cache=False, mukv_attention=attend,
-             output_hidden_states=hidden_out is not None)
+             attention_mask=attention_hook.handled_mask(embeds.device), output_hidden_states=hidden_out is not None)
     if hidden_out is not None:
         hidden_out.extend(out.hidden_states)
     hq = out.last_hidden_state[:, len(init_ids) + n_video:]
@@ -713,9 +724,9 @@ class OrderProbe(torch.nn.Module):
     answer copies a colour."""
 
     def __init__(self, hidden: int, layer: int, attend_layers: tuple[int, ...], words: torch.nn.Embedding,
-                 needle_ids: list[int]) -> None:
+                 needle_ids: list[int], attend_heads: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.layer, self.attend_layers = layer, tuple(attend_layers)
+        self.layer, self.attend_layers, self.attend_heads = layer, tuple(attend_layers), tuple(attend_heads)
         self.words = [words]  # a list: not a submodule (the model owns it)
         self.needle_ids = needle_ids
         self.head = torch.nn.Linear(hidden, hidden)
@@ -745,7 +756,8 @@ def make_order_probe(model, tokenizer, cfg: TrainSettings) -> OrderProbe | None:
     if cfg.order_weight <= 0:
         return None
     return OrderProbe(model.config.text_config.hidden_size, cfg.order_layer, tuple(cfg.order_attend_layers),
-                      model.get_input_embeddings(), tokenizer.convert_tokens_to_ids(list(NEEDLE_SHAPES)))
+                      model.get_input_embeddings(), tokenizer.convert_tokens_to_ids(list(NEEDLE_SHAPES)),
+                      tuple(cfg.order_attend_heads))
 
 
 class MotionProbe(torch.nn.Module):
@@ -767,9 +779,10 @@ class MotionProbe(torch.nn.Module):
     dot product against the words (with ``answer_word_separation`` keeping them apart) took motion to 100%."""
 
     def __init__(self, hidden: int, layer: int, attend_layers: tuple[int, ...] = (),
-                 words: torch.nn.Embedding | None = None, direction_ids: list[int] | None = None) -> None:
+                 words: torch.nn.Embedding | None = None, direction_ids: list[int] | None = None,
+                 attend_heads: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.layer, self.attend_layers = layer, tuple(attend_layers)
+        self.layer, self.attend_layers, self.attend_heads = layer, tuple(attend_layers), tuple(attend_heads)
         self.words = [words] if words is not None else None  # a list: not a submodule (the model owns it)
         self.direction_ids = direction_ids
         self.head = torch.nn.Linear(hidden, hidden if words is not None else len(DIRECTIONS))
@@ -799,10 +812,11 @@ def make_motion_probe(model, tokenizer, cfg: TrainSettings) -> MotionProbe | Non
     if cfg.motion_weight <= 0:
         return None
     hidden = model.config.text_config.hidden_size
+    heads = tuple(cfg.motion_attend_heads)
     if not cfg.motion_words:
-        return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers))
+        return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers), attend_heads=heads)
     return MotionProbe(hidden, cfg.motion_layer, tuple(cfg.motion_attend_layers), model.get_input_embeddings(),
-                       tokenizer.convert_tokens_to_ids(list(DIRECTIONS)))
+                       tokenizer.convert_tokens_to_ids(list(DIRECTIONS)), heads)
 
 
 class AskedCellProbe(torch.nn.Module):
@@ -1101,10 +1115,12 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
     parse = aux.parse if aux.parse is not None and aux.parse_weight > 0 else None
     parse_targets = parse.attention_targets(layout, examples, qb) if parse is not None and parse.attend_layers else None
     motion = aux.motion if aux.motion is not None and aux.motion_weight > 0 and layout.encoding == "causal" else None
-    previous_ball = (EncodingTargets(motion.attend_layers, *previous_ball_targets(examples, len(init_ids)))
+    previous_ball = (EncodingTargets(motion.attend_layers, *previous_ball_targets(examples, len(init_ids)),
+                                     heads=motion.attend_heads)
                      if motion is not None and motion.attend_layers else None)
     order = aux.order if aux.order is not None and aux.order_weight > 0 and layout.encoding == "causal" else None
-    earlier_needle = (EncodingTargets(order.attend_layers, *earlier_needle_targets(examples, len(init_ids)))
+    earlier_needle = (EncodingTargets(order.attend_layers, *earlier_needle_targets(examples, len(init_ids)),
+                                      heads=order.attend_heads)
                       if order is not None and order.attend_layers else None)
     hidden: list | None = [] if motion is not None or parse is not None or order is not None else None
     logits = forward_layout(model, rope, init_ids, vis, qb, layout,
@@ -1175,7 +1191,6 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
                dims: dict | None = None) -> dict:
     """Train from scratch; checkpoints go to ``out_dir`` (``last/`` and ``best/``), the best is copied to
     ``publish_dir`` when given. Returns the training record."""
-    from mukv.models import attention_hook
     from mukv.models.nano import build_nano, save_nano
 
     if cfg.threads:
@@ -1203,6 +1218,9 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
         raise ConfigError("train.attend_head", f"must be a head index below {heads}, got {cfg.attend_head!r}")
     if cfg.count_weight > 0 and cfg.count_head >= heads:
         raise ConfigError("train.count_head", f"must be a head index below {heads}, got {cfg.count_head}")
+    for name in ("motion_attend_heads", "order_attend_heads"):
+        if any(h >= heads for h in getattr(cfg, name)):
+            raise ConfigError(f"train.{name}", f"must be head indices below {heads}, got {list(getattr(cfg, name))}")
     layers = model.config.text_config.num_hidden_layers
     for name, on, layer in (("count_layer", cfg.count_weight > 0, cfg.count_layer),
                             ("order_layer", cfg.order_weight > 0, cfg.order_layer)):

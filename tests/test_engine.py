@@ -324,3 +324,79 @@ def test_streaming_attention_gradients_equal_attention_by_definition(n_local):
     want = torch.autograd.grad(ref.square().sum(), leaves)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk", [(7, 20), (9, 9), (1, 12), (33, 40)])
+def test_causal_suffix_attention_equals_the_masked_call(dtype, lq, lk, monkeypatch):
+    """A prefill after a context (queries = the last lq keys) as two unmasked fused parts equals the masked
+    call it replaced, with grouped KV heads and a batch; with more than one query it does run as parts."""
+    from mukv.cache import attention
+
+    calls = []
+    kernel = attention.lse_kernel(torch.device("cpu"), dtype, 16)
+    assert kernel is not None  # this torch has the CPU kernel: the test exercises the parts
+    monkeypatch.setattr(attention, "lse_kernel", lambda *a: lambda *b: calls.append(b[3]) or kernel(*b))
+    g = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(3, 6, lq, 16, generator=g).to(dtype)
+    k, v = (torch.randn(3, 2, lk, 16, generator=g).to(dtype) for _ in range(2))
+    got = attention.causal_suffix_attention(q, k, v, 0.25)
+    want = attention.grouped_sdpa(q, k, v, 0.25, attention.prefix_causal_mask(lq, lk, q.device))
+    assert calls == ([] if lq == 1 else [True] + ([False] if lk > lq else []))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    k2 = k.clone()
+    k2[..., -1, :] += 1.0  # the last key only matters to the last query: a changed key shows there alone
+    moved = (attention.causal_suffix_attention(q, k2, v, 0.25) - got).float().abs().amax(dim=(0, 1, 3))
+    assert moved[-1] > 1e-3 and (lq == 1 or moved[:-1].max() == 0)
+
+
+def test_rotate_range_reuses_cos_sin_and_equals_rotate():
+    """A contiguous range's cos / sin are computed once for every layer's rotation (bounded memo) and
+    rotate exactly as the positions tensor does; what is kept under inference mode never reaches autograd."""
+    d = 16
+    rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    x = torch.randn(2, 3, 9, d)
+    computed = []
+    cos_sin = rope.cos_sin
+    rope.cos_sin = lambda p, dt: computed.append(p) or cos_sin(p, dt)
+    for _ in range(24):
+        out = rope.rotate_range(x, 5)
+    assert len(computed) == 1
+    assert torch.equal(out, RotaryTable(rope.inv_freq).rotate(x, torch.arange(5, 14)))
+    for start in range(40):  # many ranges: the memo stays bounded
+        rope.rotate_range(x, start)
+    assert len(rope._memo) <= RotaryTable.MEMO_RANGES
+    with torch.inference_mode():
+        rope.rotate_range(x, 100)
+    leaf = torch.randn(2, 3, 9, d, requires_grad=True)
+    rope.rotate_range(leaf, 100).sum().backward()  # would fail on an inference-mode cos / sin
+    assert leaf.grad is not None
+
+
+def test_stream_forward_builds_no_transformers_mask(tiny_llm, monkeypatch):
+    """The stream forward's handler owns the masking, so transformers builds no causal mask and runs no
+    packed-sequence check (a host-device wait per decoded token on a GPU), with the same hidden states as a
+    plain causal forward."""
+    from transformers import masking_utils
+
+    from mukv.cache.attention import ContextKV
+
+    def refuse(*a, **k):
+        raise AssertionError("transformers built a mask for a handled forward")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", refuse)
+    layers = [ContextKV(torch.zeros(1, tiny_llm.geometry.num_kv_heads, 0, tiny_llm.geometry.head_dim),
+                        torch.zeros(1, tiny_llm.geometry.num_kv_heads, 0, tiny_llm.geometry.head_dim), 0)
+              for _ in range(tiny_llm.geometry.num_layers)]
+    ids = tiny_llm.init_prompt_ids()
+    hidden = tiny_llm.forward(tiny_llm.embed_ids(ids),
+                              lambda i, q, k, v, s: layers[i].attend_and_append(q, k, v, s, tiny_llm.rope))
+    with torch.no_grad():
+        want = tiny_llm.language_model(inputs_embeds=tiny_llm.embed_ids(ids).to(tiny_llm.dtype),
+                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long)).last_hidden_state
+    torch.testing.assert_close(hidden, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(AssertionError, match="built a mask"):  # the same forward without the 4-D mask
+        tiny_llm.language_model(inputs_embeds=tiny_llm.embed_ids(ids).to(tiny_llm.dtype), use_cache=False,
+                                position_ids=torch.zeros(1, len(ids), dtype=torch.long),
+                                mukv_attention=lambda i, q, k, v, s: layers[i].attend_and_append(q, k, v, s, tiny_llm.rope))

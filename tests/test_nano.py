@@ -803,3 +803,39 @@ def test_evidence_recalled_falls_back_to_frames():
     assert evidence_recalled(meta, None, 16) is None and evidence_recalled({}, [1], 16) is None
     assert evidence_recalled(meta, None, 16, frames=[3, 9]) == 0.5  # methods that recall whole frames
     assert evidence_recalled(meta, range(2 * 16 + 5, 3 * 16 + 7), 16) == 1.0  # a window
+
+
+def test_encoding_supervision_can_be_kept_to_chosen_heads():
+    """`train.order_attend_heads` / `motion_attend_heads`: the encoding pattern is scored on those heads only
+    (the best of them), so two patterns can be given separate heads of one layer; out-of-range or negative
+    heads are refused by name."""
+    from mukv.errors import ConfigError
+    from mukv.models.nano import build_nano
+    from mukv.models.rope import RotaryTable
+    from mukv.train import EncodingTargets, _encoding_log_prob, make_motion_probe, make_order_probe
+
+    torch.manual_seed(0)
+    d, n = 16, 6
+    rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+    qe, ke = torch.randn(1, 4, n, d), torch.randn(1, 2, n, d)
+    rows, keys, valid = torch.tensor([[3, 5]]), torch.tensor([[1, 2]]), torch.tensor([[True, True]])
+    mass: list = []
+    every = _encoding_log_prob(qe, ke, 0.25, EncodingTargets((0,), rows, keys, valid, head_mass=mass), rope)
+    per_head = mass[0]  # (H,) the mean attention of each head on the pairs
+    for heads in ((0,), (2, 3), (1, 3)):
+        got = _encoding_log_prob(qe, ke, 0.25, EncodingTargets((0,), rows, keys, valid, heads=heads), rope)
+        single = [_encoding_log_prob(qe, ke, 0.25, EncodingTargets((0,), rows, keys, valid, heads=(h,)), rope)
+                  for h in heads]
+        torch.testing.assert_close(got, torch.stack(single).amax(0))
+        assert (got <= every + 1e-6).all()
+    assert per_head.shape == (4,)
+    best = int(per_head.argmax())
+    others = tuple(h for h in range(4) if h != best)
+    assert not torch.allclose(_encoding_log_prob(qe, ke, 0.25, EncodingTargets((0,), rows, keys, valid, heads=others),
+                                                 rope), every)  # leaving out the best head changes the score
+    model, tok = build_nano(seed=0)
+    settings = TrainSettings(order_attend_heads=(0, 1), motion_attend_heads=(2, 3))
+    assert make_order_probe(model, tok, settings).attend_heads == (0, 1)
+    assert make_motion_probe(model, tok, settings).attend_heads == (2, 3)
+    with pytest.raises(ConfigError, match="train.order_attend_heads"):
+        TrainSettings(order_attend_heads=(-1,))

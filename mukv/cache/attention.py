@@ -63,6 +63,36 @@ def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor |
     return j <= i
 
 
+def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention where the ``lq`` queries are the last ``lq`` of the keys: every earlier key visible, causal
+    among the new ones (``prefix_causal_mask``). That is every prefill after a context: a block after the init
+    prompt, a question after the init prompt or a recalled context.
+
+    Where the device has a fused kernel that returns its log-sum-exp (``lse_kernel``), it runs as two parts
+    that need no mask, the earlier keys and the square causal triangle of the new ones, merged exactly
+    (``_merge_parts``). The masked call took torch's unfused math path on CUDA (grouped heads and a mask):
+    half of MuKV's kernel time per chunk on an H200. Elsewhere, and under autograd, the masked call."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if lq == 1:
+        return grouped_sdpa(q, k, v, scaling, None)
+    kernel = None if lq == 0 or lk < lq or _needs_grad(q, k, v) else lse_kernel(q.device, q.dtype, q.shape[-1])
+    if kernel is not None:
+        groups = q.shape[1] // k.shape[1]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+        try:
+            parts = [kernel(q, heads(k[..., lk - lq:, :]), heads(v[..., lk - lq:, :]), True, scaling)]
+            if lk > lq:
+                parts.append(kernel(q, heads(k[..., :lk - lq, :]), heads(v[..., :lk - lq, :]), False, scaling))
+            _count(q, k)
+            return parts[0][0] if len(parts) == 1 else _merge_parts(parts, q.dtype)
+        except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
+            pass
+    return grouped_sdpa(q, k, v, scaling, prefix_causal_mask(lq, lk, q.device))
+
+
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them."""
     _count(q, k)
@@ -149,7 +179,7 @@ class SinkWindowKV:
         lo = self._view_start(qa)
         kw, vw = keys[..., lo - self.start:qb - self.start, :], vals[..., lo - self.start:qb - self.start, :]
         # Positions relative to the first key in view keep the rotation angles small (as ReKV does).
-        q_rot = rope.rotate(q, torch.arange(qa - lo, qb - lo, device=q.device))
+        q_rot = rope.rotate_range(q, qa - lo)
         k_rot = rope.rotate_range(kw, 0)
         sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
         self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + (self.n_init if sink_needed else 0))
@@ -368,8 +398,7 @@ class ContextKV:
     def attend_and_append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                           rope: RotaryTable) -> torch.Tensor:
         lq = q.shape[-2]
-        pos = torch.arange(self.next_position, self.next_position + lq, device=q.device)
-        q_rot, k_rot = rope.rotate(q, pos), rope.rotate(k, pos)
+        q_rot, k_rot = rope.rotate_range(q, self.next_position), rope.rotate_range(k, self.next_position)
         end = self.length + lq
         if end > self.k.shape[-2]:  # grow (the reserve was too small)
             extra = end - self.k.shape[-2] + 64
@@ -377,5 +406,4 @@ class ContextKV:
             self.v = torch.cat((self.v, self.v.new_empty(*self.v.shape[:2], extra, self.v.shape[-1])), dim=-2)
         self.k[..., self.length:end, :], self.v[..., self.length:end, :] = k_rot, v
         self.length, self.next_position = end, self.next_position + lq
-        mask = prefix_causal_mask(lq, end, q.device)
-        return grouped_sdpa(q_rot, self.k[..., :end, :], self.v[..., :end, :], scaling, mask)
+        return causal_suffix_attention(q_rot, self.k[..., :end, :], self.v[..., :end, :], scaling)

@@ -57,7 +57,7 @@ import torch
 
 from mukv.cache import rerank as rr
 from mukv.cache import signals
-from mukv.cache.attention import SinkWindowKV, attention_weights, grouped_sdpa, prefix_causal_mask
+from mukv.cache.attention import SinkWindowKV, attention_weights, causal_suffix_attention, prefix_causal_mask
 from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, register_cache, tensor_bytes
 from mukv.cache.block_store import Block, StoreOptions
 from mukv.errors import ConfigError
@@ -346,20 +346,19 @@ class MuKVCache(CacheMethod, StoreOptions):
         bsz, g, _ = blocks.shape
         n0 = self.n_init
         rope = self.llm.rope
-        pos = torch.arange(n0, n0 + g, device=blocks.device)
         mask = prefix_causal_mask(g, n0 + g, blocks.device)
         ks, vs = [None] * self.geometry.num_layers, [None] * self.geometry.num_layers
         out: dict[str, Any] = {"received": [], "received_prefix": {n: [] for n in prefix_lengths}}
 
         def attend(idx, q, k, v, scaling):
             ks[idx], vs[idx] = k, v
-            q_rot, k_rot = rope.rotate(q, pos), rope.rotate(k, pos)
+            q_rot, k_rot = rope.rotate_range(q, n0), rope.rotate_range(k, n0)
             if idx == self.last_layer:
                 out["last_keys_rot"] = k_rot
             keys = torch.cat((self.init_k_rot[idx].expand(bsz, -1, -1, -1), k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx].expand(bsz, -1, -1, -1), v), dim=-2)
             if idx not in self.prob_layers:
-                return grouped_sdpa(q_rot, keys, vals, scaling, mask)
+                return causal_suffix_attention(q_rot, keys, vals, scaling)
             probs = attention_weights(q_rot, keys, scaling, mask)  # (B, Hq, g, n0 + g) fp32
             weight = dict(self.att_layers)[idx]
             out["received"].append((signals.attention_received(probs, n0, per_block=True), weight))
@@ -398,7 +397,6 @@ class MuKVCache(CacheMethod, StoreOptions):
                 continue
             blocks = order[: n_blocks * g].view(n_blocks, g)
             firsts = blocks[:, 0].tolist()  # one copy to the host, not one per block
-            pos = torch.arange(n0, n0 + g, device=flat.device)
             mask = prefix_causal_mask(g, n0 + g, flat.device)
             for a in range(0, n_blocks, self.batch_blocks):
                 idx = blocks[a:a + self.batch_blocks]  # (B, g) chunk token indices
@@ -408,12 +406,13 @@ class MuKVCache(CacheMethod, StoreOptions):
                 received = []
                 for li, w in self.att_layers:
                     # The block's own queries over init + block (as in the independent case).
-                    q_rot = rope.rotate(qs[li][:, idx].transpose(0, 1), pos)  # (B, Hq, g, d)
-                    k_all = torch.cat((self.init_k_rot[li].expand(bsz, -1, -1, -1), rope.rotate(kb[:, li], pos)), -2)
+                    q_rot = rope.rotate_range(qs[li][:, idx].transpose(0, 1), n0)  # (B, Hq, g, d)
+                    k_all = torch.cat((self.init_k_rot[li].expand(bsz, -1, -1, -1), rope.rotate_range(kb[:, li], n0)),
+                                      -2)
                     probs = attention_weights(q_rot, k_all, scale[li], mask)
                     received.append((signals.attention_received(probs, n0, per_block=True), w))
                 kv = {"keys": kb, "values": vb, "received": received,
-                      "last_keys_rot": rope.rotate(kb[:, self.last_layer], pos)}
+                      "last_keys_rot": rope.rotate_range(kb[:, self.last_layer], n0)}
                 for j, (sel, b) in enumerate(zip(self._select(gi, kv, n0 + start + idx), idx, strict=True)):
                     self._store(gi, sel, start + firsts[a + j], start + b)
 
@@ -476,18 +475,16 @@ class MuKVCache(CacheMethod, StoreOptions):
             heads = self.geometry.num_kv_heads if self.query_vector == "last_key" else self.geometry.num_heads
             return torch.zeros(heads * self.geometry.head_dim, device=self.llm.device)
         rope = self.llm.rope
-        pos = torch.arange(n0, n0 + n, device=self.llm.device)
-        mask = prefix_causal_mask(n, n0 + n, self.llm.device)
         got: dict[str, torch.Tensor] = {}
 
         def attend(idx, q, k, v, scaling):
-            q_rot, k_rot = rope.rotate(q, pos), rope.rotate(k, pos)
+            q_rot, k_rot = rope.rotate_range(q, n0), rope.rotate_range(k, n0)
             if idx == self.last_layer:
                 rotated = self.retrieval_keys == "rotated"
                 got["k"], got["q"] = (k_rot, q_rot) if rotated else (k, q)
             keys = torch.cat((self.init_k_rot[idx], k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx], v), dim=-2)
-            return grouped_sdpa(q_rot, keys, vals, scaling, mask)
+            return causal_suffix_attention(q_rot, keys, vals, scaling)
 
         self.llm.forward(self.llm.embed_ids(ids), attend)
         if self.query_vector == "last_key":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mukv.cache.attention import grouped_sdpa, prefix_causal_mask
+from mukv.cache.attention import causal_suffix_attention
 from mukv.cache.base import AnswerContext, CacheStats, WindowStreamingCache, register_cache, tensor_bytes
 from mukv.cache.block_store import StoreOptions
 from mukv.cache.retrieval import block_representatives, question_vector, score_blocks, select_top_blocks
@@ -93,8 +93,7 @@ class ReKVCache(WindowStreamingCache, StoreOptions):
             n = ctx_k.shape[-2]
             keys = torch.cat((rope.rotate_range(ctx_k, 0), rope.rotate_range(k, n)), dim=-2)
             vals = torch.cat((ctx_v, v), dim=-2)
-            return grouped_sdpa(rope.rotate_range(q, n), keys, vals, scaling,
-                                prefix_causal_mask(q.shape[-2], keys.shape[-2], q.device))
+            return causal_suffix_attention(rope.rotate_range(q, n), keys, vals, scaling)
 
         self.run_layers(self.llm.embed_ids(ids), retrieve)
         if not self.per_layer:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mukv.models import attention_hook
 from mukv.models.attention_hook import LayerAttention
 from mukv.models.rope import RotaryTable
 
@@ -149,7 +150,8 @@ class VideoLLM:
         OpCounter.llm_tokens += embeds.shape[0] * embeds.shape[1]
         pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         out = self.language_model(
-            inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False, mukv_attention=attention
+            inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False, mukv_attention=attention,
+            attention_mask=attention_hook.handled_mask(embeds.device),
         )
         return out.last_hidden_state
 

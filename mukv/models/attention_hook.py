@@ -38,6 +38,20 @@ def _stream_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+_HANDLED: dict[torch.device, torch.Tensor] = {}
+
+
+def handled_mask(device: torch.device) -> torch.Tensor:
+    """The ``attention_mask`` of a forward whose ``mukv_attention`` handler owns the masking: a 4-D all-visible
+    mask, which transformers takes as already prepared. With none, it built a causal mask at every forward
+    (and checked the all-zero position ids for packed sequences, a host-device wait per decoded token), and
+    the handler never read it."""
+    device = torch.device(device)
+    if device not in _HANDLED:
+        _HANDLED[device] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    return _HANDLED[device]
+
+
 def register() -> str:
     """Register the implementation (idempotent) and return its name."""
     AttentionInterface.register(IMPLEMENTATION, _stream_attention)

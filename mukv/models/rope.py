@@ -13,8 +13,15 @@ import torch
 class RotaryTable:
     """Rotates (..., L, head_dim) tensors by integer positions, as transformers' Qwen2/Llama RoPE does."""
 
+    # cos / sin of a contiguous range are kept for the last few ranges: every layer of a forward rotates by the
+    # same ranges (a decoded token's position, a block's, the window's), so they are computed once per forward
+    # and not once per layer and tensor (8 of the ~13 operations of a rotation)
+    MEMO_RANGES = 8
+    MEMO_MAX_LENGTH = 1 << 16
+
     def __init__(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq.detach().float()
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (L, head_dim), computed in fp32 then cast (as transformers does)."""
@@ -25,12 +32,23 @@ class RotaryTable:
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (..., L, d) so that token i sits at ``positions[i]``."""
-        cos, sin = self.cos_sin(positions, x.dtype)
+        return self._apply(x, *self.cos_sin(positions, x.dtype))
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated_half * sin
 
     def rotate_range(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate ``x`` to the contiguous positions start .. start + L - 1."""
-        pos = torch.arange(start, start + x.shape[-2], device=x.device)
-        return self.rotate(x, pos)
+        n = x.shape[-2]
+        # inference tensors must not reach autograd (training evaluates under inference mode, then trains)
+        key = (start, n, x.dtype, x.device, torch.is_inference_mode_enabled())
+        got = self._memo.get(key)
+        if got is None:
+            got = self.cos_sin(torch.arange(start, start + n, device=x.device), x.dtype)
+            if n <= self.MEMO_MAX_LENGTH:
+                if len(self._memo) >= self.MEMO_RANGES:
+                    self._memo.pop(next(iter(self._memo)))  # the oldest
+                self._memo[key] = got
+        return self._apply(x, *got)
