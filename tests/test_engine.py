@@ -329,11 +329,13 @@ def test_streaming_attention_gradients_equal_attention_by_definition(n_local):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq,lk", [(7, 20), (9, 9), (1, 12), (33, 40)])
 def test_causal_suffix_attention_equals_the_masked_call(dtype, lq, lk, monkeypatch):
-    """A prefill after a context (queries = the last lq keys) as two unmasked fused parts equals the masked
-    call it replaced, with grouped KV heads and a batch; with more than one query it does run as parts."""
+    """A prefill after a context (queries = the last lq keys) as two unmasked fused parts (the CUDA route)
+    equals the masked call, with grouped KV heads and a batch; with more than one query it does run as parts,
+    and on the CPU, where the masked call is the faster, only there."""
     from mukv.cache import attention
 
     calls = []
+    monkeypatch.setattr(attention, "SUFFIX_PARTS_DEVICES", {"cuda", "cpu"})  # the CUDA route, run on the CPU
     kernel = attention.lse_kernel(torch.device("cpu"), dtype, 16)
     assert kernel is not None  # this torch has the CPU kernel: the test exercises the parts
     monkeypatch.setattr(attention, "lse_kernel", lambda *a: lambda *b: calls.append(b[3]) or kernel(*b))
@@ -349,6 +351,10 @@ def test_causal_suffix_attention_equals_the_masked_call(dtype, lq, lk, monkeypat
     k2[..., -1, :] += 1.0  # the last key only matters to the last query: a changed key shows there alone
     moved = (attention.causal_suffix_attention(q, k2, v, 0.25) - got).float().abs().amax(dim=(0, 1, 3))
     assert moved[-1] > 1e-3 and (lq == 1 or moved[:-1].max() == 0)
+    monkeypatch.setattr(attention, "SUFFIX_PARTS_DEVICES", {"cuda"})
+    calls.clear()
+    attention.causal_suffix_attention(q, k, v, 0.25)
+    assert calls == []
 
 
 def test_rotate_range_reuses_cos_sin_and_equals_rotate():

@@ -63,19 +63,25 @@ def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor |
     return j <= i
 
 
+SUFFIX_PARTS_DEVICES = {"cuda"}  # where causal_suffix_attention splits into unmasked parts
+
+
 def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention where the ``lq`` queries are the last ``lq`` of the keys: every earlier key visible, causal
     among the new ones (``prefix_causal_mask``). That is every prefill after a context: a block after the init
     prompt, a question after the init prompt or a recalled context.
 
-    Where the device has a fused kernel that returns its log-sum-exp (``lse_kernel``), it runs as two parts
-    that need no mask, the earlier keys and the square causal triangle of the new ones, merged exactly
-    (``_merge_parts``). The masked call took torch's unfused math path on CUDA (grouped heads and a mask):
-    half of MuKV's kernel time per chunk on an H200. Elsewhere, and under autograd, the masked call."""
+    On CUDA it runs as two parts that need no mask, the earlier keys and the square causal triangle of the
+    new ones, each in the fused kernel that returns its log-sum-exp (``lse_kernel``), merged exactly
+    (``_merge_parts``). There the masked call took torch's unfused math path (grouped heads and a mask):
+    half of MuKV's kernel time per chunk on an H200. On the CPU the masked call is torch's flash kernel,
+    which takes both, and it was faster than the parts at block and question shapes (BENCHMARKS.md 7a); it
+    stays there, and under autograd."""
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == 1:
         return grouped_sdpa(q, k, v, scaling, None)
-    kernel = None if lq == 0 or lk < lq or _needs_grad(q, k, v) else lse_kernel(q.device, q.dtype, q.shape[-1])
+    parts = q.device.type in SUFFIX_PARTS_DEVICES and 0 < lq <= lk and not _needs_grad(q, k, v)
+    kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if parts else None
     if kernel is not None:
         groups = q.shape[1] // k.shape[1]
 
