@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mukv.cache.retrieval import expand_kv_heads
 from mukv.models.rope import RotaryTable
 
 
@@ -80,18 +81,16 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == 1:
         return grouped_sdpa(q, k, v, scaling, None)
-    parts = q.device.type in SUFFIX_PARTS_DEVICES and 0 < lq <= lk and not _needs_grad(q, k, v)
-    kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if parts else None
+    split = q.device.type in SUFFIX_PARTS_DEVICES and 0 < lq <= lk and not _needs_grad(q, k, v)
+    kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if split else None
     if kernel is not None:
-        groups = q.shape[1] // k.shape[1]
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.repeat_interleave(groups, dim=1) if groups > 1 else x
-
+        hq, new = q.shape[1], slice(lk - lq, lk)
         try:
-            parts = [kernel(q, heads(k[..., lk - lq:, :]), heads(v[..., lk - lq:, :]), True, scaling)]
+            parts = [kernel(q, expand_kv_heads(k[..., new, :], hq), expand_kv_heads(v[..., new, :], hq), True, scaling)]
             if lk > lq:
-                parts.append(kernel(q, heads(k[..., :lk - lq, :]), heads(v[..., :lk - lq, :]), False, scaling))
+                old = slice(0, lk - lq)
+                parts.append(kernel(q, expand_kv_heads(k[..., old, :], hq), expand_kv_heads(v[..., old, :], hq),
+                                    False, scaling))
             _count(q, k)
             return parts[0][0] if len(parts) == 1 else _merge_parts(parts, q.dtype)
         except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
