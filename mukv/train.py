@@ -114,6 +114,11 @@ class TrainSettings:
     count_weight: float = 1.0
     count_layer: int = 1
     count_head: int = 3
+    # ... and its readout: a probe on the hidden state after count_probe_layer layers at each count answer names the
+    # count through the digit words (x count_probe_weight, 0: off; CountProbe)
+    count_probe_weight: float = 0.0
+    count_probe_layer: int = 2
+    count_probe_until: float = 1.0  # ... only until this progress (1.0: the whole schedule)
     # the cell words: "row r" / "column c" are single tokens (build_word_tokenizer), and the probe of the asked
     # cell reads them at each "current" question's answer position (the hidden state after parse_layer layers)
     # through the cell words' embeddings (x parse_weight, 0: off)
@@ -157,6 +162,15 @@ class TrainSettings:
     detail_share: float = 0.1  # once all types are in, this share of steps still asks the needle colour only
     mid_frames: int = 16  # > 0: after the ramp, streams are <= mid_frames long except a long_share of steps
     long_share: float = 0.3
+    # streams of mixed types: once all types are in, this share of the training streams carries a random subset of
+    # the question types (each type kept with probability 1/2, at least one), so that no type's evidence (needles,
+    # balls, rings) is always on screen. With every type on every stream, count over-counted on streams without
+    # needles or balls (12% on count-only streams); 0: every stream carries every type
+    subset_share: float = 0.0
+    # the language model's attention heads (query / key-value; None: the nano default, NANO_DIMS). From scratch
+    # only: train.init_from keeps the checkpoint's
+    text_heads: int | None = None
+    text_kv_heads: int | None = None
     questions_per_stream: int = 12  # > 0: this many questions per training stream (cycling types), else one per type
     # bf16 autocast for the forward (fp32 weights and optimiser): ~1.3x faster on AVX512-BF16 / AMX CPUs, ~100x
     # slower where bf16 is emulated (AVX2). None: on exactly where the CPU runs bf16 natively (fast_bf16)
@@ -167,13 +181,20 @@ class TrainSettings:
     seed: int = 0
     threads: int = 0  # 0: torch default
 
+    def head_dims(self) -> dict:
+        """``build_nano`` keyword arguments for the head counts set here."""
+        return {k: v for k, v in (("text_heads", self.text_heads), ("text_kv_heads", self.text_kv_heads))
+                if v is not None}
+
+    def weight_at(self, name: str, progress: float) -> float:
+        """``<name>_weight`` at this point of the schedule: off from ``<name>_until`` on."""
+        return getattr(self, f"{name}_weight") if progress < getattr(self, f"{name}_until") else 0.0
+
     def attend_weight_at(self, progress: float) -> float:
-        """``attend_weight`` at this point of the schedule (off from ``attend_until`` on)."""
-        return self.attend_weight if progress < self.attend_until else 0.0
+        return self.weight_at("attend", progress)
 
     def order_weight_at(self, progress: float) -> float:
-        """``order_weight`` at this point of the schedule (off from ``order_until`` on)."""
-        return self.order_weight if progress < self.order_until else 0.0
+        return self.weight_at("order", progress)
 
     def __post_init__(self) -> None:
         """The checks that need no model (``validate_config`` runs them through this, before anything loads)."""
@@ -183,7 +204,7 @@ class TrainSettings:
         bad = [t for t in self.attend_types if t not in QUESTION_TYPES]
         if bad:
             raise ConfigError("train.attend_types", f"unknown question types {bad}; choose from {list(QUESTION_TYPES)}")
-        for name in ("attend_until", "order_until"):
+        for name in ("attend_until", "order_until", "count_probe_until"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}", f"is a fraction of the schedule in [0, 1], got {getattr(self, name)}")
         for name in ("motion_attend_heads", "order_attend_heads"):
@@ -192,6 +213,12 @@ class TrainSettings:
         if self.count_layer < 0 or self.count_head < 0:
             raise ConfigError("train.count_layer" if self.count_layer < 0 else "train.count_head",
                               "must be a layer / head index (>= 0)")
+        if not 0.0 <= self.subset_share <= 1.0:
+            raise ConfigError("train.subset_share", f"is a share of the streams in [0, 1], got {self.subset_share}")
+        for name in ("text_heads", "text_kv_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be a positive head count, got {getattr(self, name)}")
+        _check_dims(self.head_dims())
         if self.parse_weight > 0 and not self.cell_words:
             raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
 
@@ -819,6 +846,60 @@ def make_motion_probe(model, tokenizer, cfg: TrainSettings) -> MotionProbe | Non
                        tokenizer.convert_tokens_to_ids(list(DIRECTIONS)), heads)
 
 
+def answer_positions(examples: list[Example], qb: QuestionBatch, n_context: int,
+                     qtype: str) -> tuple[torch.Tensor, torch.Tensor, list] | None:
+    """(batch rows, sequence positions, questions) of every ``qtype`` question's answer position in a forward
+    whose questions start at ``n_context`` (None: no such question in the batch)."""
+    items, cols, questions = [], [], []
+    for i, ex in enumerate(examples):
+        for j, q in enumerate(ex.questions):
+            if q.qtype == qtype:
+                items.append(i)
+                cols.append(n_context + j * qb.q_len + int(qb.answer_pos[i, j]))
+                questions.append(q)
+    if not items:
+        return None
+    return torch.tensor(items), torch.tensor(cols), questions
+
+
+class CountProbe(torch.nn.Module):
+    """Counting readout: at each "count" answer position, the hidden state after ``layer`` layers names the
+    number of rings through one learned map against the digit words' embeddings.
+
+    The counting head (``CountTargets``) matched its attention target in every run, yet with the order probe
+    in the recipe count answers fell from 99% to 60-68% in range, over-counting on streams without needles or
+    balls: the error sits in how the later layers read the head's output. This puts that reading one layer
+    after the head, on the words the answer must produce."""
+
+    def __init__(self, hidden: int, layer: int, words: torch.nn.Embedding, digit_ids: list[int]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.words = [words]  # a list: not a submodule (the model owns it)
+        self.digit_ids = digit_ids
+        self.map = torch.nn.Linear(hidden, hidden, bias=False)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.map(F.layer_norm(h, h.shape[-1:])) @ self.words[0].weight[self.digit_ids].T
+
+    def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
+             n_context: int) -> torch.Tensor | None:
+        """Cross-entropy to the true count (None: no count question in the batch)."""
+        found = answer_positions(examples, qb, n_context, "count")
+        if found is None:
+            return None
+        items, cols, questions = found
+        return F.cross_entropy(self.logits(hidden[self.layer][items, cols]),
+                               torch.tensor([int(q.answer) for q in questions]))
+
+
+def make_count_probe(model, tokenizer, cfg: TrainSettings) -> CountProbe | None:
+    """The counting readout ``cfg`` asks for (None with ``count_probe_weight`` 0)."""
+    if cfg.count_probe_weight <= 0:
+        return None
+    digits = tokenizer.convert_tokens_to_ids([str(n) for n in range(MAX_RINGS + 1)])
+    return CountProbe(model.config.text_config.hidden_size, cfg.count_probe_layer, model.get_input_embeddings(), digits)
+
+
 class AskedCellProbe(torch.nn.Module):
     """Auxiliary training head (not part of the checkpoint): at each "current" question's answer position, the
     hidden state after ``layer`` layers (``hidden_states[layer]``) names the asked row and column, scored
@@ -857,16 +938,11 @@ class AskedCellProbe(torch.nn.Module):
              n_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(row logits, column logits, asked cell) at every current question's answer position (None: none
         in the batch); ``n_context`` is where the questions start in the forward's sequence."""
-        items, cols, cells = [], [], []
-        for i, ex in enumerate(examples):
-            for j, q in enumerate(ex.questions):
-                if q.qtype == "current":
-                    items.append(i)
-                    cols.append(n_context + j * qb.q_len + int(qb.answer_pos[i, j]))
-                    cells.append(q.meta["cell"])
-        if not items:
+        found = answer_positions(examples, qb, n_context, "current")
+        if found is None:
             return None
-        return (*self.logits(hidden[self.layer][torch.tensor(items), torch.tensor(cols)]), torch.tensor(cells))
+        items, cols, questions = found
+        return (*self.logits(hidden[self.layer][items, cols]), torch.tensor([q.meta["cell"] for q in questions]))
 
     def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
              n_context: int) -> torch.Tensor | None:
@@ -925,6 +1001,17 @@ def step_types(cfg: TrainSettings, progress: float,
     if rng is not None and rng.random() < cfg.detail_share:
         return ("detail",), None
     return QUESTION_TYPES, None
+
+
+def stream_types(cfg: TrainSettings, types: tuple[str, ...], rng: random.Random) -> tuple[str, ...]:
+    """The types one training stream carries: the step's, or (a ``subset_share`` of the streams of all-type
+    steps) a random non-empty subset of them, in their order."""
+    if types != QUESTION_TYPES or cfg.subset_share <= 0 or rng.random() >= cfg.subset_share:
+        return types
+    while True:
+        kept = tuple(t for t in types if rng.random() < 0.5)
+        if kept:
+            return kept
 
 
 def sample_step(cfg: TrainSettings, progress: float, rng: random.Random) -> tuple[int, float, str]:
@@ -1089,6 +1176,8 @@ class AuxLosses:
     motion_weight: float = 0.0
     order: OrderProbe | None = None
     order_weight: float = 0.0
+    count_probe: CountProbe | None = None
+    count_probe_weight: float = 0.0
     answer_sets: list[list[int]] | None = None  # token ids of each answer set (answer_word_separation)
     separate_weight: float = 0.0
     separate_margin: float = 0.2
@@ -1122,7 +1211,8 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
     earlier_needle = (EncodingTargets(order.attend_layers, *earlier_needle_targets(examples, len(init_ids)),
                                       heads=order.attend_heads)
                       if order is not None and order.attend_layers else None)
-    hidden: list | None = [] if motion is not None or parse is not None or order is not None else None
+    count_probe = aux.count_probe if aux.count_probe is not None and aux.count_probe_weight > 0 else None
+    hidden: list | None = [] if any(p is not None for p in (motion, parse, order, count_probe)) else None
     logits = forward_layout(model, rope, init_ids, vis, qb, layout,
                             [t for t in (targets, parse_targets, counting) if t is not None], hidden,
                             [t for t in (previous_ball, earlier_needle) if t is not None])
@@ -1146,6 +1236,9 @@ def batch_loss(model, rope, tokenizer, init_ids, examples: list[Example], layout
         extra["parse"] = (aux.parse_weight, parse.loss(tuple(hidden), examples, qb, len(init_ids) + vis.shape[1]))
         if parse_targets is not None:
             extra["parse_attend"] = (aux.parse_weight, parse_targets.loss())
+    if count_probe is not None:
+        extra["count_probe"] = (aux.count_probe_weight,
+                                count_probe.loss(tuple(hidden), examples, qb, len(init_ids) + vis.shape[1]))
     if aux.answer_sets and aux.separate_weight > 0:
         extra["separate"] = (aux.separate_weight,
                              answer_word_separation(model.get_input_embeddings(), aux.answer_sets, aux.separate_margin))
@@ -1187,6 +1280,17 @@ def validate(model, rope, tokenizer, init_ids, cfg: TrainSettings, n_frames: int
     return acc
 
 
+def _check_dims(dims: dict) -> None:
+    """Head counts that the nano language model can be built with (checked before it is)."""
+    from mukv.models.nano import NANO_DIMS
+
+    d = {**NANO_DIMS, **dims}
+    if d["text_hidden"] % d["text_heads"]:
+        raise ConfigError("train.text_heads", f"must divide the hidden size {d['text_hidden']}, got {d['text_heads']}")
+    if d["text_heads"] % d["text_kv_heads"]:
+        raise ConfigError("train.text_kv_heads", f"must divide train.text_heads ({d['text_heads']}), got {d['text_kv_heads']}")
+
+
 def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path | None = None,
                dims: dict | None = None) -> dict:
     """Train from scratch; checkpoints go to ``out_dir`` (``last/`` and ``best/``), the best is copied to
@@ -1203,7 +1307,7 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    model, tokenizer = build_nano(cfg.seed, cfg.cell_words, **(dims or {}))
+    model, tokenizer = build_nano(cfg.seed, cfg.cell_words, **{**cfg.head_dims(), **(dims or {})})
     if cfg.init_from:
         from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
@@ -1223,16 +1327,18 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
             raise ConfigError(f"train.{name}", f"must be head indices below {heads}, got {list(getattr(cfg, name))}")
     layers = model.config.text_config.num_hidden_layers
     for name, on, layer in (("count_layer", cfg.count_weight > 0, cfg.count_layer),
-                            ("order_layer", cfg.order_weight > 0, cfg.order_layer)):
+                            ("order_layer", cfg.order_weight > 0, cfg.order_layer),
+                            ("count_probe_layer", cfg.count_probe_weight > 0, cfg.count_probe_layer)):
         if on and not 0 <= layer < layers:
             raise ConfigError(f"train.{name}", f"must be a layer index below {layers}, got {layer}")
     probe = make_probe(model, tokenizer, cfg)
     motion_probe = make_motion_probe(model, tokenizer, cfg)
     order_probe = make_order_probe(model, tokenizer, cfg)
     parse_probe = make_parse_probe(model, tokenizer, cfg)
+    count_probe = make_count_probe(model, tokenizer, cfg)
     answer_sets = [tokenizer.convert_tokens_to_ids(list(words)) for words in ANSWER_SETS]
     params = list(model.named_parameters()) + list(probe.named_parameters())
-    for extra_probe in (motion_probe, parse_probe, order_probe):
+    for extra_probe in (motion_probe, parse_probe, order_probe, count_probe):
         if extra_probe is not None:
             params += list(extra_probe.named_parameters())
     decay = [p for n, p in params if p.ndim >= 2]
@@ -1270,7 +1376,7 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
         n_frames, gap, layout = sample_step(cfg, progress, rng)
         seeds = [TRAIN_SEED_BASE + cfg.seed * 10_000_000 + step * cfg.batch_size + i for i in range(cfg.batch_size)]
         types, rings = step_types(cfg, progress, rng)
-        examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=types, rings=rings,
+        examples = [make_example(s, n_frames, cfg.sample_fps, gap, types=stream_types(cfg, types, rng), rings=rings,
                                  questions=cfg.questions_per_stream or None) for s in seeds]
         aux = AuxLosses(probe=probe, probe_weight=cfg.aux_weight * (1.0 if progress < cfg.ramp_end else 0.25),
                         attend_layers=tuple(cfg.attend_layers),
@@ -1279,6 +1385,7 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
                         count_head=cfg.count_head, attend_types=tuple(cfg.attend_types), parse=parse_probe,
                         parse_weight=cfg.parse_weight, motion=motion_probe, motion_weight=cfg.motion_weight,
                         order=order_probe, order_weight=cfg.order_weight_at(progress),
+                        count_probe=count_probe, count_probe_weight=cfg.weight_at("count_probe", progress),
                         answer_sets=answer_sets, separate_weight=cfg.separate_weight,
                         separate_margin=cfg.separate_margin)
         parts: dict[str, float] = {}

@@ -153,6 +153,20 @@ def test_a_few_training_steps_reduce_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def _aux_loss_steps(model, extra_params, rope, tok, init, examples, aux, part: str, steps: int) -> list[float]:
+    """``steps`` AdamW steps on ``examples`` (full layout) with ``aux``; the value of loss ``part`` at each."""
+    opt = torch.optim.AdamW(list(model.parameters()) + list(extra_params), lr=3e-3)
+    values = []
+    for _ in range(steps):
+        parts: dict[str, float] = {}
+        loss, _ = batch_loss(model, rope, tok, init, examples, "full", random.Random(0), aux, parts)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        values.append(parts[part])
+    return values
+
+
 def test_count_supervision_is_learned_and_attend_until_releases_the_heads():
     """`train.count_weight`: a few steps with the count head's cross-entropy bring its attention towards
     the rings + init prompt; `train.attend_until` turns the answer-attention supervision off from there on."""
@@ -167,16 +181,8 @@ def test_count_supervision_is_learned_and_attend_until_releases_the_heads():
     rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
     init = tok(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
     examples = [make_example(TRAIN_SEED_BASE + i, 6, 0.5, 8.0, types=("count",), questions=1) for i in range(4)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     aux = AuxLosses(count_weight=5.0, count_layer=1, count_head=3)
-    ce = []
-    for _ in range(6):
-        parts: dict[str, float] = {}
-        loss, _ = batch_loss(model, rope, tok, init, examples, "full", random.Random(0), aux, parts)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ce.append(parts["count"])
+    ce = _aux_loss_steps(model, [], rope, tok, init, examples, aux, "count", 6)
     assert ce[-1] < 0.8 * ce[0], ce
     cfg = TrainSettings(attend_weight=0.7, attend_until=0.5)
     assert cfg.attend_weight_at(0.2) == 0.7 and cfg.attend_weight_at(0.5) == 0.0 and cfg.attend_weight_at(0.9) == 0.0
@@ -839,3 +845,74 @@ def test_encoding_supervision_can_be_kept_to_chosen_heads():
     assert make_motion_probe(model, tok, settings).attend_heads == (2, 3)
     with pytest.raises(ConfigError, match="train.order_attend_heads"):
         TrainSettings(order_attend_heads=(-1,))
+
+
+def test_streams_can_carry_a_subset_of_the_types_and_the_model_its_own_head_count():
+    """`train.subset_share`: that share of all-type streams carries a random non-empty subset of the types (a
+    count-only stream then shows no needle and no ball); other steps keep theirs. `train.text_heads` /
+    `text_kv_heads` build the language model with those heads, and counts it cannot have are refused by name."""
+    from mukv.data.synthetic import MOTION_SHAPE, SHAPES
+    from mukv.errors import ConfigError
+    from mukv.models.nano import build_nano
+    from mukv.train import stream_types
+
+    rng = random.Random(0)
+    assert {stream_types(TrainSettings(subset_share=0.0), QUESTION_TYPES, rng) for _ in range(200)} == {QUESTION_TYPES}
+    every = TrainSettings(subset_share=1.0)
+    assert stream_types(every, ("detail",), rng) == ("detail",)  # the detail-only steps keep their type
+    drawn = [stream_types(every, QUESTION_TYPES, rng) for _ in range(2000)]
+    assert all(d and d == tuple(t for t in QUESTION_TYPES if t in d) for d in drawn)
+    assert len(set(drawn)) == 2 ** len(QUESTION_TYPES) - 1  # every non-empty subset occurs
+    quarter = [stream_types(TrainSettings(subset_share=0.25), QUESTION_TYPES, rng) != QUESTION_TYPES
+               for _ in range(4000)]
+    assert 0.2 < sum(quarter) / len(quarter) < 0.27
+    for i in range(6):
+        ex = make_example(TRAIN_SEED_BASE + i, 16, 0.5, 4.0, types=("count",), questions=12)
+        assert {q.qtype for q in ex.questions} == {"count"} and ex.needle_tokens == ()
+        assert SHAPES.index(MOTION_SHAPE) not in set(ex.cell_shape.ravel().tolist())  # no ball either
+    with pytest.raises(ConfigError, match="train.subset_share"):
+        TrainSettings(subset_share=1.5)
+
+    settings = TrainSettings(text_heads=8, text_kv_heads=4)
+    model, _ = build_nano(seed=0, **settings.head_dims())
+    text = model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads) == (8, 4)
+    attn = model.model.language_model.layers[0].self_attn
+    assert attn.k_proj.out_features == 4 * text.hidden_size // 8
+    with pytest.raises(ConfigError, match="train.text_heads"):
+        TrainSettings(text_heads=5)  # 192 is not a multiple of 5
+    with pytest.raises(ConfigError, match="train.text_kv_heads"):
+        TrainSettings(text_heads=8, text_kv_heads=3)
+
+
+def test_count_probe_reads_the_count_at_count_answers_through_the_digit_words():
+    """`train.count_probe_weight`: the readout scores the hidden state at each count answer against the digit
+    words' embeddings, its target is the question's count, and a few steps lower its cross-entropy."""
+    from mukv.models import attention_hook
+    from mukv.models.adapter import DEFAULT_INIT_PROMPT
+    from mukv.models.nano import build_nano
+    from mukv.models.rope import RotaryTable
+    from mukv.train import AuxLosses, QuestionBatch, answer_positions, make_count_probe
+
+    assert make_count_probe(*build_nano(seed=0), TrainSettings()) is None  # off by default
+    model, tok = build_nano(seed=0)
+    model.model.language_model.config._attn_implementation = attention_hook.register()
+    rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
+    init = tok(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
+    probe = make_count_probe(model, tok, TrainSettings(count_probe_weight=1.0))
+    assert tok.convert_ids_to_tokens(probe.digit_ids) == ["0", "1", "2", "3", "4"]
+    examples = [make_example(TRAIN_SEED_BASE + 40 + i, 6, 0.5, 8.0, types=("count", "detail"), questions=2)
+                for i in range(4)]
+    qb = QuestionBatch(tok, examples)
+    items, cols, questions = answer_positions(examples, qb, 100, "count")
+    assert [q.qtype for q in questions] == ["count"] * 4 and items.tolist() == [0, 1, 2, 3]
+    for i, c, q in zip(items.tolist(), cols.tolist(), questions, strict=True):
+        j = examples[i].questions.index(q)
+        assert c == 100 + j * qb.q_len + int(qb.answer_pos[i, j])
+        assert int(qb.answer_tok[i, j]) == tok.convert_tokens_to_ids(q.answer)  # the token that answers it
+    assert answer_positions(examples, qb, 100, "motion") is None
+    aux = AuxLosses(count_probe=probe, count_probe_weight=1.0)
+    ce = _aux_loss_steps(model, list(probe.parameters()), rope, tok, init, examples, aux, "count_probe", 8)
+    assert ce[-1] < 0.7 * ce[0], ce
+    released = TrainSettings(count_probe_weight=1.0, count_probe_until=0.5)  # count_probe_until stops it
+    assert released.weight_at("count_probe", 0.49) == 1.0 and released.weight_at("count_probe", 0.5) == 0.0

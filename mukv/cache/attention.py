@@ -101,8 +101,7 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them."""
     _count(q, k)
-    groups = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    kk = expand_kv_heads(k, q.shape[1])
     logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -221,9 +220,7 @@ class SinkWindowKV:
         lq = q.shape[-2]
         own = k_rot.shape[-2] - lq
         n_local = self.n_local
-        groups = q.shape[1] // k_rot.shape[1]
-        k_all = k_rot.repeat_interleave(groups, dim=1) if groups > 1 else k_rot
-        v_all = vw.repeat_interleave(groups, dim=1) if groups > 1 else vw
+        k_all, v_all = expand_kv_heads(k_rot, q.shape[1]), expand_kv_heads(vw, q.shape[1])
         parts = [kernel(q_rot, k_all[..., own:, :], v_all[..., own:, :], True, scaling)]
         _count(q_rot, k_all[..., own:, :])
         if n_local is None:
@@ -239,8 +236,7 @@ class SinkWindowKV:
             _count(q_rot, k_all[..., :lq, :])
             if sink_needed:
                 q_sink = rope.rotate(q, torch.full((lq,), n_local, device=q.device))
-                ks = self.init_k.repeat_interleave(groups, dim=1) if groups > 1 else self.init_k
-                vs = self.init_v.repeat_interleave(groups, dim=1) if groups > 1 else self.init_v
+                ks, vs = expand_kv_heads(self.init_k, q.shape[1]), expand_kv_heads(self.init_v, q.shape[1])
                 parts.append(kernel(q_sink, ks.to(q.dtype), vs.to(q.dtype), False, scaling))
                 _count(q_sink, ks)
         return parts
@@ -354,10 +350,7 @@ _FUSED_LSE_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attenti
 def _attention_lse(q, k, v, mask, scaling):
     """(output, log-sum-exp) of masked attention with grouped KV heads, from torch's fused kernels (the CPU
     flash kernel; on CUDA the memory-efficient one, whose bias rows must be 16-element aligned)."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    k, v = k.to(q.dtype), v.to(q.dtype)
+    k, v = expand_kv_heads(k, q.shape[1]).to(q.dtype), expand_kv_heads(v, q.shape[1]).to(q.dtype)
     if q.device.type == "cuda":
         lq, lk = mask.shape
         bias = torch.zeros(lq, lk + (-lk) % 16, dtype=q.dtype, device=q.device)[:, :lk]
