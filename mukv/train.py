@@ -742,6 +742,12 @@ def earlier_needle_targets(examples: list[Example], n_init: int) -> tuple[torch.
     return pair_targets(pairs)
 
 
+def word_scores(proj: torch.nn.Linear, h: torch.Tensor, words: torch.nn.Embedding, ids: list[int]) -> torch.Tensor:
+    """A probe's logits over answer words: the layer-normed hidden state through ``proj``, dotted with the
+    embeddings of the words ``ids`` (what the order, motion, asked-cell and count probes score against)."""
+    return proj(F.layer_norm(h, h.shape[-1:])) @ words.weight[ids].T
+
+
 class OrderProbe(torch.nn.Module):
     """Auxiliary training head (not part of the checkpoint): puts into each needle's token which needles came
     before it. Under a causal encoding a needle token can attend to the needles before it (``attend_layers``
@@ -759,7 +765,7 @@ class OrderProbe(torch.nn.Module):
         self.head = torch.nn.Linear(hidden, hidden)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(F.layer_norm(h, h.shape[-1:])) @ self.words[0].weight[self.needle_ids].T
+        return word_scores(self.head, h, self.words[0], self.needle_ids)
 
     def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], n_init: int) -> torch.Tensor | None:
         """Binary cross-entropy, per needle shape, of "shown before this needle" at every needle token
@@ -815,8 +821,9 @@ class MotionProbe(torch.nn.Module):
         self.head = torch.nn.Linear(hidden, hidden if words is not None else len(DIRECTIONS))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.head(F.layer_norm(h, h.shape[-1:]))
-        return z if self.words is None else z @ self.words[0].weight[self.direction_ids].T
+        if self.words is None:
+            return self.head(F.layer_norm(h, h.shape[-1:]))
+        return word_scores(self.head, h, self.words[0], self.direction_ids)
 
     def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], n_init: int) -> torch.Tensor | None:
         """Cross-entropy over the directions at the run's ball tokens after its first frame (None: no run)."""
@@ -879,7 +886,7 @@ class CountProbe(torch.nn.Module):
         self.map = torch.nn.Linear(hidden, hidden, bias=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.map(F.layer_norm(h, h.shape[-1:])) @ self.words[0].weight[self.digit_ids].T
+        return word_scores(self.map, h, self.words[0], self.digit_ids)
 
     def loss(self, hidden: tuple[torch.Tensor, ...], examples: list[Example], qb: QuestionBatch,
              n_context: int) -> torch.Tensor | None:
@@ -921,9 +928,8 @@ class AskedCellProbe(torch.nn.Module):
         self.col = torch.nn.Linear(hidden, hidden, bias=False)
 
     def logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.layer_norm(h, h.shape[-1:])
-        w = self.words[0].weight
-        return self.row(h) @ w[self.row_ids].T, self.col(h) @ w[self.col_ids].T
+        return (word_scores(self.row, h, self.words[0], self.row_ids),
+                word_scores(self.col, h, self.words[0], self.col_ids))
 
     def attention_targets(self, layout: Layout, examples: list[Example], qb: QuestionBatch) -> AttentionTargets:
         """Some head of ``attend_layers``, at each current question's answer position, attends to the
