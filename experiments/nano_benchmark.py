@@ -4,6 +4,7 @@
     python experiments/nano_benchmark.py --preset table      # the BENCHMARKS.md table (tens of minutes)
     python experiments/nano_benchmark.py --preset in_range   # cache=full within the training length
     python experiments/nano_benchmark.py --preset quant      # rekv / mukv with an int8 / int4 block store
+    python experiments/nano_benchmark.py --preset each_type  # cache=full on streams that ask one type each
 
 Everything runs in one process: the model loads once, and each (method, budget, length) streams the same
 held-out videos (evaluation seeds, never trained on) through the same ``StreamingEngine`` as
@@ -49,6 +50,9 @@ PRESETS = {
     # the accuracy cost of a quantized block store (10x the training length)
     "quant": dict(lengths=[640.0], videos=12, budgets=[16], seed=1000, methods=["rekv", "mukv"],
                   kv_quant=["none", "int8", "int4"]),
+    # each type on streams of its own (a count-only stream shows rings but no needles or balls), within range
+    "each_type": dict(lengths=[60.0], videos=40, budgets=[16], seed=700, methods=["full"],
+                      types=[[t] for t in QUESTION_TYPES]),
 }
 STORE_METHODS = ("rekv", "mukv")  # methods with a block store (kv_quant applies)
 
@@ -120,7 +124,7 @@ def summarise(rows: list[dict], mem: list[dict]) -> dict:
 
 
 def markdown(results: pd.DataFrame) -> str:
-    cols = ["length_s", "frames", "method", "budget", "kv_quant", "questions", "accuracy", *QUESTION_TYPES,
+    cols = ["length_s", "frames", "streams", "method", "budget", "kv_quant", "questions", "accuracy", *QUESTION_TYPES,
             "detail_recall", "online_tokens", "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="block-store quantization modes to compare (rekv, mukv)")
     ap.add_argument("--needle-depth", type=float, default=None,
                     help="detail needles at this fraction of the frames shown (default: random)")
+    ap.add_argument("--types", nargs="+", choices=QUESTION_TYPES,
+                    help="ask only these question types (the streams then show only their evidence)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     budgets = args.budgets or p["budgets"]
     seed = p["seed"] if args.seed is None else args.seed
     quant_modes = args.kv_quant or p.get("kv_quant") or ["none"]
+    type_sets = [args.types] if args.types else p.get("types") or [list(QUESTION_TYPES)]
     methods = args.methods or p.get("methods") or [m for m in METHOD_ORDER if m in CACHE_METHODS]
     missing = [m for m in methods if m not in CACHE_METHODS]
     if missing:
@@ -178,23 +185,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     judge = ExactMatchJudge()
     results = []
     t_all = time.time()
-    for length in lengths:
+    for length, types in ((length, types) for length in lengths for types in type_sets):
         videos = make_synthetic_dataset(SyntheticSpec(num_videos=n_videos, duration_s=length,
                                                       sample_fps=args.sample_fps, questions_per_video=5, seed=seed,
-                                                      needle_depth=args.needle_depth))
+                                                      needle_depth=args.needle_depth, question_types=tuple(types)))
+        streams = "all" if set(types) == set(QUESTION_TYPES) else "+".join(types)
         runs = [(m, b, q) for m in methods for b in ([None] if m == "full" else budgets)
                 for q in (quant_modes if m in STORE_METHODS else ["none"])]
         for m, budget, quant in runs:
             knobs = {**(knobs_for(m, budget) if budget else {}), **overrides.get(m, {})}
             if quant != "none":
                 knobs["kv_quant"] = quant
-                # the default group (64 values) must divide the head dimension: nano's is 48 -> groups of 16
+                # the default group (64 values) must divide the head dimension: nano's is 24 -> groups of 8
                 knobs.setdefault("kv_quant_group_size", math.gcd(64, llm.geometry.head_dim))
             t0 = time.time()
             rows, mem = run_one(llm, m, knobs, videos, settings, judge)
-            tag = f"{m}_{'b' + str(budget) if budget else 'all'}_L{int(length)}" + ("" if quant == "none" else f"_{quant}")
+            tag = (f"{m}_{'b' + str(budget) if budget else 'all'}_L{int(length)}" + ("" if quant == "none" else f"_{quant}")
+                   + ("" if streams == "all" else f"_{streams}"))
             pd.DataFrame(rows).to_csv(out / f"predictions_{tag}.csv", index=False)
-            res = {"length_s": length, "frames": int(length * args.sample_fps), "method": m,
+            res = {"length_s": length, "frames": int(length * args.sample_fps), "streams": streams, "method": m,
                    "budget": budget or "all", "kv_quant": knobs.get("kv_quant", "none"), "knobs": json.dumps(knobs),
                    **summarise(rows, mem), "wall_s": time.time() - t0}
             results.append(res)

@@ -159,9 +159,9 @@ class TrainConfig:
     count_weight: float = 1.0  # a head spreads its attention over the rings + a sink at "count" answers (CountTargets)
     count_layer: int = 1
     count_head: int = 3
-    count_probe_weight: float = 0.0  # counting readout at "count" answers, through the digit words (mukv/train.py CountProbe)
+    count_probe_weight: float = 1.0  # counting readout at "count" answers, through the digit words (mukv/train.py CountProbe)
     count_probe_layer: int = 2
-    count_probe_until: float = 1.0  # count_probe_weight applies until this fraction of the schedule
+    count_probe_until: float = 0.5  # count_probe_weight applies until this fraction of the schedule
     cell_words: bool = True  # "row r" / "column c" are single tokens (mukv/models/nano.py build_word_tokenizer)
     parse_weight: float = 1.0  # probe of the asked cell at "current" answers (mukv/train.py AskedCellProbe)
     parse_layer: int = 2
@@ -181,7 +181,7 @@ class TrainConfig:
     detail_share: float = 0.1
     mid_frames: int = 16
     long_share: float = 0.3
-    subset_share: float = 0.0  # share of streams that carry a random subset of the question types (stream_types)
+    subset_share: float = 0.25  # share of streams that carry a random subset of the question types (stream_types)
     text_heads: Optional[int] = None  # the language model's query heads (null: the nano default; from scratch only)
     text_kv_heads: Optional[int] = None  # ... and key-value heads
     init_from: Optional[str] = None  # continue from a nano checkpoint folder (a second stage)

@@ -116,9 +116,9 @@ class TrainSettings:
     count_head: int = 3
     # ... and its readout: a probe on the hidden state after count_probe_layer layers at each count answer names the
     # count through the digit words (x count_probe_weight, 0: off; CountProbe)
-    count_probe_weight: float = 0.0
+    count_probe_weight: float = 1.0
     count_probe_layer: int = 2
-    count_probe_until: float = 1.0  # ... only until this progress (1.0: the whole schedule)
+    count_probe_until: float = 0.5  # ... only until this progress (1.0: the whole schedule)
     # the cell words: "row r" / "column c" are single tokens (build_word_tokenizer), and the probe of the asked
     # cell reads them at each "current" question's answer position (the hidden state after parse_layer layers)
     # through the cell words' embeddings (x parse_weight, 0: off)
@@ -166,7 +166,7 @@ class TrainSettings:
     # the question types (each type kept with probability 1/2, at least one), so that no type's evidence (needles,
     # balls, rings) is always on screen. With every type on every stream, count over-counted on streams without
     # needles or balls (12% on count-only streams); 0: every stream carries every type
-    subset_share: float = 0.0
+    subset_share: float = 0.25
     # the language model's attention heads (query / key-value; None: the nano default, NANO_DIMS). From scratch
     # only: train.init_from keeps the checkpoint's
     text_heads: int | None = None

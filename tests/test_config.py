@@ -149,6 +149,18 @@ def test_invalid_training_values_raise_config_error_naming_the_field(override, f
     cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe")
     assert cfg.mode == "train" and not cfg.train.cell_words
     assert cfg.train.attend_weight == cfg.train.count_weight == cfg.train.order_weight == 0
+    # the recipe's heads, mixed-type streams and counting readout; the earlier recipes are pinned as they were run
+    from mukv.models.nano import NANO_DIMS
+    assert recipe.text_heads is None and (NANO_DIMS["text_heads"], NANO_DIMS["text_kv_heads"]) == (8, 4)
+    assert recipe.subset_share > 0 and recipe.count_probe_weight > 0 and 0 < recipe.count_probe_until < 1
+    day = {"text_heads": 4, "text_kv_heads": 2, "subset_share": 0.0, "count_probe_weight": 0.0}
+    before = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_before_count_readout").train
+    validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_before_count_readout"))
+    assert {**before} == {**recipe, **day}  # those four knobs only
     without = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_without_order").train
-    assert without.order_weight == 0 and {**without, "order_weight": 1.0} == {**recipe}  # that one knob
-    assert compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_order_to_end").train.order_until == 1.0
+    assert {**without} == {**recipe, **day, "order_weight": 0.0}  # and then that one knob
+    to_end = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_order_to_end").train
+    assert {**to_end} == {**recipe, **day, "order_until": 1.0}
+    for name in ("nano_current", "nano_previous_recipe"):
+        train = compose_cfg("model=nano", "dataset=synthetic", f"experiment={name}").train
+        assert {k: train[k] for k in day} == day, name

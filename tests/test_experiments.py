@@ -321,13 +321,26 @@ def test_nano_benchmark_quick_preset_runs_every_method(tmp_path):
 
 
 def test_nano_benchmark_quant_preset_shrinks_the_store(tmp_path):
-    """The quantized store on the nano model (head dim 48: groups of 16, not the default 64)."""
+    """The quantized store on the nano model (head dim 24: groups of 8, not the default 64)."""
     df = _nano_benchmark().main(["--preset", "quant", "--videos", "1", "--lengths", "40", "--out", str(tmp_path)])
     assert len(df) == 6
     for method, g in df.groupby("method"):
         kv = g.set_index("kv_quant").kv_mib
         assert kv["int4"] < kv["int8"] < kv["none"], (method, kv)
-        assert all(json.loads(k).get("kv_quant_group_size", 16) == 16 for k in g.knobs)
+        assert all(json.loads(k).get("kv_quant_group_size", 8) == 8 for k in g.knobs)
+
+
+def test_nano_benchmark_each_type_preset_asks_one_type_per_stream(tmp_path):
+    """The count-only (and motion-only, ...) streams of BENCHMARKS.md section 1: one row per type, scored on
+    that type alone."""
+    from mukv.data.synthetic import QUESTION_TYPES
+
+    df = _nano_benchmark().main(["--preset", "each_type", "--videos", "1", "--lengths", "20", "--out", str(tmp_path)])
+    assert list(df.streams) == list(QUESTION_TYPES) and (df.questions == 5).all() and set(df.method) == {"full"}
+    for _, row in df.iterrows():  # a stream asks count where its type cannot be asked (no needle left)
+        assert row.streams in {t for t in QUESTION_TYPES if not pd.isna(row[t])} <= {row.streams, "count"}
+    preds = pd.read_csv(tmp_path / "predictions_full_all_L20_count.csv")
+    assert set(preds.qtype) == {"count"}
 
 
 def test_nano_benchmark_set_parses_json_and_keeps_words_as_strings():
@@ -368,10 +381,10 @@ def test_nano_head_map_finds_the_supervised_encoding_patterns():
     maps = module.head_map(str(ROOT / "mukv" / "assets" / "nano"), streams=4, frames=16)
     assert set(maps) == {"ball -> previous ball", "needle -> earlier needles"}
     for mass in maps.values():
-        assert mass.shape == (4, 4) and ((mass >= 0) & (mass <= 1)).all()
+        assert mass.shape == (4, 8) and ((mass >= 0) & (mass <= 1)).all()  # layers x heads
     assert maps["ball -> previous ball"][:2].max() > 0.5
     assert maps["needle -> earlier needles"][:2].max() > 0.2
     out = subprocess.run([sys.executable, "experiments/nano_head_map.py", "--streams", "2", "--frames", "12"],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("| layer | head 0 | head 1 | head 2 | head 3 |") == 2
+    assert out.stdout.count("| layer | " + " | ".join(f"head {h}" for h in range(8)) + " |") == 2

@@ -92,7 +92,7 @@ def build_word_tokenizer(with_cell_words: bool = False) -> PreTrainedTokenizerFa
 
 # Defaults of the shipped checkpoint (the NanoDims in mukv.config mirror them).
 NANO_DIMS = dict(image_size=112, vision_hidden=96, vision_layers=2, vision_heads=4, text_hidden=192,
-                 text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=512, rope_theta=10000.0)
+                 text_layers=4, text_heads=8, text_kv_heads=4, text_intermediate=512, rope_theta=10000.0)
 
 
 def nano_config(vocab_size: int, image_size: int = 112, vision_hidden: int = 96, vision_layers: int = 2,
