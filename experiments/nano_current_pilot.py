@@ -37,7 +37,7 @@ import mukv.train as train
 from mukv.data.synthetic import GRID, TRAIN_SEED_BASE
 from mukv.models import attention_hook
 from mukv.models.adapter import DEFAULT_INIT_PROMPT
-from mukv.models.nano import ASSET_DIR, build_word_tokenizer, cell_word_ids, cell_words
+from mukv.models.nano import ASSET_DIR, build_word_tokenizer, cell_word_ids, cell_words, load_nano_checkpoint
 from mukv.models.rope import RotaryTable
 from mukv.train import (
     VAL_SEED_BASE,
@@ -107,10 +107,7 @@ def main() -> None:
         ap.error("--parse-weight reads the cell words: add --cell-words")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
-
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.float32)
-    tok = PreTrainedTokenizerFast.from_pretrained(args.checkpoint)
+    model, tok = load_nano_checkpoint(args.checkpoint)
     if args.cell_words and "row 1" not in tok.get_vocab():
         model, tok = with_cell_words(model, tok)
     lm = model.model.language_model

@@ -186,6 +186,18 @@ class TrainSettings:
         return {k: v for k, v in (("text_heads", self.text_heads), ("text_kv_heads", self.text_kv_heads))
                 if v is not None}
 
+    def model_shape(self) -> tuple[int, int]:
+        """(attention heads, layers) of the language model this run trains: the ``init_from`` checkpoint's
+        (read from its config, no weights), else the one ``build_nano`` makes."""
+        if self.init_from:
+            from mukv.models.nano import read_nano_config
+
+            text = read_nano_config(self.init_from, "train.init_from").text_config
+            return text.num_attention_heads, text.num_hidden_layers
+        from mukv.models.nano import NANO_DIMS
+
+        return {**NANO_DIMS, **self.head_dims()}["text_heads"], NANO_DIMS["text_layers"]
+
     def weight_at(self, name: str, progress: float) -> float:
         """``<name>_weight`` at this point of the schedule: off from ``<name>_until`` on."""
         return getattr(self, f"{name}_weight") if progress < getattr(self, f"{name}_until") else 0.0
@@ -219,6 +231,7 @@ class TrainSettings:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be a positive head count, got {getattr(self, name)}")
         _check_dims(self.head_dims())
+        _check_indices(self, *self.model_shape())
         if self.parse_weight > 0 and not self.cell_words:
             raise ConfigError("train.parse_weight", "the asked-cell probe reads the cell words: set train.cell_words=true")
 
@@ -1286,6 +1299,22 @@ def validate(model, rope, tokenizer, init_ids, cfg: TrainSettings, n_frames: int
     return acc
 
 
+def _check_indices(cfg: TrainSettings, heads: int, layers: int) -> None:
+    """The head and layer indices the supervisions name exist in a model of ``heads`` x ``layers``."""
+    if str(cfg.attend_head).isdigit() and int(cfg.attend_head) >= heads:  # the format is checked before
+        raise ConfigError("train.attend_head", f"must be a head index below {heads}, got {cfg.attend_head!r}")
+    if cfg.count_weight > 0 and cfg.count_head >= heads:
+        raise ConfigError("train.count_head", f"must be a head index below {heads}, got {cfg.count_head}")
+    for name in ("motion_attend_heads", "order_attend_heads"):
+        if any(h >= heads for h in getattr(cfg, name)):
+            raise ConfigError(f"train.{name}", f"must be head indices below {heads}, got {list(getattr(cfg, name))}")
+    for name, on, layer in (("count_layer", cfg.count_weight > 0, cfg.count_layer),
+                            ("order_layer", cfg.order_weight > 0, cfg.order_layer),
+                            ("count_probe_layer", cfg.count_probe_weight > 0, cfg.count_probe_layer)):
+        if on and not 0 <= layer < layers:
+            raise ConfigError(f"train.{name}", f"must be a layer index below {layers}, got {layer}")
+
+
 def _check_dims(dims: dict) -> None:
     """Head counts that the nano language model can be built with (checked before it is)."""
     from mukv.models.nano import NANO_DIMS
@@ -1297,11 +1326,10 @@ def _check_dims(dims: dict) -> None:
         raise ConfigError("train.text_kv_heads", f"must divide train.text_heads ({d['text_heads']}), got {d['text_kv_heads']}")
 
 
-def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path | None = None,
-               dims: dict | None = None) -> dict:
-    """Train from scratch; checkpoints go to ``out_dir`` (``last/`` and ``best/``), the best is copied to
-    ``publish_dir`` when given. Returns the training record."""
-    from mukv.models.nano import build_nano, save_nano
+def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path | None = None) -> dict:
+    """Train (from scratch, or on from ``init_from``); checkpoints go to ``out_dir`` (``last/`` and ``best/``),
+    the best is copied to ``publish_dir`` when given. Returns the training record."""
+    from mukv.models.nano import build_nano, load_nano_checkpoint, save_nano
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1313,30 +1341,14 @@ def train_nano(cfg: TrainSettings, out_dir: str | Path, publish_dir: str | Path 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    model, tokenizer = build_nano(cfg.seed, cfg.cell_words, **{**cfg.head_dims(), **(dims or {})})
     if cfg.init_from:
-        from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
-
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.init_from)
+        model, tokenizer = load_nano_checkpoint(cfg.init_from, field="train.init_from")
+    else:
+        model, tokenizer = build_nano(cfg.seed, cfg.cell_words, **cfg.head_dims())
     model.model.language_model.config._attn_implementation = attention_hook.register()
     model.train()
     rope = RotaryTable(model.model.language_model.rotary_emb.inv_freq)
     init_ids = tokenizer(DEFAULT_INIT_PROMPT, add_special_tokens=False).input_ids
-    heads = model.config.text_config.num_attention_heads
-    if cfg.attend_head.isdigit() and int(cfg.attend_head) >= heads:  # the format is checked by TrainSettings
-        raise ConfigError("train.attend_head", f"must be a head index below {heads}, got {cfg.attend_head!r}")
-    if cfg.count_weight > 0 and cfg.count_head >= heads:
-        raise ConfigError("train.count_head", f"must be a head index below {heads}, got {cfg.count_head}")
-    for name in ("motion_attend_heads", "order_attend_heads"):
-        if any(h >= heads for h in getattr(cfg, name)):
-            raise ConfigError(f"train.{name}", f"must be head indices below {heads}, got {list(getattr(cfg, name))}")
-    layers = model.config.text_config.num_hidden_layers
-    for name, on, layer in (("count_layer", cfg.count_weight > 0, cfg.count_layer),
-                            ("order_layer", cfg.order_weight > 0, cfg.order_layer),
-                            ("count_probe_layer", cfg.count_probe_weight > 0, cfg.count_probe_layer)):
-        if on and not 0 <= layer < layers:
-            raise ConfigError(f"train.{name}", f"must be a layer index below {layers}, got {layer}")
     probe = make_probe(model, tokenizer, cfg)
     motion_probe = make_motion_probe(model, tokenizer, cfg)
     order_probe = make_order_probe(model, tokenizer, cfg)

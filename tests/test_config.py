@@ -113,6 +113,23 @@ def test_cache_knob_out_of_range_names_the_field():
         build_method(cfg.cache).validate(model_geometry("tiny", None, "cpu", "float32"))
 
 
+def test_training_head_indices_are_checked_against_the_model_it_will_train():
+    """Before any model loads: the heads of the model built from train.text_heads, or of the init_from
+    checkpoint (read from its config alone)."""
+    from mukv.models.nano import ASSET_DIR
+
+    small = ("mode=train", "model=nano", "dataset=synthetic", "train.text_heads=4", "train.text_kv_heads=2")
+    validate_config(compose_cfg(*small, "train.count_head=3"))
+    with pytest.raises(ConfigError, match="train.count_head.*below 4"):
+        validate_config(compose_cfg(*small, "train.count_head=5"))
+    with pytest.raises(ConfigError, match="train.motion_attend_heads.*below 4"):
+        validate_config(compose_cfg(*small, "train.motion_attend_heads=[4]"))
+    shipped = ("mode=train", "model=nano", "dataset=synthetic", f"train.init_from={ASSET_DIR}")
+    validate_config(compose_cfg(*shipped, "train.count_head=7"))  # the shipped checkpoint has 8 heads
+    with pytest.raises(ConfigError, match="train.attend_head.*below 8"):
+        validate_config(compose_cfg(*shipped, "train.attend_head=8"))
+
+
 def test_missing_annotation_file_is_named():
     cfg = compose_cfg("dataset=rvs_ego", "dataset.annotation=/nowhere/ego.json")
     with pytest.raises(ConfigError, match="/nowhere/ego.json"):
@@ -127,6 +144,9 @@ def test_missing_annotation_file_is_named():
     ("train.order_until=-0.1", "train.order_until"),
     ("train.count_head=-1", "train.count_head"),
     ("train.count_layer=-2", "train.count_layer"),
+    ("train.count_head=8", "train.count_head"),  # the recipe's model has 8 heads
+    ("train.count_probe_layer=4", "train.count_probe_layer"),  # ... and 4 layers
+    ("train.init_from=/nowhere/nano", "train.init_from"),
 ])
 def test_invalid_training_values_raise_config_error_naming_the_field(override, field):
     cfg = compose_cfg("mode=train", "model=nano", "dataset=synthetic", override)

@@ -137,17 +137,12 @@ def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_im
 
 def load_nano(path: str | None, device: torch.device, dtype: torch.dtype) -> VideoLLM:
     """The shipped nano checkpoint (``mukv/assets/nano``) or a nano folder written by ``mode=train``."""
-    from transformers import PreTrainedTokenizerFast
+    from mukv.models.nano import load_nano_checkpoint, nano_dir, read_meta
 
-    from mukv.models.nano import nano_dir, read_meta
-
-    folder = nano_dir(path)
-    if not (folder / "model.safetensors").is_file():
-        raise ConfigError("model.path", f"no nano checkpoint in {folder} (train one: make train-nano)")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device)
+    model, tokenizer = load_nano_checkpoint(path, dtype)
+    model = model.to(device)
     use_stream_attention(model)
-    meta = read_meta(folder)
+    meta = read_meta(nano_dir(path))
     return VideoLLM(model, tokenizer, tuple(meta.get("image_mean", (0.5,) * 3)),
                     tuple(meta.get("image_std", (0.5,) * 3)), name="nano")
 
@@ -183,12 +178,9 @@ def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str
     if kind == "tiny":
         return KVGeometry.from_config(tiny_config(len(build_byte_tokenizer()), **dims), dt)
     if kind == "nano":
-        from mukv.models.nano import nano_dir
+        from mukv.models.nano import read_nano_config
 
-        folder = nano_dir(path)
-        if not (folder / "config.json").is_file():
-            raise ConfigError("model.path", f"no nano checkpoint in {folder} (train one: make train-nano)")
-        return KVGeometry.from_config(LlavaOnevisionConfig.from_pretrained(str(folder)), dt)
+        return KVGeometry.from_config(read_nano_config(path), dt)
     if kind == "pretrained":
         if not path:
             raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from mukv.data.synthetic import COLOUR_NAMES, DIRECTIONS, GRID, SHAPES
+from mukv.errors import ConfigError
 from mukv.models.tokenizer import CHAT_SPECIAL_TOKENS
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "nano"
@@ -138,6 +139,29 @@ def save_nano(model, tokenizer, out_dir: str | Path, record: dict | None = None)
 
 def nano_dir(path: str | None) -> Path:
     return Path(path).expanduser() if path else ASSET_DIR
+
+
+def _checkpoint_folder(path: str | Path | None, field: str) -> Path:
+    folder = nano_dir(None if path is None else str(path))
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+        raise ConfigError(field, f"no nano checkpoint (model.safetensors + config.json) in {folder} "
+                                 "(train one: make train-nano)")
+    return folder
+
+
+def read_nano_config(path: str | Path | None, field: str = "model.path") -> LlavaOnevisionConfig:
+    """The config of a nano checkpoint folder (None: the shipped one), read without its weights."""
+    return LlavaOnevisionConfig.from_pretrained(str(_checkpoint_folder(path, field)))
+
+
+def load_nano_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.float32,
+                         field: str = "model.path") -> tuple[LlavaOnevisionForConditionalGeneration,
+                                                             PreTrainedTokenizerFast]:
+    """(model, tokenizer) of a nano checkpoint folder (None: the shipped one); a folder without one is a
+    ``ConfigError`` naming ``field``."""
+    folder = _checkpoint_folder(path, field)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(str(folder), dtype=dtype), tokenizer
 
 
 def read_meta(path: str | Path) -> dict:
