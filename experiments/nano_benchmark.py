@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import platform
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     judge = ExactMatchJudge()
     results = []
     t_all = time.time()
-    for length, types in ((length, types) for length in lengths for types in type_sets):
+    for length, types in itertools.product(lengths, type_sets):
         videos = make_synthetic_dataset(SyntheticSpec(num_videos=n_videos, duration_s=length,
                                                       sample_fps=args.sample_fps, questions_per_video=5, seed=seed,
                                                       needle_depth=args.needle_depth, question_types=tuple(types)))

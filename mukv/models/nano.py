@@ -91,7 +91,8 @@ def build_word_tokenizer(with_cell_words: bool = False) -> PreTrainedTokenizerFa
     )
 
 
-# Defaults of the shipped checkpoint (the NanoDims in mukv.config mirror them).
+# Dimensions of a nano model built from scratch (train.text_heads / text_kv_heads override the heads); a
+# checkpoint's config.json holds the ones it was trained with.
 NANO_DIMS = dict(image_size=112, vision_hidden=96, vision_layers=2, vision_heads=4, text_hidden=192,
                  text_layers=4, text_heads=8, text_kv_heads=4, text_intermediate=512, rope_theta=10000.0)
 
@@ -142,7 +143,7 @@ def nano_dir(path: str | None) -> Path:
 
 
 def _checkpoint_folder(path: str | Path | None, field: str) -> Path:
-    folder = nano_dir(None if path is None else str(path))
+    folder = nano_dir(str(path) if path else None)
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
         raise ConfigError(field, f"no nano checkpoint (model.safetensors + config.json) in {folder} "
                                  "(train one: make train-nano)")
