@@ -16,7 +16,7 @@ def stream(n_local, chunks, kernel_on: bool, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     hq, hk, d, n_init = 14, 2, 64, 4
     rope = RotaryTable((1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))).cuda())
-    layer = SinkWindowKV(n_local, 1024)
+    layer = SinkWindowKV(n_local, 1024, block_tokens=196)  # ReKV's sinks: handed over per 196-token frame
     saved = attention.lse_kernel
     if not kernel_on:
         attention.lse_kernel = lambda *a: None

@@ -38,6 +38,7 @@ from mukv.data.synthetic import CHANCE, QUESTION_TYPES, SyntheticSpec, make_synt
 from mukv.engine import EngineSettings, StreamingEngine  # noqa: E402
 from mukv.judge.exact import ExactMatchJudge  # noqa: E402
 from mukv.models.loading import load_video_llm  # noqa: E402
+from mukv.report.metrics import wilson_interval  # noqa: E402
 
 TOKENS_PER_FRAME = 16
 METHOD_ORDER = ("full", "sliding_window", "uniform", "rekv", "mukv")
@@ -113,6 +114,7 @@ def run_one(llm, method_name: str, knobs: dict, videos, engine_settings: EngineS
 def summarise(rows: list[dict], mem: list[dict]) -> dict:
     df = pd.DataFrame(rows)
     out = {"questions": len(df), "accuracy": float(df.judge_correct.mean())}
+    out["accuracy_lo"], out["accuracy_hi"] = wilson_interval(int(df.judge_correct.sum()), len(df))
     for t in QUESTION_TYPES:
         sub = df[df.qtype == t]
         out[t] = float(sub.judge_correct.mean()) if len(sub) else float("nan")
@@ -129,11 +131,13 @@ def markdown(results: pd.DataFrame) -> str:
             "detail_recall", "online_tokens", "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
-    for _, r in results[cols].iterrows():
+    for _, r in results.iterrows():
         cells = []
         for c in cols:
             v = r[c]
-            if c in ("accuracy", "detail_recall", *QUESTION_TYPES):
+            if c == "accuracy" and "accuracy_lo" in r and not pd.isna(v):  # with its 95% Wilson interval
+                cells.append(f"{100 * v:.0f} ({100 * r['accuracy_lo']:.0f}-{100 * r['accuracy_hi']:.0f})")
+            elif c in ("accuracy", "detail_recall", *QUESTION_TYPES):
                 cells.append("-" if pd.isna(v) else f"{100 * v:.0f}")
             elif isinstance(v, float):
                 cells.append(f"{v:.3g}" if c != "length_s" else f"{v:g}")
@@ -141,8 +145,9 @@ def markdown(results: pd.DataFrame) -> str:
                 cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     chance = ", ".join(f"{t} {100 * c:.0f}%" for t, c in CHANCE.items())
-    return head + "\n".join(lines) + (f"\n\nChance per type: {chance}. Accuracy columns in %. detail_recall: % of "
-                                       "detail needles in the recalled context (methods that report it).\n")
+    return head + "\n".join(lines) + (f"\n\nChance per type: {chance}. Accuracy columns in %; accuracy with its 95% "
+                                       "Wilson interval. detail_recall: % of detail needles in the recalled "
+                                       "context (methods that report it).\n")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from mukv.video.preprocess import FrameResize
+
 
 @dataclass
 class TinyDims:
@@ -38,9 +40,13 @@ class ModelConfig:
     kind: str = "tiny"
     path: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | auto_float16 (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed and on CUDA, else sdpa) | sdpa | eager
     seed: int = 0
+    # Frames not at the vision size: pil_uint8 (the checkpoint processor's PIL bicubic on uint8, uint8 out, then
+    # rescale and normalise) | torch_float (torch bicubic + antialias in float, no rounding). An enum: a bad
+    # value fails at compose time. See mukv/video/preprocess.py.
+    resize: FrameResize = FrameResize.pil_uint8
     tiny: TinyDims = field(default_factory=TinyDims)
 
 
@@ -119,6 +125,7 @@ class EngineConfig:
     encode_chunk_size: int = 64
     max_new_tokens: int = 256
     progress: bool = True
+    answer_text: str = "auto"  # auto (the published code of the method run) | keep_newlines | remove_newlines | spaces
 
 
 @dataclass

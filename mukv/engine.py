@@ -22,12 +22,29 @@ from mukv.cache.base import CacheMethod, decode_attention
 from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
 from mukv.models.adapter import VideoLLM
 
+ANSWER_TEXTS = ("auto", "keep_newlines", "remove_newlines", "spaces")
+
+
+def answer_text(llm: VideoLLM, tokens: list[int], style: str) -> str:
+    """The text the judge sees. ``keep_newlines`` (MuKV's release) and ``remove_newlines`` (ReKV's:
+    every newline removed) decode as both releases do, with the tokenizer's clean-up of spaces and without
+    stripping; ``spaces`` (not published) replaces newlines with spaces and strips."""
+    if style == "spaces":
+        return llm.decode(tokens).replace("\n", " ").strip()
+    text = llm.decode(tokens, clean_up=True)
+    if style == "remove_newlines":
+        return text.replace("\n", "")
+    if style == "keep_newlines":
+        return text
+    raise ValueError(f"unknown answer text '{style}'; choose one of {', '.join(ANSWER_TEXTS)}")
+
 
 @dataclass
 class EngineSettings:
     encode_chunk_size: int = 64
     max_new_tokens: int = 256
     progress: bool = True
+    answer_text: str = "auto"  # auto: the published code of the method being run (CacheMethod.published_answer_text)
 
 
 @dataclass
@@ -158,7 +175,8 @@ class StreamingEngine:
             logits = self.llm.logits(self.llm.forward(self.llm.embed_ids(token_t.view(1)), attend)[:, -1])[0]
         self._sync()
         t3 = time.perf_counter()
-        text = self.llm.decode(tokens).replace("\n", " ").strip()
+        style = self.settings.answer_text
+        text = answer_text(self.llm, tokens, self.method.published_answer_text if style == "auto" else style)
         return Answer(text, tokens, first_logits, t2 - t1, t3 - t2), context, recall_s
 
     # ------------------------------------------------------------------------------------ streaming

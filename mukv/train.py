@@ -490,7 +490,8 @@ def layout_attention(layout: Layout, n_init: int, n_video: int, q_len: int, n_q:
                 et.log_prob.append(_encoding_log_prob(qe, ke, scaling, et, rope))
         # ---- encoding (init + video)
         if layout.encoding in ("causal", "window"):
-            kv = SinkWindowKV(layout.n_local if layout.encoding == "window" else None, query_block=1 << 20)
+            kv = SinkWindowKV(layout.n_local if layout.encoding == "window" else None, query_block=1 << 20,
+                              block_tokens=TOKENS_PER_FRAME)  # the sinks as sliding_window's defaults
             out_init = kv.attend_and_append(qe[:, :, :n_init], ke[:, :, :n_init], ve[:, :, :n_init], scaling, rope)
             kv.set_init(kv.k, kv.v)
             out_vid = kv.attend_and_append(qe[:, :, n_init:], ke[:, :, n_init:], ve[:, :, n_init:], scaling, rope)

@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mukv.cache.base import CacheMethod
 from mukv.data.types import VideoSample
-from mukv.engine import AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
+from mukv.engine import ANSWER_TEXTS, AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
 from mukv.errors import ConfigError, MukvError
 from mukv.judge import build_judge, validate_judge_config
+from mukv.models.loading import resolve_dtype
 from mukv.report.metrics import summarize
 from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, CsvAppender, write_json_atomic
 
@@ -66,8 +68,12 @@ def validate_config(cfg: DictConfig) -> None:
 
         TrainSettings(**train_settings(cfg))  # its own checks (attention heads and types, the asked-cell probe)
         return
+    resolve_dtype(cfg.model.dtype, torch.device("cpu"))  # names model.dtype if it is not one of the choices
     _positive(cfg.engine.encode_chunk_size, "engine.encode_chunk_size")
     _positive(cfg.engine.max_new_tokens, "engine.max_new_tokens")
+    if cfg.engine.answer_text not in ANSWER_TEXTS:
+        raise ConfigError("engine.answer_text", f"unknown value '{cfg.engine.answer_text}'; choose one of "
+                                                f"{', '.join(ANSWER_TEXTS)}")
     ds = cfg.dataset
     _positive(ds.sample_fps, "dataset.sample_fps")
     _positive(ds.limit_videos, "dataset.limit_videos", allow_none=True)
@@ -181,12 +187,12 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
     judge = build_judge(cfg.judge)
     if judge is not None:
         judge.prepare()  # an LLM judge that cannot load fails here, before anything streams
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain strings for W&B
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("%d videos, %d questions; loading model %s", len(videos), sum(len(v.questions) for v in videos), m.name)
 
     answered, finished = _prepare_resume(out, cfg.resume)
-    llm = load_video_llm(m.kind, m.path, m.device, m.dtype, m.attn_implementation, m.seed, **dims)
+    llm = load_video_llm(m.kind, m.path, m.device, m.dtype, m.attn_implementation, m.seed, m.resize, **dims)
     engine = StreamingEngine(llm, method, EngineSettings(**OmegaConf.to_container(cfg.engine, resolve=True)))
     predictions, memory = CsvAppender(out / PREDICTIONS), CsvAppender(out / MEMORY)
     failures: list[str] = []

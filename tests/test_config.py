@@ -82,6 +82,8 @@ def test_unknown_group_option_fails():
 @pytest.mark.parametrize("override,field", [
     ("dataset.sample_fps=0", "dataset.sample_fps"),
     ("engine.max_new_tokens=-1", "engine.max_new_tokens"),
+    ("engine.answer_text=stripped", "engine.answer_text"),
+    ("model.dtype=float8", "model.dtype"),
     ("dataset.synthetic.num_videos=0", "dataset.synthetic.num_videos"),
     ("logger.mode=sometimes", "logger.mode"),
     ("judge.name=oracle", "judge.name"),
@@ -184,3 +186,18 @@ def test_invalid_training_values_raise_config_error_naming_the_field(override, f
     for name in ("nano_current", "nano_previous_recipe"):
         train = compose_cfg("model=nano", "dataset=synthetic", f"experiment={name}").train
         assert {k: train[k] for k in day} == day, name
+
+
+@pytest.mark.parametrize("model", ["llava_ov_0.5b", "llava_ov_7b"])
+def test_llava_ov_configs_load_float16_on_cuda_as_published(model):
+    """Both published releases load LLaVA-OV in float16; the CPU keeps float32 (half types are emulated)."""
+    import torch
+
+    from mukv.models.loading import resolve_dtype
+
+    dtype = compose_cfg(f"model={model}").model.dtype
+    assert resolve_dtype(dtype, torch.device("cuda")) == torch.float16
+    assert resolve_dtype(dtype, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # the generic default is unchanged
+    with pytest.raises(ConfigError, match="model.dtype"):
+        resolve_dtype("float8", torch.device("cpu"))

@@ -53,30 +53,53 @@ def test_full_streaming_can_fail_when_a_frame_changes(tiny_llm):
 
 
 # ----------------------------------------------------------------------------- sliding window
-def reference_sink_window(q, k, v, n_local: int, n_init: int, rope: RotaryTable, scaling: float):
+def reference_sink_window(q, k, v, n_local: int, n_init: int, rope: RotaryTable, scaling: float,
+                          sink_distance: int | None = None, block: int = 1):
     """Attention of every token by definition, one query at a time in float64: keys j with
-    0 <= i-j < n_local at distance i-j, sink keys j < n_init with i-j >= n_local at distance n_local."""
+    0 <= i-j < n_local at distance i-j, and as sinks, at distance ``sink_distance`` (default n_local), the
+    init keys j < min(n_init, end - n_local), where ``end`` closes the ``block``-token block of i counted
+    from n_init (i + 1 for init queries). ``block=1`` sinks exactly the init keys that left i's window (the
+    ``exact`` handover); with ``block`` = tokens per frame and ``sink_distance = n_local - 1`` it is ReKV's
+    published encoding, where a query can see an init key twice (window and sink)."""
     q, k, v = q.double(), k.double(), v.double()
     rope64 = RotaryTable(rope.inv_freq.double())
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     n = q.shape[-2]
     out = torch.zeros_like(q)
+    sink_at = n_local if sink_distance is None else sink_distance
     for i in range(n):
+        end = i + 1 if i < n_init else n_init + ((i - n_init) // block + 1) * block
+        seen = [(j, i - j) for j in range(i + 1) if i - j < n_local]
+        seen += [(j, sink_at) for j in range(min(n_init, max(0, end - n_local)))]
         scores, values = [], []
-        for j in range(i + 1):
-            if i - j < n_local:
-                dist = i - j
-            elif j < n_init:
-                dist = n_local
-            else:
-                continue
+        for j, dist in seen:
             qi = rope64.rotate(q[..., i:i + 1, :], torch.tensor([dist]))
             scores.append((qi * k[..., j:j + 1, :]).sum(-1) * scaling)
             values.append(v[..., j:j + 1, :])
         w = torch.cat(scores, -1).softmax(-1)
         out[..., i, :] = (w[..., None] * torch.cat(values, -2)).sum(-2)
     return out
+
+
+FRAME = 4  # tokens per frame (the handover block) of the layer-level tests
+
+
+def sink_layer(n_local: int | None, query_block: int, published: bool) -> SinkWindowKV:
+    """A layer with the published sinks (the defaults: ReKV's distance n_local - 1, per-frame handover) or
+    with the exact handover at distance n_local (the options that keep the project's earlier encoding)."""
+    if published:
+        return SinkWindowKV(n_local, query_block, block_tokens=FRAME)
+    return SinkWindowKV(n_local, query_block, sink_distance="n_local", sink_handover="exact")
+
+
+def sink_reference(q, k, v, n_local: int | None, n_init: int, rope: RotaryTable, published: bool):
+    """``reference_sink_window`` for ``sink_layer``'s two settings (no window: ``n_local=None``)."""
+    if n_local is None:
+        return reference_sink_window(q, k, v, 10**9, n_init, rope, 0.25)
+    if published:
+        return reference_sink_window(q, k, v, n_local, n_init, rope, 0.25, sink_distance=n_local - 1, block=FRAME)
+    return reference_sink_window(q, k, v, n_local, n_init, rope, 0.25)
 
 
 def spy_on_unmasked_parts(monkeypatch, sizes: list[int]) -> None:
@@ -106,22 +129,24 @@ def stream_layer(layer: SinkWindowKV, q, k, v, n_init: int, chunks: list[int], r
     return outs
 
 
+@pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
 @pytest.mark.parametrize("n_local,chunks,query_block", [(5, [3, 4, 6, 2], 3), (8, [20], 4), (100, [7, 9], 5)])
-def test_sink_window_matches_direct_masked_attention(n_local, chunks, query_block):
+def test_sink_window_matches_direct_masked_attention(n_local, chunks, query_block, published):
     torch.manual_seed(0)
     n_init, hq, hk, d = 3, 4, 2, 16
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
     total = n_init + sum(chunks)
     q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
-    layer = SinkWindowKV(n_local, query_block)
+    layer = sink_layer(n_local, query_block, published)
     outs = stream_layer(layer, q, k, v, n_init, chunks, rope)
-    ref = reference_sink_window(q, k, v, n_local, n_init, rope, 0.25)
+    ref = sink_reference(q, k, v, n_local, n_init, rope, published)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
     assert layer.k.shape[-2] == min(n_local, total)
 
 
+@pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
 @pytest.mark.parametrize("n_local", [None, 16])
-def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local, monkeypatch):
+def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local, published, monkeypatch):
     """Once the window (and the sinks' distance) is full, queries are attended as unmasked fused-kernel parts
     merged by log-sum-exp (own keys, the keys all queries see, the reversed triangle, the sinks), a whole
     chunk at once where it is shorter than the window, and still equal attention by definition; before
@@ -134,9 +159,9 @@ def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
     total = n_init + sum(chunks)
     q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
-    layer = SinkWindowKV(n_local, 7)
+    layer = sink_layer(n_local, 7, published)
     outs = stream_layer(layer, q, k, v, n_init, chunks, rope)
-    ref = reference_sink_window(q, k, v, n_local or 10**9, n_init, rope, 0.25)
+    ref = sink_reference(q, k, v, n_local, n_init, rope, published)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
     assert sizes and max(sizes) == (2 if n_local is None else 4)
     if n_local is None:  # unmasked parts need no query blocks: one call per chunk
@@ -145,12 +170,18 @@ def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local
         assert 0 < len(sizes) < 1 + sum((c + 6) // 7 for c in chunks)
 
 
-def test_sliding_window_model_matches_reference_forward(tiny_llm):
+@pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
+def test_sliding_window_model_matches_reference_forward(tiny_llm, published):
     """The whole model under sliding_window equals one offline forward whose attention is the
-    direct masked reference above, and the answer attends to init + the window re-rotated."""
+    direct masked reference above, and the answer attends to init + the window re-rotated. By default the
+    sinks are ReKV's published ones (distance n_local - 1, handed over per frame); the options
+    ``sink_distance=n_local``, ``sink_handover=exact`` give the exact complement at distance n_local."""
     frames = random_frames(6)
-    n_local = 3 * tiny_llm.geometry.tokens_per_frame + 5
-    method = SlidingWindowCache(n_local=n_local, query_block=11)
+    t = tiny_llm.geometry.tokens_per_frame
+    n_local = 3 * t + 5
+    options = {} if published else {"sink_distance": "n_local", "sink_handover": "exact"}
+    sinks = {"sink_distance": n_local - 1, "block": t} if published else {}
+    method = SlidingWindowCache(n_local=n_local, query_block=11, **options)
     stream(tiny_llm, method, frames, 2)
     n_init = len(tiny_llm.init_prompt_ids())
     vis = tiny_llm.encode_frames(frames).reshape(1, -1, tiny_llm.geometry.hidden_size)
@@ -159,7 +190,7 @@ def test_sliding_window_model_matches_reference_forward(tiny_llm):
 
     def reference(idx, q, k, v, scaling):
         captured[idx] = (k, v)
-        return reference_sink_window(q, k, v, n_local, n_init, tiny_llm.rope, scaling).to(q.dtype)
+        return reference_sink_window(q, k, v, n_local, n_init, tiny_llm.rope, scaling, **sinks).to(q.dtype)
 
     tiny_llm.forward(emb, reference)
     for idx, layer in enumerate(method.layers):
@@ -286,7 +317,8 @@ def test_fused_sink_window_attention_equals_one_softmax(dtype):
     assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkeypatch):
+@pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
+def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkeypatch, published):
     """A 30-token chunk into a full 50-token window with 3 sinks: one set of unmasked parts (no per-block
     loop), equal to attention by definition."""
 
@@ -297,18 +329,19 @@ def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkey
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
     total = n_init + sum(chunks)
     q, k, v = torch.randn(1, hq, total, d), torch.randn(1, hk, total, d), torch.randn(1, hk, total, d)
-    layer = SinkWindowKV(50, 8)
+    layer = sink_layer(50, 8, published)
     outs = stream_layer(layer, q, k, v, n_init, chunks[:-1], rope)
     before = len(sizes)
     outs += stream_layer(layer, q[..., total - chunks[-1]:, :], k[..., total - chunks[-1]:, :],
                          v[..., total - chunks[-1]:, :], 0, chunks[-1:], rope)
     assert sizes[before:] == [4]  # the last chunk: one call of four parts
-    ref = reference_sink_window(q, k, v, 50, n_init, rope, 0.25)
+    ref = sink_reference(q, k, v, 50, n_init, rope, published)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
 @pytest.mark.parametrize("n_local", [None, 10])
-def test_streaming_attention_gradients_equal_attention_by_definition(n_local):
+def test_streaming_attention_gradients_equal_attention_by_definition(n_local, published):
     """Training differentiates through the streaming attention (the nano layouts): queries', keys' and
     values' gradients equal those of the definition. The fused kernels give no gradient through their
     log-sum-exp, so a merge by it (the no-grad fast paths) would get the queries' and keys' wrong."""
@@ -318,9 +351,9 @@ def test_streaming_attention_gradients_equal_attention_by_definition(n_local):
     total = n_init + sum(chunks)
     leaves = [torch.randn(1, h, total, d, dtype=torch.float64, requires_grad=True) for h in (hq, hk, hk)]
     q, k, v = (x.float() for x in leaves)
-    out = torch.cat(stream_layer(SinkWindowKV(n_local, 1 << 20), q, k, v, n_init, chunks, rope), -2)
+    out = torch.cat(stream_layer(sink_layer(n_local, 1 << 20, published), q, k, v, n_init, chunks, rope), -2)
     got = torch.autograd.grad(out.square().sum(), leaves)
-    ref = reference_sink_window(*leaves, n_local or 10**9, n_init, rope, 0.25)
+    ref = sink_reference(*leaves, n_local, n_init, rope, published)
     want = torch.autograd.grad(ref.square().sum(), leaves)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
@@ -406,3 +439,27 @@ def test_stream_forward_builds_no_transformers_mask(tiny_llm, monkeypatch):
         tiny_llm.language_model(inputs_embeds=tiny_llm.embed_ids(ids).to(tiny_llm.dtype), use_cache=False,
                                 position_ids=torch.zeros(1, len(ids), dtype=torch.long),
                                 mukv_attention=lambda i, q, k, v, s: layers[i].attend_and_append(q, k, v, s, tiny_llm.rope))
+
+
+# ---------------------------------------------------------------------------------- answer text
+def test_answer_text_follows_the_published_code_of_the_method(tiny_llm):
+    """MuKV's release keeps newlines, ReKV's removes them, both with the tokenizer's clean-up of spaces
+    before punctuation (applied explicitly: transformers 5 ignores the flag for BPE tokenizers); ``spaces``
+    is the unpublished newline-to-space-and-strip."""
+    from mukv.cache import ReKVCache
+    from mukv.cache.mukv import MuKVCache
+    from mukv.engine import answer_text
+
+    ids = tiny_llm.tokenize(" It was red , not blue .\nIt isn't \n")
+    assert answer_text(tiny_llm, ids, "keep_newlines") == " It was red, not blue.\nIt isn't \n"
+    assert answer_text(tiny_llm, ids, "remove_newlines") == " It was red, not blue.It isn't "
+    assert answer_text(tiny_llm, ids, "spaces") == "It was red , not blue . It isn't"
+    assert MuKVCache.published_answer_text == "keep_newlines" and ReKVCache.published_answer_text == "remove_newlines"
+    frames = random_frames(4)
+    for method, style in ((FullCache(), "keep_newlines"), (ReKVCache(retrieve_size=2), "remove_newlines")):
+        engine = stream(tiny_llm, method, frames, 4)
+        answer, _, _ = engine.answer("what colour was the star?")
+        assert answer.text == answer_text(tiny_llm, answer.token_ids, style)
+        engine.settings.answer_text = "spaces"
+        answer, _, _ = engine.answer("what colour was the star?")
+        assert answer.text == answer_text(tiny_llm, answer.token_ids, "spaces")

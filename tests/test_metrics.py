@@ -119,3 +119,15 @@ def test_nothing_judged_gives_none_not_nan():
 def test_truth_reads_every_spelling():
     s = pd.Series([True, False, "True", "false", "", None, float("nan"), "1.0", "garbage"])
     assert list(truth(s)) == [True, False, True, False, None, None, None, True, None]
+
+
+def test_wilson_interval_matches_the_closed_form_and_stays_in_range():
+    from mukv.report.metrics import wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # the textbook example: 0.8 of 10 -> [0.490, 0.943]
+    assert round(lo, 3) == 0.490 and round(hi, 3) == 0.943
+    assert wilson_interval(0, 10)[0] == 0.0 and round(wilson_interval(0, 10)[1], 3) == 0.278
+    assert round(wilson_interval(10, 10)[0], 3) == 0.722 and wilson_interval(10, 10)[1] == 1.0
+    narrow, wide = wilson_interval(80, 160), wilson_interval(5, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]  # more questions, a narrower interval
+    assert all(x != x for x in wilson_interval(0, 0))  # no questions: nan

@@ -277,6 +277,9 @@ def test_granularities_that_do_not_fit_the_model_are_rejected(llm):
     (dict(frequency="wavelet"), "cache.frequency"),
     (dict(query_vector="mean_key"), "cache.query_vector"),
     (dict(patch_layout="quadrant", granularities=[0.5, 1.0, 4.0]), "cache.patch_layout"),
+    (dict(keep_floor="zero"), "cache.keep_floor"),
+    (dict(rerank_reverse=True, granularities=[1.0, 4.0], top_k=[2, 1], keep_ratio=[0.5, 0.5], alpha=[0.5, 0.5]),
+     "cache.rerank_reverse"),
 ])
 def test_invalid_knobs_name_their_field(llm, knobs, field):
     with pytest.raises(ConfigError) as err:
@@ -379,3 +382,87 @@ def test_degenerate_mukv_equals_a_direct_rekv_style_retrieval(llm, frames):
     stream(llm, rotated, frames)
     assert rotated.query(QUESTION).shape == mukv.query(QUESTION).shape
     assert not torch.allclose(rotated.query(QUESTION), mukv.query(QUESTION))
+
+
+# ------------------------------------------------------------------ fidelity to the published code
+def test_a_keep_count_below_one_keeps_the_whole_block_as_published(llm, frames):
+    """Published trimming returns a block untouched where ``int(g * keep_ratio)`` is 0: the tiny model's
+    4-token patch blocks at the published keep 0.1 keep all 4 tokens; ``keep_floor=one`` keeps one."""
+    published = MuKVCache(top_k=[2, 2, 1])  # published keep ratios 0.1 / 0.1 / 0.8
+    published.validate(llm.geometry)
+    assert published.budget(llm.geometry).kept_per_block == [4, 1, 51]
+    stream(llm, published, frames[:4])
+    n0 = published.n_init
+    for b in range(len(published.block_ids[0])):
+        block = published.block(0, b)
+        assert (block.positions - n0).tolist() == [0, 1, 2, 3]  # every token, in order, untouched
+    one = MuKVCache(top_k=[2, 2, 1], keep_floor="one")
+    assert one.budget(llm.geometry).kept_per_block == [1, 1, 51]
+    stream(llm, one, frames[:4])
+    assert all(one.block(0, b).tokens == 1 for b in range(len(one.block_ids[0])))
+    assert published.stats().kv_tokens - one.stats().kv_tokens == 3 * len(one.block_ids[0])
+
+
+def test_tied_scores_keep_the_published_candidates(llm, frames):
+    """``fft_only`` + ``spectral_entropy`` ties every score; the published code keeps
+    ``topk(int(1.2 k))[:k]``, which among ties is not ``topk(k)``."""
+    method = MuKVCache(top_k=[2, 2, 1], keep_ratio=[0.5, 0.5, 0.5], scoring_method="fft_only",
+                       frequency="spectral_entropy")
+    stream(llm, method, frames[:4])
+    n0 = method.n_init
+    block = method.block(2, 0)  # one 64-token segment block, 32 kept
+    tied = torch.zeros(64)
+    published = sorted(tied.topk(int(32 * 1.2)).indices[:32].tolist())
+    assert (block.positions - n0).tolist() == published
+    assert published != sorted(tied.topk(32).indices.tolist())  # so this test tells the two rules apart
+
+
+def stock_keys(llm, ids: list[int], prefix: torch.Tensor | None = None):
+    """Rotated keys per layer from a stock transformers forward over init prompt + ``ids`` (or + ``prefix``
+    embeddings): each layer's (1, H_kv, L, d), the init prompt dropped."""
+    init = llm.init_prompt_ids()
+    emb = llm.embed_ids(init + ids) if prefix is None else torch.cat([llm.embed_ids(init), prefix[None]], dim=1)
+    with torch.no_grad():
+        cache = llm.language_model(inputs_embeds=emb, use_cache=True).past_key_values
+    return [layer.keys[..., len(init):, :] for layer in cache.layers]
+
+
+def test_unified_layer_takes_frequency_keys_and_query_key_at_the_attention_layer(llm, frames):
+    """``use_unified_layer`` (published, off by default): the frequency signal's keys and the query key come
+    from the attention strategy's layer; representatives stay on the last layer."""
+    n_layers = llm.geometry.num_layers
+    assert n_layers >= 2
+    knobs = dict(top_k=[2, 2, 1], keep_ratio=[0.5, 0.5, 0.5], scoring_method="fft_only", frequency="diff",
+                 attention_layer="second_last")
+    unified = MuKVCache(use_unified_layer=True, **knobs)
+    stream(llm, unified, frames[:4])
+    layer = n_layers - 2
+    assert unified.signal_layer == layer
+    visual = llm.encode_frames(frames[:4]).reshape(-1, llm.geometry.hidden_size)
+    keys = stock_keys(llm, [], prefix=visual[:16])  # the first frame block
+    expected = signals.select_top(signals.frequency_signal(keys[layer][0].float().mean(dim=0), "diff"), 8)
+    block = unified.block(1, 0)
+    assert (block.positions - unified.n_init).tolist() == expected.tolist()
+    plain_expected = signals.select_top(signals.frequency_signal(keys[-1][0].float().mean(dim=0), "diff"), 8)
+    assert expected.tolist() != plain_expected.tolist()  # the layer choice shows here
+    rep = keys[-1][0][:, expected].float().mean(dim=1).reshape(-1)
+    torch.testing.assert_close(unified.representatives(1)[0], rep, atol=1e-4, rtol=1e-4)
+    q_keys = stock_keys(llm, llm.tokenize(QUESTION))
+    torch.testing.assert_close(unified.query(QUESTION), q_keys[layer][0, :, -1].float().reshape(-1), atol=1e-4, rtol=1e-4)
+    plain = MuKVCache(**knobs)
+    stream(llm, plain, frames[:4])
+    torch.testing.assert_close(plain.query(QUESTION), q_keys[-1][0, :, -1].float().reshape(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_rerank_reverse_keeps_the_lowest_reranked_candidates(llm, frames):
+    method = MuKVCache(rerank_reverse=True, **SMALL)
+    stream(llm, method, frames)
+    ctx = method.recall(QUESTION)
+    forward = MuKVCache(**SMALL)
+    stream(llm, forward, frames)
+    ref = forward.recall(QUESTION)
+    assert ctx.info["blocks"] != ref.info["blocks"]
+    for scores in ctx.info["block_scores"].values():
+        assert scores == sorted(scores)  # worst first, as the reversed published list
+    with pytest.raises(ConfigError, match="cache.rerank_reverse"):
+        MuKVCache(rerank_reverse=True, rerank=False, **SMALL).validate(llm.geometry)

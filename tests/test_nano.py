@@ -791,7 +791,12 @@ def test_recalled_evidence_mukv_and_rekv(nano, recall_videos, patch_layout):
                 assert set(rows_ % 2) == {0, 1} and rows_.min() % 2 == 0 and cols.min() % 2 == 0
         else:
             assert (np.diff(toks) == 1).all() and toks[0] % 4 == 0
-    trimmed = CACHE_METHODS["mukv"](top_k=[1000, 1000, 1000], patch_layout=patch_layout)
+    # published keep ratios: 0.1 of a 4-token patch block is 0 tokens, so patch blocks are kept whole (as the
+    # published trimming returns them) and, every block recalled, all evidence is in context
+    published = CACHE_METHODS["mukv"](top_k=[1000, 1000, 1000], patch_layout=patch_layout)
+    rows = _evidence_rows(nano, published, recall_videos[:1])
+    assert rows and all(r.evidence_recalled == 1.0 for r in rows)
+    trimmed = CACHE_METHODS["mukv"](top_k=[1000, 1000, 1000], patch_layout=patch_layout, keep_floor="one")
     rows = _evidence_rows(nano, trimmed, recall_videos[:1])
     kept = {t for b in trimmed.store.blocks for t in b.meta["video_tokens"]}
     assert any(r.evidence_recalled < 1.0 for r in rows)

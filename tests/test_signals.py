@@ -138,8 +138,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def direct_rerank(query, reprs, top_k, alpha, beta, top_n):
-    """The published two-stage selection written with Python lists and numpy."""
+def direct_rerank(query, reprs, top_k, alpha, beta, top_n, reverse=False):
+    """The published two-stage selection written with Python lists and numpy (``reverse``: the published
+    ``rerank_reverse``, each reranked candidate list reversed before the cut)."""
     q = query.double().numpy()
     cands = []
     for r, k in zip(reprs, top_k, strict=True):
@@ -152,8 +153,8 @@ def direct_rerank(query, reprs, top_k, alpha, beta, top_n):
     for (cand, w, r, k) in ((fine, beta, reprs[0], top_k[0]), (medium, alpha, reprs[1], top_k[1])):
         scored = [((1 - w) * s + w * _cos(r[i].double().numpy(), ctx), i) for s, i in cand]
         scored.sort(key=lambda x: -x[0])
-        out.append(scored[:k])
-    out.append(coarse[:top_k[2]])
+        out.append((scored[::-1] if reverse else scored)[:k])
+    out.append((coarse[::-1] if reverse else coarse)[:top_k[2]])
     return out
 
 
@@ -216,3 +217,29 @@ def test_dedup_equals_the_published_pairwise_loop(seed):
     got = signals.select_with_dedup(scores, keys, 20, 0.9).tolist()
     assert got == pairwise_dedup(scores, keys, 20, 0.9)
     assert len(got) < 20  # de-duplication removed tokens here
+
+
+def test_tied_scores_select_the_published_candidates():
+    """Published: ``topk(min(int(1.2 k), g))[:k]``; among ties torch's topk returns other indices for another
+    k, so this is not ``topk(k)`` (49 tied scores, k = 20)."""
+    tied = torch.zeros(2, 49)
+    got = signals.select_top(tied, 20)
+    published = tied[0].topk(24).indices[:20].sort().values
+    assert got[0].tolist() == got[1].tolist() == published.tolist()
+    assert published.tolist() != tied[0].topk(20).indices.sort().values.tolist()
+
+
+def test_rerank_reverse_takes_the_reranked_candidates_worst_first():
+    """The published ``rerank_reverse``: each granularity's reranked candidate list (2 x top_k) reversed,
+    then cut to top_k; segments by their stage-1 scores."""
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(12, generator=g)
+    reprs = [torch.randn(n, 12, generator=g) for n in (30, 15, 9)]
+    top_k = [4, 3, 2]
+    got = rr.select_blocks(query, reprs, top_k, rerank=True, alpha=0.3, beta=0.6, top_n=3, reverse=True)
+    ref = direct_rerank(query, reprs, top_k, 0.3, 0.6, 3, reverse=True)
+    for sel, r in zip(got, ref, strict=True):
+        assert sel.indices.tolist() == [i for _, i in r]
+        np.testing.assert_allclose(sel.scores.numpy(), [s for s, _ in r], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs rerank"):
+        rr.select_blocks(query, reprs, top_k, rerank=False, reverse=True)

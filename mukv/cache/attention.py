@@ -4,9 +4,11 @@ Keys and values are kept un-rotated (B, H_kv, L, d); positions are chosen by the
 ``RotaryTable`` right before the dot products. Two layouts cover every method:
 
 * ``SinkWindowKV`` — streaming encoding as in ReKV/InfLLM: token ``i`` attends to the keys ``j`` with
-  ``0 <= i - j < n_local`` at their true relative distance, and to the init (sink) tokens that have left
-  that window at the fixed distance ``n_local``. ``n_local=None`` keeps everything: plain causal attention
-  with contiguous positions, i.e. exactly an offline forward.
+  ``0 <= i - j < n_local`` at their true relative distance, and to the init (sink) tokens at one fixed
+  distance: ``n_local - 1`` by default, as ReKV's code (``sink_distance``). By default the init tokens join
+  the sink once per frame block, when they leave the window of the block's last query, and the whole block
+  then sees them as sinks (ReKV's code; ``sink_handover``). ``n_local=None`` keeps everything: plain causal
+  attention with contiguous positions, i.e. exactly an offline forward.
 * ``ContextKV`` — answering: a fixed context of already-rotated keys (whatever a method recalled), then
   the prompt and generated tokens appended causally at positions from ``next_position`` on.
 """
@@ -108,17 +110,54 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: to
     return logits.softmax(dim=-1)
 
 
-class SinkWindowKV:
-    """One layer's streaming KV: the init sink plus a sliding window of the most recent tokens."""
+SINK_DISTANCES = ("published", "n_local")
+SINK_HANDOVERS = ("per_block", "exact")
 
-    def __init__(self, n_local: int | None, query_block: int = 1024) -> None:
+
+class SinkWindowKV:
+    """One layer's streaming KV: the init sink plus a sliding window of the most recent tokens.
+
+    How a query ``g`` sees the ``n_init`` sink tokens once they leave its window of ``n_local`` keys:
+
+    * ``sink_distance``: ``published`` (default) puts every sink at relative distance ``n_local - 1`` from
+      every query: ReKV's code rotates the queries with its one-angle RoPE helper at index ``n_local``,
+      which reads ``cos[n_local - 1]``, and the sink keys are un-rotated (position 0). ``n_local``: at
+      distance ``n_local`` (this project's earlier rule).
+    * ``sink_handover``: ``per_block`` (default) is ReKV's code: it encodes in blocks of ``block_tokens``
+      (a frame: its ``exc_block_size`` is the tokens per frame; the first block starts right after the init
+      prompt), and before attending a block it moves into the sink the init tokens that have left the
+      window of the block's *last* query, ``j < end - n_local``; every query of the block then attends all
+      the sink, unmasked. So while the window fills, a query whose window still holds those init tokens
+      sees them twice, in the window at their true distance and as sinks. ``exact``: query ``g`` sees init
+      token ``j`` as a sink iff ``g - j >= n_local`` (exactly the complement of its window; the same as
+      ``per_block`` with one-token blocks). Once every init token has left the window the two agree.
+
+    The block boundaries count from the first token after ``set_init``, so the result does not depend on
+    how the stream is cut into calls (chunks) or on ``query_block``, as long as the caller's frames are
+    whole ``block_tokens`` blocks (the engine's are).
+    """
+
+    def __init__(self, n_local: int | None, query_block: int = 1024, sink_distance: str = "published",
+                 sink_handover: str = "per_block", block_tokens: int | None = None) -> None:
+        if sink_distance not in SINK_DISTANCES:
+            raise ValueError(f"sink_distance must be one of {SINK_DISTANCES}, got {sink_distance!r}")
+        if sink_handover not in SINK_HANDOVERS:
+            raise ValueError(f"sink_handover must be one of {SINK_HANDOVERS}, got {sink_handover!r}")
+        if block_tokens is not None and block_tokens < 1:
+            raise ValueError(f"block_tokens must be at least 1, got {block_tokens}")
         self.n_local = n_local
         self.query_block = query_block
+        self.sink_distance = sink_distance
+        self.sink_handover = sink_handover
+        self.block_tokens = block_tokens
+        if n_local is not None:
+            self._handover_block()  # fail at construction when per_block has no block size
         self.init_k: torch.Tensor | None = None
         self.init_v: torch.Tensor | None = None
         self.k: torch.Tensor | None = None  # most recent tokens, un-rotated
         self.v: torch.Tensor | None = None
         self.start = 0  # global index of self.k[..., 0, :]
+        self.block_origin = 0  # global index where the first handover block starts (set by set_init)
         self.max_keys_in_view = 0  # most keys one query block attended to (cost is bounded by the window)
 
     @property
@@ -132,6 +171,37 @@ class SinkWindowKV:
     def set_init(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Declare the tokens seen so far (the init prompt) as the attention sink."""
         self.init_k, self.init_v = k, v
+        self.block_origin = self.n_seen
+
+    def _handover_block(self) -> int:
+        """Tokens per handover block: 1 for ``exact``, ``block_tokens`` for ``per_block``."""
+        if self.sink_handover == "exact":
+            return 1
+        if self.block_tokens is None:
+            raise ValueError("sink_handover='per_block' needs block_tokens (the model's tokens per frame); "
+                             "pass it, or use sink_handover='exact'")
+        return self.block_tokens
+
+    def _sink_position(self) -> int:
+        """The relative distance every query sees the sinks at."""
+        return self.n_local - 1 if self.sink_distance == "published" else self.n_local
+
+    def _sink_size(self, g: int) -> int:
+        """How many init tokens query ``g`` attends as sinks (always the first ones): those that have left
+        the window of the last query of ``g``'s handover block."""
+        if self.n_local is None or self.n_init == 0:
+            return 0
+        block, origin = self._handover_block(), self.block_origin
+        end = g + 1 if g < origin else origin + ((g - origin) // block + 1) * block
+        return min(self.n_init, max(0, end - self.n_local))
+
+    def _sink_sizes(self, qa: int, qb: int, device: torch.device) -> torch.Tensor:
+        """``_sink_size`` of the queries [qa, qb), as a tensor."""
+        g = torch.arange(qa, qb, device=device)
+        block, origin = self._handover_block(), self.block_origin
+        end = origin + (torch.div(g - origin, block, rounding_mode="floor") + 1) * block
+        end = torch.where(g < origin, g + 1, end)
+        return (end - self.n_local).clamp(0, self.n_init)
 
     def attend_and_append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                           rope: RotaryTable) -> torch.Tensor:
@@ -165,7 +235,8 @@ class SinkWindowKV:
 
     def _fused_applies(self, q: torch.Tensor, qa: int, lo: int) -> bool:
         """Whether the block of queries ``q`` starting at ``qa`` runs as unmasked parts (``_unmasked_parts``):
-        a fused kernel with log-sum-exp exists here, and the window and the sinks' distance are full."""
+        a fused kernel with log-sum-exp exists here, the window is full, and either no query of the block sees
+        a sink or every one sees all of them (under either ``sink_handover``)."""
         if q.shape[-2] == 0 or _needs_grad(q) or lse_kernel(q.device, q.dtype, q.shape[-1]) is None:
             return False  # (torch's CPU flash kernel crashes on no queries)
         if self.n_local is None:
@@ -173,8 +244,7 @@ class SinkWindowKV:
         lq = q.shape[-2]
         if lo != qa - self.n_local + 1 or self.n_local <= lq:
             return False
-        sink_needed = self.n_init > 0 and (qa + lq - 1) >= self.n_local
-        return not sink_needed or qa - (self.n_init - 1) >= self.n_local
+        return self._sink_size(qa + lq - 1) == 0 or self._sink_size(qa) == self.n_init
 
     def _attend_block(self, q: torch.Tensor, qa: int, keys: torch.Tensor, vals: torch.Tensor,
                       scaling: float, rope: RotaryTable) -> torch.Tensor:
@@ -185,8 +255,9 @@ class SinkWindowKV:
         # Positions relative to the first key in view keep the rotation angles small (as ReKV does).
         q_rot = rope.rotate_range(q, qa - lo)
         k_rot = rope.rotate_range(kw, 0)
-        sink_needed = self.n_local is not None and self.n_init > 0 and (qb - 1) >= self.n_local
-        self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + (self.n_init if sink_needed else 0))
+        n_sinks = self._sink_size(qb - 1)  # the most sinks a query of the block sees (the last one's)
+        sink_needed = n_sinks > 0
+        self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + n_sinks)
         if self._fused_applies(q, qa, lo) and not _needs_grad(k_rot, vw):  # before any (Lq, Lk) mask is built
             try:
                 return _merge_parts(self._unmasked_parts(q, k_rot, vw, q_rot, sink_needed, scaling, rope), q.dtype)
@@ -199,10 +270,12 @@ class SinkWindowKV:
             band &= (qi - kj) < self.n_local
         if not sink_needed:
             return grouped_sdpa(q_rot, k_rot, vw, scaling, band)
-        # Sink tokens outside a query's window are seen at the fixed distance n_local.
-        q_sink = rope.rotate(q, torch.full((lq,), self.n_local, device=q.device))
-        sink_mask = (qi - torch.arange(self.n_init, device=q.device)[None, :]) >= self.n_local
-        return _two_part_attention(q_rot, k_rot, vw, band, q_sink, self.init_k, self.init_v, sink_mask, scaling)
+        # Each query sees its first _sink_size init tokens as sinks, all at one fixed distance (the sink part is
+        # separate from the window part: under per_block a token can be in both).
+        q_sink = rope.rotate(q, torch.full((lq,), self._sink_position(), device=q.device))
+        sink_mask = torch.arange(n_sinks, device=q.device)[None, :] < self._sink_sizes(qa, qb, q.device)[:, None]
+        return _two_part_attention(q_rot, k_rot, vw, band, q_sink, self.init_k[..., :n_sinks, :],
+                                   self.init_v[..., :n_sinks, :], sink_mask, scaling)
 
     def _unmasked_parts(self, q, k_rot, vw, q_rot, sink_needed, scaling, rope) -> list[tuple[torch.Tensor, ...]]:
         """The block's attention as parts that need no mask, each run by a fused kernel that returns its
@@ -213,7 +286,8 @@ class SinkWindowKV:
         no window, everything before them (all visible); with a window of n_local, the keys every query
         sees, [qb - n_local + 1, qa), and the lq keys [lo, lo + lq) that query r sees from offset r on:
         with queries and keys both reversed that is again a square causal triangle. Sinks are one more
-        unmasked part once every query sees them all. Before this, the window was one masked kernel call
+        unmasked part once every query sees them all (they are a separate part: under ``per_block`` an init
+        token still in a query's window is attended there too, as in ReKV's code). Before this, the window was one masked kernel call
         and the mask cost more than the attention: the masked kernels run at half the speed of the fused
         unmasked ones on an H200."""
         kernel = lse_kernel(q.device, q.dtype, q.shape[-1])
@@ -234,8 +308,8 @@ class SinkWindowKV:
             out, lse = kernel(q_rot.flip(-2), k_all[..., :lq, :].flip(-2), v_all[..., :lq, :].flip(-2), True, scaling)
             parts.append((out.flip(-2), lse.flip(-1)))
             _count(q_rot, k_all[..., :lq, :])
-            if sink_needed:
-                q_sink = rope.rotate(q, torch.full((lq,), n_local, device=q.device))
+            if sink_needed:  # every query sees every sink (``_fused_applies``)
+                q_sink = rope.rotate(q, torch.full((lq,), self._sink_position(), device=q.device))
                 ks, vs = expand_kv_heads(self.init_k, q.shape[1]), expand_kv_heads(self.init_v, q.shape[1])
                 parts.append(kernel(q_sink, ks.to(q.dtype), vs.to(q.dtype), False, scaling))
                 _count(q_sink, ks)

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from mukv.cache.attention import ContextKV, SinkWindowKV
+from mukv.cache.attention import SINK_DISTANCES, SINK_HANDOVERS, ContextKV, SinkWindowKV
+from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry, VideoLLM
 
 CACHE_METHODS: dict[str, type[CacheMethod]] = {}
@@ -62,6 +63,9 @@ class CacheMethod(abc.ABC):
     """Base class of cache methods. Subclasses are dataclasses whose fields are their config knobs."""
 
     name: ClassVar[str] = "base"
+    # The answer text of the published code this method reproduces (engine.answer_text=auto): MuKV's release
+    # keeps newlines; ReKV's removes them (see mukv.engine.answer_text).
+    published_answer_text: ClassVar[str] = "keep_newlines"
 
     def validate(self, geometry: KVGeometry) -> None:
         """Raise ``ConfigError`` (naming the ``cache.<field>``) for knobs that do not fit the model.
@@ -102,10 +106,36 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(int(t.numel() * t.element_size()) for t in tensors if t is not None)
 
 
+@dataclass
+class SinkWindowOptions:
+    """How the sink + sliding-window encoding (``SinkWindowKV``) treats the init (sink) tokens; the knobs of
+    every method that encodes that way (mixed into its dataclass, like ``StoreOptions``)."""
+
+    # published: once the window is full, every query sees the sinks at relative distance n_local - 1 (ReKV's
+    # code: its one-angle RoPE helper reads cos[n_local - 1]) | n_local: at distance n_local
+    sink_distance: str = "published"
+    # per_block: init tokens join the sink once per frame block (tokens_per_frame), when they leave the window
+    # of the block's last query, and the whole block sees them as sinks, so a query whose window still holds
+    # them sees them twice (ReKV's code) | exact: a query sees an init token as a sink iff it left its window
+    sink_handover: str = "per_block"
+
+    def validate_sink_window(self) -> None:
+        for name, allowed in (("sink_distance", SINK_DISTANCES), ("sink_handover", SINK_HANDOVERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"cache.{name}", f"unknown value '{getattr(self, name)}'; choose one of "
+                                                   f"{', '.join(allowed)}")
+
+    def sink_window(self, n_local: int | None, query_block: int, geometry: KVGeometry) -> SinkWindowKV:
+        """One layer's streaming KV with these options; handover blocks are the model's frames."""
+        return SinkWindowKV(n_local, query_block, sink_distance=self.sink_distance,
+                            sink_handover=self.sink_handover, block_tokens=geometry.tokens_per_frame)
+
+
 class WindowStreamingCache(CacheMethod):
     """Shared base of methods that encode the stream with sink + sliding-window attention.
 
     ``n_local=None`` means no window: every token attends to the whole history (the ``full`` method).
+    Methods with a window mix in ``SinkWindowOptions`` (the sinks' distance and handover).
     """
 
     n_local: int | None
@@ -113,7 +143,11 @@ class WindowStreamingCache(CacheMethod):
 
     def start_video(self, init_ids: list[int]) -> None:
         # The init prompt is the sink: encoded with no window so that all of it is kept.
-        self.layers = [SinkWindowKV(None, self.query_block) for _ in range(self.geometry.num_layers)]
+        if isinstance(self, SinkWindowOptions):
+            self.layers = [self.sink_window(None, self.query_block, self.geometry)
+                           for _ in range(self.geometry.num_layers)]
+        else:
+            self.layers = [SinkWindowKV(None, self.query_block) for _ in range(self.geometry.num_layers)]
         self.run_layers(self.llm.embed_ids(init_ids), self._encode_layer)
         for layer in self.layers:
             layer.set_init(layer.k, layer.v)

@@ -41,9 +41,16 @@ With ``granularities=[1.0]``, ``keep_ratio=[1.0]``, ``rerank=false``, ``assembly
 ``query_vector=mean_query``, ``retrieval_keys=unrotated`` and ``block_context=shared`` (ReKV's ``n_local``),
 MuKV retrieves exactly what ReKV with ``scoring=cosine, per_layer=false`` retrieves (tested).
 
-Deviation: a block keeps at least one token (``max(1, int(g * keep_ratio))``) so that small models
-(16 tokens per frame: 0.1 of a 4-token patch block is 0) still run the published configuration; at the
-published sizes this never triggers.
+Keep count: a block keeps ``int(g * keep_ratio)`` tokens; where that is 0 the published trimming returns
+the block untouched, so it keeps **every** token (``keep_floor=published``, the default). At the published
+sizes this never happens (4 / 19 / 627), but with 16 tokens per frame a 4-token patch block at keep 0.1 is
+exactly this case. ``keep_floor=one`` keeps one token instead (an option, not published).
+
+Published options, off by default there and here: ``use_unified_layer`` (the frequency signal and the query
+key are taken at the attention layer's index (``last_5``: the last layer) instead of the last layer; the
+representatives and the de-duplication keys stay on the last layer, as published) and ``rerank_reverse``
+(after the rerank, each granularity keeps the ``top_k`` *lowest* of its candidates: the published sanity
+ablation; it needs the rerank, where the published code applies it).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import torch
 from mukv.cache import rerank as rr
 from mukv.cache import signals
 from mukv.cache.attention import SinkWindowKV, attention_weights, causal_suffix_attention, prefix_causal_mask
-from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, register_cache, tensor_bytes
+from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, SinkWindowOptions, register_cache, tensor_bytes
 from mukv.cache.block_store import Block, StoreOptions
 from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry
@@ -70,6 +77,7 @@ RETRIEVAL_KEYS = ("rotated", "unrotated")
 ASSEMBLIES = ("published", "time_ordered")
 PATCH_LAYOUTS = ("raster", "quadrant")
 BLOCK_CONTEXTS = ("independent", "shared")
+KEEP_FLOORS = ("published", "one")
 
 
 # ----------------------------------------------------------------------------------------- budgets
@@ -90,9 +98,13 @@ def block_sizes(granularities: list[float], tokens_per_frame: int) -> list[int]:
     return sizes
 
 
-def kept_per_block(size: int, keep_ratio: float) -> int:
-    """Tokens a block keeps: ``int(g * keep_ratio)`` as published, at least one."""
-    return max(1, signals.keep_count(size, keep_ratio))
+def kept_per_block(size: int, keep_ratio: float, keep_floor: str = "published") -> int:
+    """Tokens a block keeps: ``int(g * keep_ratio)``; where that is 0, the whole block (``published``: the
+    published trimming returns such a block untouched) or one token (``one``)."""
+    n = signals.keep_count(size, keep_ratio)
+    if n >= 1:
+        return n
+    return size if keep_floor == "published" else 1
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,8 @@ class MuKVBudget:
 def mukv_budget(geometry: KVGeometry, cfg: Any) -> MuKVBudget:
     """The budget of a MuKV config (the dataclass or any object with its knobs) on ``geometry``."""
     sizes = block_sizes(list(cfg.granularities), geometry.tokens_per_frame)
-    kept = [kept_per_block(g, r) for g, r in zip(sizes, cfg.keep_ratio, strict=True)]
+    floor = getattr(cfg, "keep_floor", "published")
+    kept = [kept_per_block(g, r, floor) for g, r in zip(sizes, cfg.keep_ratio, strict=True)]
     return MuKVBudget(sizes, kept, [int(k) for k in cfg.top_k])
 
 
@@ -131,6 +144,7 @@ def _prefix_view(kv: dict[str, Any], n: int, rows: list[int] | None) -> dict[str
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     return {"keys": pick(kv["keys"][:, :, :, :n]), "values": pick(kv["values"][:, :, :, :n]),
             "last_keys_rot": pick(kv["last_keys_rot"][:, :, :n]),
+            "signal_keys_rot": pick(kv["signal_keys_rot"][:, :, :n]),
             "received": [(pick(r), w) for r, w in kv["received_prefix"][n]]}
 
 
@@ -141,28 +155,31 @@ Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 @register_cache("mukv")
 @dataclass
-class MuKVCache(CacheMethod, StoreOptions):
+class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
     """MuKV with the published defaults (LLaVA-OV-0.5B on RVS); see the module docstring."""
 
     granularities: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # in frames
     top_k: list[int] = field(default_factory=lambda: [20, 32, 12])
     keep_ratio: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.8])
+    keep_floor: str = "published"  # where int(g * keep_ratio) is 0: published (whole block) | one (one token)
     alpha: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])  # attention weight per granularity
     frequency: str = "fft"  # fft | diff | spectral_entropy
     attention_layer: str = "last"  # last | second_last | last_5 | middle
     scoring_method: str = "attention_fft_weighted"  # | attention_only | fft_only
+    use_unified_layer: bool = False  # published option: frequency keys and query key at the attention layer
     dedup: bool = False
     dedup_threshold: float = 0.9
     rerank: bool = True  # applies with exactly three granularities (fine, medium, coarse), as published
     rerank_alpha: float = 0.3  # frame (medium) candidates
     rerank_beta: float = 0.3  # patch (fine) candidates
     rerank_top_n: int = 5
+    rerank_reverse: bool = False  # published ablation: keep the lowest-scored candidates (needs rerank)
     query_vector: str = "last_key"  # code | mean_query (paper)
     retrieval_keys: str = "rotated"  # code | unrotated
     assembly: str = "published"  # | time_ordered
     patch_layout: str = "raster"  # code | quadrant (paper figure)
     block_context: str = "independent"  # code | shared (ablation)
-    n_local: Optional[int] = 15000  # encoding window of block_context=shared (as ReKV)
+    n_local: Optional[int] = 15000  # encoding window of block_context=shared (as ReKV; its sink options too)
     batch_blocks: int = 64  # independent blocks prefilled in one batched forward (a 16-frame chunk: one per granularity)
     share_prefixes: bool = True  # a finer block that starts where a coarser one does reuses its prefill (exact)
     query_block: int = 1024  # query tiling of the shared stream encoding
@@ -192,7 +209,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         enums = {"frequency": signals.FREQUENCY_METHODS, "attention_layer": signals.ATTENTION_LAYER_STRATEGIES,
                  "scoring_method": signals.SCORING_METHODS, "query_vector": QUERY_VECTORS,
                  "retrieval_keys": RETRIEVAL_KEYS, "assembly": ASSEMBLIES, "patch_layout": PATCH_LAYOUTS,
-                 "block_context": BLOCK_CONTEXTS}
+                 "block_context": BLOCK_CONTEXTS, "keep_floor": KEEP_FLOORS}
         for name, allowed in enums.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"cache.{name}", f"unknown value '{getattr(self, name)}'; choose one of "
@@ -205,8 +222,12 @@ class MuKVCache(CacheMethod, StoreOptions):
         for name in ("rerank_top_n", "batch_blocks", "query_block"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.rerank_reverse and not (self.rerank and n == 3):
+            raise ConfigError("cache.rerank_reverse", "reverses the reranked selection, as published: it needs "
+                                                      "cache.rerank=true and three granularities")
         if self.n_local is not None and self.n_local < 1:
             raise ConfigError("cache.n_local", f"must be a positive number of tokens or null, got {self.n_local}")
+        self.validate_sink_window()
         self.validate_store(geometry.head_dim)
         if self.patch_layout == "quadrant":
             t = geometry.tokens_per_frame
@@ -224,9 +245,12 @@ class MuKVCache(CacheMethod, StoreOptions):
     def bind(self, llm) -> None:
         super().bind(llm)
         self.sizes = block_sizes(list(self.granularities), self.geometry.tokens_per_frame)
-        self.kept = [kept_per_block(g, r) for g, r in zip(self.sizes, self.keep_ratio, strict=True)]
+        self.kept = [kept_per_block(g, r, self.keep_floor) for g, r in zip(self.sizes, self.keep_ratio, strict=True)]
         n_layers = self.geometry.num_layers
         self.last_layer = n_layers - 1
+        # the layer of the frequency signal's keys and of the query key (use_unified_layer: the attention's)
+        self.signal_layer = (signals.unified_layer(self.attention_layer, n_layers) if self.use_unified_layer
+                             else self.last_layer)
         self.att_layers = (signals.attention_layers(self.attention_layer, n_layers)
                            if self.scoring_method != "fft_only" else [])
         self.prob_layers = {i for i, _ in self.att_layers}
@@ -255,7 +279,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         self.tokens_seen = 0
         self.stream = None
         if self.block_context == "shared":
-            self.stream = [SinkWindowKV(self.n_local, self.query_block) for _ in range(n_layers)]
+            self.stream = [self.sink_window(self.n_local, self.query_block, self.geometry) for _ in range(n_layers)]
             for layer, k, v in zip(self.stream, self.init_k, self.init_v, strict=True):
                 layer.k, layer.v = k, v
                 layer.set_init(k, v)
@@ -339,7 +363,8 @@ class MuKVCache(CacheMethod, StoreOptions):
         """Prefill a batch of independent blocks (B, g, hidden), each after the init prompt only.
 
         Returns un-rotated ``keys``/``values`` (B, layers, H_kv, g, d), the last layer's keys rotated at the
-        block positions (``last_keys_rot``, (B, H_kv, g, d)) and ``received``: per attention-signal layer,
+        block positions (``last_keys_rot``, (B, H_kv, g, d)), the same for the frequency signal's layer
+        (``signal_keys_rot``; the last layer unless ``use_unified_layer``) and ``received``: per attention-signal layer,
         (attention received (B, g), weight); ``received_prefix[n]`` is the same for the blocks' first ``n``
         tokens taken alone (their queries over init + those ``n`` keys: causal rows, so the same softmax).
         """
@@ -355,6 +380,8 @@ class MuKVCache(CacheMethod, StoreOptions):
             q_rot, k_rot = rope.rotate_range(q, n0), rope.rotate_range(k, n0)
             if idx == self.last_layer:
                 out["last_keys_rot"] = k_rot
+            if idx == self.signal_layer:
+                out["signal_keys_rot"] = k_rot
             keys = torch.cat((self.init_k_rot[idx].expand(bsz, -1, -1, -1), k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx].expand(bsz, -1, -1, -1), v), dim=-2)
             if idx not in self.prob_layers:
@@ -412,7 +439,8 @@ class MuKVCache(CacheMethod, StoreOptions):
                     probs = attention_weights(q_rot, k_all, scale[li], mask)
                     received.append((signals.attention_received(probs, n0, per_block=True), w))
                 kv = {"keys": kb, "values": vb, "received": received,
-                      "last_keys_rot": rope.rotate_range(kb[:, self.last_layer], n0)}
+                      "last_keys_rot": rope.rotate_range(kb[:, self.last_layer], n0),
+                      "signal_keys_rot": rope.rotate_range(kb[:, self.signal_layer], n0)}
                 for j, (sel, b) in enumerate(zip(self._select(gi, kv, n0 + start + idx), idx, strict=True)):
                     self._store(gi, sel, start + firsts[a + j], start + b)
 
@@ -421,16 +449,17 @@ class MuKVCache(CacheMethod, StoreOptions):
         """Score and trim a batch of blocks of granularity ``gi`` (positions (B, g)); only the kept tokens
         are gathered (the batch itself may be a view into a larger prefill)."""
         g, keep = self.sizes[gi], self.kept[gi]
-        keys_mean = kv["last_keys_rot"].float().mean(dim=1)  # (B, g, d), KV-head mean, with RoPE
+        if keep >= g:  # untouched (keep ratio 1, or a keep count of 0 with keep_floor=published): no scoring
+            return self._gather_kept(kv, positions, torch.arange(g, device=positions.device).expand(len(positions), g))
+        keys_mean = kv["signal_keys_rot"].float().mean(dim=1)  # (B, g, d), KV-head mean, with RoPE
         scores = signals.token_scores(kv["received"] or None, keys_mean, float(self.alpha[gi]), self.scoring_method,
                                       self.frequency)
         if self.dedup:
-            chosen = [signals.select_with_dedup(scores[b], keys_mean[b], keep, self.dedup_threshold)
+            dedup_keys = kv["last_keys_rot"].float().mean(dim=1)  # the last layer's, as published
+            chosen = [signals.select_with_dedup(scores[b], dedup_keys[b], keep, self.dedup_threshold)
                       for b in range(scores.shape[0])]
         else:
-            top = signals.select_top(scores, keep) if keep < g else (
-                torch.arange(g, device=scores.device).expand(scores.shape[0], g))
-            return self._gather_kept(kv, positions, top)
+            return self._gather_kept(kv, positions, signals.select_top(scores, keep))
         out = []
         for b, idx in enumerate(chosen):
             k = kv["keys"][b][:, :, idx]  # (layers, H_kv, n, d)
@@ -479,7 +508,7 @@ class MuKVCache(CacheMethod, StoreOptions):
 
         def attend(idx, q, k, v, scaling):
             q_rot, k_rot = rope.rotate_range(q, n0), rope.rotate_range(k, n0)
-            if idx == self.last_layer:
+            if idx == self.signal_layer:
                 rotated = self.retrieval_keys == "rotated"
                 got["k"], got["q"] = (k_rot, q_rot) if rotated else (k, q)
             keys = torch.cat((self.init_k_rot[idx], k_rot), dim=-2)
@@ -516,7 +545,7 @@ class MuKVCache(CacheMethod, StoreOptions):
         reprs = [self._retrieval_reprs(gi) for gi in range(len(self.sizes))]
         reranked = self.rerank and len(self.sizes) == 3
         chosen = rr.select_blocks(qv, reprs, list(self.top_k), rerank=reranked, alpha=self.rerank_alpha,
-                                  beta=self.rerank_beta, top_n=self.rerank_top_n)
+                                  beta=self.rerank_beta, top_n=self.rerank_top_n, reverse=self.rerank_reverse)
         # [patch | frame | segment], each in score order (published), or everything in stream order
         picks = [(gi, int(b)) for gi, sel in enumerate(chosen) for b in sel.indices.tolist()]
         if self.assembly == "time_ordered":

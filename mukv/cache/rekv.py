@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from mukv.cache.attention import causal_suffix_attention
-from mukv.cache.base import AnswerContext, CacheStats, WindowStreamingCache, register_cache, tensor_bytes
+from mukv.cache.base import (
+    AnswerContext,
+    CacheStats,
+    SinkWindowOptions,
+    WindowStreamingCache,
+    register_cache,
+    tensor_bytes,
+)
 from mukv.cache.block_store import StoreOptions
 from mukv.cache.retrieval import block_representatives, question_vector, score_blocks, select_top_blocks
 from mukv.errors import ConfigError
@@ -24,8 +31,12 @@ from mukv.errors import ConfigError
 
 @register_cache("rekv")
 @dataclass
-class ReKVCache(WindowStreamingCache, StoreOptions):
+class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
+    published_answer_text = "remove_newlines"  # ReKV's release: pred_answer.replace('\n', '')
+
     n_local: int = 15000  # encoding window (tokens), the init sink aside
+    # (the sinks: sink_distance = published (n_local - 1) | n_local and sink_handover = per_block | exact, from
+    # SinkWindowOptions; the defaults are the published code's)
     retrieve_size: int = 64  # blocks (frames) recalled per layer
     retrieve_chunk_size: int = 1  # score and take consecutive blocks in groups of this size
     scoring: str = "dot"  # dot (published code) | cosine (paper)
@@ -41,6 +52,7 @@ class ReKVCache(WindowStreamingCache, StoreOptions):
                               f"must divide retrieve_size ({self.retrieve_size}), got {self.retrieve_chunk_size}")
         if self.scoring not in ("dot", "cosine"):
             raise ConfigError("cache.scoring", f"unknown scoring '{self.scoring}'; choose dot or cosine")
+        self.validate_sink_window()
         self.validate_store(geometry.head_dim)
 
     # ---------------------------------------------------------------------------------- streaming

@@ -8,7 +8,9 @@ Given a query vector and, per granularity, the representative vectors of the sto
    query itself when there is no coarse block yet;
 3. medium (frame) candidates are rescored ``(1 - alpha) * sim + alpha * cos(repr, context)``, fine (patch)
    candidates likewise with ``beta``; coarse candidates keep their stage-1 scores and order;
-4. the final ``top_k`` of each granularity, best first.
+4. the final ``top_k`` of each granularity, best first; with ``reverse`` (the published ``rerank_reverse``
+   ablation) each granularity's reranked candidates are taken worst first instead, so the ``top_k`` lowest of
+   the ``2 x top_k`` candidates are kept (coarse ones by their stage-1 scores).
 
 Reranking needs exactly three granularities ordered fine, medium, coarse (as the published code, which
 silently skips reranking otherwise; so does the MuKV cache, which records it as ``reranked`` in the
@@ -66,12 +68,22 @@ def rescore(reprs: torch.Tensor, cand: Selection, context: torch.Tensor, weight:
     return (1.0 - weight) * cand.scores + weight * consistency
 
 
+def worst_first(sel: Selection, k: int) -> Selection:
+    """The ``k`` last of a best-first selection, worst first (the published list reversed, then cut)."""
+    n = sel.indices.numel()
+    order = torch.arange(n - 1, max(n - 1 - k, -1), -1, device=sel.indices.device)
+    return Selection(sel.indices[order], sel.scores[order])
+
+
 def select_blocks(query: torch.Tensor, reprs: list[torch.Tensor], top_k: list[int], rerank: bool = True,
-                  alpha: float = 0.3, beta: float = 0.3, top_n: int = 5) -> list[Selection]:
-    """Chosen blocks per granularity (best first). ``reprs[i]`` is (N_i, D) for granularity i, ordered
-    fine -> coarse; with ``rerank`` there must be exactly three (patch, frame, segment)."""
+                  alpha: float = 0.3, beta: float = 0.3, top_n: int = 5, reverse: bool = False) -> list[Selection]:
+    """Chosen blocks per granularity (best first; worst first with ``reverse``). ``reprs[i]`` is (N_i, D) for
+    granularity i, ordered fine -> coarse; with ``rerank`` there must be exactly three (patch, frame, segment).
+    ``reverse`` acts on the reranked candidates only (as published): it needs ``rerank``."""
     if len(reprs) != len(top_k):
         raise ValueError("one top_k per granularity")
+    if reverse and not rerank:
+        raise ValueError("reverse reverses the reranked candidates: it needs rerank")
     if not rerank:
         return [stage_one(query, r, k) for r, k in zip(reprs, top_k, strict=True)]
     if len(reprs) != 3:
@@ -80,7 +92,9 @@ def select_blocks(query: torch.Tensor, reprs: list[torch.Tensor], top_k: list[in
     context = context_vector(reprs[2], coarse, top_n, query)
     out = []
     for reprs_i, cand, weight, k in ((reprs[0], fine, beta, top_k[0]), (reprs[1], medium, alpha, top_k[1])):
-        chosen = top(rescore(reprs_i, cand, context, weight), k)
-        out.append(Selection(cand.indices[chosen.indices], chosen.scores))
-    out.append(Selection(coarse.indices[: top_k[2]], coarse.scores[: top_k[2]]))
+        ranked = top(rescore(reprs_i, cand, context, weight), cand.indices.numel())
+        ranked = Selection(cand.indices[ranked.indices], ranked.scores)
+        out.append(worst_first(ranked, k) if reverse else Selection(ranked.indices[:k], ranked.scores[:k]))
+    out.append(worst_first(coarse, top_k[2]) if reverse else Selection(coarse.indices[: top_k[2]],
+                                                                         coarse.scores[: top_k[2]]))
     return out

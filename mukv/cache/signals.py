@@ -59,6 +59,14 @@ def attention_layers(strategy: str, num_layers: int) -> list[tuple[int, float]]:
     raise ValueError(f"unknown attention layer strategy '{strategy}'; choose one of {ATTENTION_LAYER_STRATEGIES}")
 
 
+def unified_layer(strategy: str, num_layers: int) -> int:
+    """The one layer of ``use_unified_layer`` (frequency keys and query key): the attention strategy's layer,
+    the last one for the multi-layer ``last_5`` (as published)."""
+    if strategy == "last_5":
+        return num_layers - 1
+    return attention_layers(strategy, num_layers)[0][0]
+
+
 def attention_received(probs: torch.Tensor, n_prefix: int = 0, per_block: bool = False) -> torch.Tensor:
     """Attention each key receives: probabilities (B, H, Lq, Lk) averaged over heads (and over the batch
     unless ``per_block``), summed over queries, the first ``n_prefix`` keys dropped.
@@ -153,9 +161,19 @@ def keep_count(block_size: int, keep_ratio: float) -> int:
     return int(block_size * keep_ratio)
 
 
+def candidate_count(k: int, g: int) -> int:
+    """Candidates the published selection draws before keeping ``k``: ``min(int(1.2 k), g)``."""
+    return min(int(k * 1.2), g)
+
+
 def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores along the last dimension, sorted back into position order."""
-    idx = scores.topk(k, dim=-1).indices
+    """Indices of the ``k`` highest scores along the last dimension, sorted back into position order.
+
+    As published, the top ``candidate_count(k, g)`` are drawn and the first ``k`` of them kept: the same set
+    as ``topk(k)`` except among tied scores, where torch's ``topk`` returns other indices for another ``k``
+    (``scoring_method=fft_only`` with ``frequency=spectral_entropy`` ties every score).
+    """
+    idx = scores.topk(candidate_count(k, scores.shape[-1]), dim=-1).indices[..., :k]
     return idx.sort(dim=-1).values
 
 
@@ -168,8 +186,7 @@ def select_with_dedup(scores: torch.Tensor, keys: torch.Tensor, k: int, threshol
     survivors the top ``k`` by score are kept, so fewer than ``k`` tokens remain when many were removed.
     Returns indices in position order.
     """
-    g = scores.shape[-1]
-    n_cand = min(int(k * 1.2), g)
+    n_cand = candidate_count(k, scores.shape[-1])
     cand = scores.topk(n_cand).indices
     if n_cand <= k:
         return cand[:k].sort().values

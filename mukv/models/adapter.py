@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mukv.models import attention_hook
 from mukv.models.attention_hook import LayerAttention
 from mukv.models.rope import RotaryTable
+from mukv.video.preprocess import FrameResize, frame_resize, preprocess_frames
 
 # The published ReKV / MuKV prompts for the Qwen2 chat template.
 DEFAULT_INIT_PROMPT = "<|im_start|>system \nYou are a helpful assistant.<|im_end|><|im_start|>user "
@@ -69,6 +69,7 @@ class VideoLLM:
         init_prompt: str = DEFAULT_INIT_PROMPT,
         question_template: str = DEFAULT_QUESTION_TEMPLATE,
         name: str = "llava-onevision",
+        resize: FrameResize | str = FrameResize.pil_uint8,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -78,8 +79,8 @@ class VideoLLM:
         self.config = model.config
         self.geometry = KVGeometry.from_config(model.config, self.dtype)
         self.image_size = model.config.vision_config.image_size
-        self._mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.resize = frame_resize(resize)
         self.init_prompt = init_prompt
         self.question_template = question_template
         lm = self.language_model
@@ -99,12 +100,9 @@ class VideoLLM:
 
     # ------------------------------------------------------------------------------------ vision side
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (n, H, W, 3) -> normalised (n, 3, S, S) in the model dtype, in torch (no torchvision)."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-            x = x.clamp_(0, 255)
-        x = (x / 255.0 - self._mean) / self._std
+        """uint8 (n, H, W, 3) -> normalised (n, 3, S, S) in the model dtype: by default as the checkpoint's
+        processor (PIL bicubic to S x S on uint8, rescale, normalise), see ``mukv.video.preprocess``."""
+        x = preprocess_frames(frames, self.image_size, self.image_mean, self.image_std, self.resize)
         return x.to(self.device, self.dtype)
 
     @torch.inference_mode()
@@ -137,8 +135,13 @@ class VideoLLM:
         ids_t = torch.as_tensor(ids, device=self.device, dtype=torch.long).view(1, -1)
         return self.language_model.embed_tokens(ids_t)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode(self, ids: list[int], clean_up: bool = False) -> str:
+        """Text of ``ids``, special tokens skipped. ``clean_up``: the tokenizer's clean-up of spaces before
+        punctuation and contractions (" ." -> ".", " n't" -> "n't"), which the published releases ask for with
+        ``clean_up_tokenization_spaces=True``. Transformers 5 ignores that flag for BPE tokenizers such as
+        Qwen2's, and the transformers these releases ran on applied it, so it is applied here explicitly."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.clean_up_tokenization(text) if clean_up else text
 
     # --------------------------------------------------------------------------------- language model
     @torch.inference_mode()

@@ -18,6 +18,7 @@ from mukv.errors import ConfigError
 from mukv.models import attention_hook
 from mukv.models.adapter import VideoLLM
 from mukv.models.tokenizer import build_byte_tokenizer
+from mukv.video.preprocess import FrameResize, frame_resize
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,17 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
         return False
 
 
+# On CUDA: ``auto`` takes bf16; ``auto_float16`` takes float16, as both published releases (MuKV, ReKV) load
+# LLaVA-OneVision (the LLaVA-OV configs' default). Both take float32 on the CPU, which emulates half types.
+AUTO_DTYPES = {"auto": torch.bfloat16, "auto_float16": torch.float16}
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in AUTO_DTYPES:
+        return AUTO_DTYPES[dtype] if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype '{dtype}'; choose one of auto, {', '.join(DTYPES)}")
+        raise ConfigError("model.dtype", f"unknown dtype '{dtype}'; choose one of {', '.join(AUTO_DTYPES)}, "
+                                         f"{', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -109,7 +116,8 @@ def llava_ov_config(size: str = "0.5b") -> LlavaOnevisionConfig:
                                 vision_feature_select_strategy="full")
 
 
-def build_tiny(seed: int, device: torch.device, dtype: torch.dtype, **dims) -> VideoLLM:
+def build_tiny(seed: int, device: torch.device, dtype: torch.dtype,
+               resize: FrameResize | str = FrameResize.pil_uint8, **dims) -> VideoLLM:
     """A seeded, random-initialised tiny LLaVA-OneVision with a locally built tokenizer."""
     tokenizer = build_byte_tokenizer()
     config = tiny_config(len(tokenizer), **dims)
@@ -117,10 +125,12 @@ def build_tiny(seed: int, device: torch.device, dtype: torch.dtype, **dims) -> V
     model = LlavaOnevisionForConditionalGeneration(config)
     model = model.to(device=device, dtype=dtype)
     use_stream_attention(model)
-    return VideoLLM(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), name="tiny")
+    return VideoLLM(model, tokenizer, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), name="tiny",
+                    resize=resize)
 
 
-def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str) -> VideoLLM:
+def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str,
+                    resize: FrameResize | str = FrameResize.pil_uint8) -> VideoLLM:
     """Load weights, tokenizer and image statistics from a Hub id or a local folder."""
     from transformers import AutoProcessor
 
@@ -132,10 +142,12 @@ def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_im
     ).to(device)
     use_stream_attention(model)
     stats = getattr(processor, "video_processor", None) or processor.image_processor
-    return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path)
+    return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path,
+                    resize=resize)
 
 
-def load_nano(path: str | None, device: torch.device, dtype: torch.dtype) -> VideoLLM:
+def load_nano(path: str | None, device: torch.device, dtype: torch.dtype,
+              resize: FrameResize | str = FrameResize.pil_uint8) -> VideoLLM:
     """The shipped nano checkpoint (``mukv/assets/nano``) or a nano folder written by ``mode=train``."""
     from mukv.models.nano import load_nano_checkpoint, nano_dir, read_meta
 
@@ -144,7 +156,7 @@ def load_nano(path: str | None, device: torch.device, dtype: torch.dtype) -> Vid
     use_stream_attention(model)
     meta = read_meta(nano_dir(path))
     return VideoLLM(model, tokenizer, tuple(meta.get("image_mean", (0.5,) * 3)),
-                    tuple(meta.get("image_std", (0.5,) * 3)), name="nano")
+                    tuple(meta.get("image_std", (0.5,) * 3)), name="nano", resize=resize)
 
 
 def use_stream_attention(model) -> None:
@@ -153,19 +165,25 @@ def use_stream_attention(model) -> None:
 
 
 def load_video_llm(kind: str, path: str | None, device: str = "auto", dtype: str = "auto",
-                   attn_implementation: str = "auto", seed: int = 0, **dims) -> VideoLLM:
+                   attn_implementation: str = "auto", seed: int = 0,
+                   resize: FrameResize | str = FrameResize.pil_uint8, **dims) -> VideoLLM:
     """Entry point used by the pipeline: ``kind`` is 'tiny' (built here), 'nano' (the shipped checkpoint, or
-    the nano folder ``path``) or 'pretrained' (``path``)."""
+    the nano folder ``path``) or 'pretrained' (``path``); ``resize`` is how frames not at the vision size are
+    resized (``mukv.video.preprocess.FrameResize``)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    try:
+        resize = frame_resize(resize)
+    except ValueError as err:
+        raise ConfigError("model.resize", str(err)) from err
     if kind == "tiny":
-        return build_tiny(seed, dev, dt, **dims)
+        return build_tiny(seed, dev, dt, resize, **dims)
     if kind == "nano":
-        return load_nano(path, dev, dt)
+        return load_nano(path, dev, dt, resize)
     if kind == "pretrained":
         if not path:
             raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
-        return load_pretrained(path, dev, dt, resolve_attn_implementation(attn_implementation, dev))
+        return load_pretrained(path, dev, dt, resolve_attn_implementation(attn_implementation, dev), resize)
     raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")
 
 

@@ -26,6 +26,18 @@ _TRUE = {"true", "1", "1.0", "yes"}
 _FALSE = {"false", "0", "0.0", "no"}
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (``z`` = 1.96) Wilson score interval of a proportion ``correct / n``, as fractions; (nan, nan) for
+    no questions. Unlike the normal approximation it stays inside [0, 1] and is honest at 0 / n and n / n."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def truth(values: pd.Series) -> pd.Series:
     """Judge verdicts as True / False / None, whatever pandas made of the CSV column (bool, str, NaN)."""
 
