@@ -61,7 +61,8 @@ clean: ## remove the virtual environment and caches (keeps outputs/)
 
 # extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
 BENCH_ARGS  ?=
-bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights); BENCH_ARGS="..."
+bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights; ~4 min on 2 CPU cores); BENCH_ARGS="..."
+	@echo "make bench takes about 4 min on a 2-core CPU (4 methods x 8 frames of the 0.5B architecture; measured 4 min 7 s with native bf16, 2026-12-02; about 6 min in fp32 on an AVX2-only CPU, estimated from BENCHMARKS.md 5a); results print at the end"
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)

@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    "budget": budget or "all", "kv_quant": knobs.get("kv_quant", "none"), "knobs": json.dumps(knobs),
                    **summarise(rows, mem), "wall_s": time.time() - t0}
             results.append(res)
-            print(f"  {tag:<28} acc {100 * res['accuracy']:5.1f}%  online {res['online_tokens']:7.0f}  "
+            print(f"  {tag:<28} acc {100 * res['accuracy']:5.1f}% (95% CI {100 * res['accuracy_lo']:.0f}-"
+                  f"{100 * res['accuracy_hi']:.0f}%, n={res['questions']})  online {res['online_tokens']:7.0f}  "
                   f"({res['wall_s']:.0f}s)", flush=True)
     df = pd.DataFrame(results)
     df.to_csv(out / "results.csv", index=False)

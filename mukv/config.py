@@ -75,6 +75,11 @@ class DatasetConfig:
     limit_questions: Optional[int] = None  # per video, the first N by end_time
     video_ids: list[str] = field(default_factory=list)
     check_videos: bool = True  # rvs: fail before the model loads if video files are missing
+    # rvs: video paths must resolve ('..' and symlinks followed) inside data_root; true reads them anywhere
+    allow_outside_root: bool = False
+    # a question whose end_time is past the video file's real length: fail (recorded as failed, not answered)
+    # | answer (answered from the frames that exist, flagged in meta.past_end_s); counted in metrics.json
+    past_end: str = "fail"
     max_minutes: Optional[float] = None  # truncate streams: drop questions whose end_time is after N minutes
     num_shards: int = 1  # split the videos over jobs: this job runs videos[shard_index::num_shards]
     shard_index: int = 0
@@ -213,7 +218,9 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mode: str = "eval"  # eval | train
-    resume: bool = True  # continue a run folder that holds answers (False: move them aside, start over)
+    # true: continue a run folder whose answers were made under the same fingerprint (mukv/resume.py) | false: move
+    # them aside, start over | force: continue even though the fingerprint changed (said in the log)
+    resume: Any = True
     task_name: str = "eval"
     seed: int = 0
     tags: list[str] = field(default_factory=list)
@@ -242,6 +249,60 @@ def cache_schema(cls: type) -> type:
     return dataclasses.make_dataclass(f"{cls.__name__}Schema", specs)
 
 
+def _launch_cwd() -> str:
+    """``paths.root_dir``: the folder the command was started in. Hydra's ``${hydra:runtime.cwd}`` is not set
+    while a multirun resolves ``hydra.sweep.dir`` (before any job), so fall back to the process's cwd."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cwd = HydraConfig.get().runtime.cwd
+        if cwd:
+            return str(cwd)
+    return os.getcwd()
+
+
+def _output_dir(*, _root_: Any) -> str:
+    """``paths.output_dir``: the job's folder. Outside a job (``--cfg job --resolve``) Hydra has not set it yet:
+    the folder ``hydra.run.dir`` names, i.e. where this command would write."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        raise ValueError("paths.output_dir is only known inside a Hydra run (set it explicitly)")
+    hc = HydraConfig.get()
+    if not OmegaConf.is_missing(hc.runtime, "output_dir") and hc.runtime.output_dir:
+        return str(hc.runtime.output_dir)
+    raw = OmegaConf.to_container(hc.run, resolve=False)["dir"]
+    scratch = OmegaConf.create({**OmegaConf.to_container(_root_, resolve=False), "__mukv_run_dir": raw})
+    return os.path.abspath(str(scratch["__mukv_run_dir"]))
+
+
+def public_options(options: Any) -> list[str]:
+    """A config group's options a user picks from: the structured ``<name>_schema`` entries left out."""
+    return sorted(o for o in options if not str(o).endswith("_schema"))
+
+
+def _config_groups_help() -> str:
+    """``--help``'s group list (Hydra's ``$APP_CONFIG_GROUPS`` lists the ``*_schema`` entries too)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra_app = GlobalHydra.instance().hydra
+    if hydra_app is None:
+        return ""
+    lines = []
+    for group in sorted(hydra_app.list_all_config_groups()):
+        if group == "hydra" or group.startswith("hydra/"):
+            continue
+        options = public_options(hydra_app.config_loader.get_group_options(group))
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
     from omegaconf import OmegaConf
@@ -252,6 +313,12 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("mukv_hash"):
         OmegaConf.register_new_resolver("mukv_hash", lambda text: short_hash(str(text)))
+    if not OmegaConf.has_resolver("mukv_cwd"):
+        OmegaConf.register_new_resolver("mukv_cwd", _launch_cwd)
+    if not OmegaConf.has_resolver("mukv_output_dir"):
+        OmegaConf.register_new_resolver("mukv_output_dir", _output_dir)
+    if not OmegaConf.has_resolver("mukv_config_groups"):
+        OmegaConf.register_new_resolver("mukv_config_groups", _config_groups_help)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mukv.cache.base import CacheMethod, decode_attention
 from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
+from mukv.errors import MukvError
 from mukv.models.adapter import VideoLLM
 
 ANSWER_TEXTS = ("auto", "keep_newlines", "remove_newlines", "spaces")
@@ -185,7 +186,7 @@ class StreamingEngine:
         for first, frames in iter_chunks(sample.source, done, need, self.settings.encode_chunk_size):
             visual = self.llm.encode_frames(frames)
             self.method.ingest(visual, first)
-            done = first + len(frames)
+            done = self._done = first + len(frames)
             self._peak_kv = max(self._peak_kv, self.method.stats().kv_bytes)
             if bar is not None:
                 bar.update(len(frames))
@@ -194,47 +195,58 @@ class StreamingEngine:
     @torch.inference_mode()
     def run_video(self, sample: VideoSample, on_answer: Callable[[AnswerRecord], None],
                   skip: Iterable[str] = ()) -> VideoRecord:
-        """Stream one video, answering every question not in ``skip``; each answer goes to ``on_answer``."""
+        """Stream one video, answering every question not in ``skip``; each answer goes to ``on_answer``.
+
+        The video is streamed up to its last question even when every question is in ``skip`` (a run killed
+        after a video's last answer, before its memory row), so that the record (frames, KV, peak) is that
+        of an uninterrupted run; ``questions`` counts the video's answered questions, before a resume too.
+        A ``MukvError`` while streaming carries the record of what was done until then (``video_record``,
+        with the error) for the caller to write."""
         skip = set(skip)
         if self.llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        self._peak_kv = 0
+        self._peak_kv = self._done = 0
         self.method.start_video(self.llm.init_prompt_ids())
         questions = sorted(sample.questions, key=lambda q: q.end_time)
-        todo = [q for q in questions if q.qid not in skip]
-        last_needed = frames_until(sample.source, todo[-1].end_time) if todo else 0
+        last_needed = frames_until(sample.source, questions[-1].end_time) if questions else 0
         show = self.settings.progress
         frame_bar = tqdm(total=last_needed, desc=f"{sample.video_id} frames", unit="fr", leave=False,
                          disable=not show)
         q_bar = tqdm(total=len(questions), desc=f"{sample.video_id} questions", unit="q", leave=False,
                      disable=not show)
-        done, encode_total, answered = 0, 0.0, 0
-        for q in questions:
-            if not todo:
-                break
-            t0 = time.perf_counter()
-            # Encode segment by segment even for questions answered before a resume, so that the
-            # chunk boundaries (which some methods depend on) are those of an uninterrupted run.
-            done = self.encode_until(sample, done, frames_until(sample.source, q.end_time), frame_bar)
-            self._sync()
-            encode_s = time.perf_counter() - t0
-            encode_total += encode_s
-            if q.qid in skip:
+        encode_total, answered = 0.0, 0
+        try:
+            for q in questions:
+                t0 = time.perf_counter()
+                # Encode segment by segment even for questions answered before a resume, so that the
+                # chunk boundaries (which some methods depend on) are those of an uninterrupted run.
+                try:
+                    self.encode_until(sample, self._done, frames_until(sample.source, q.end_time), frame_bar)
+                    self._sync()
+                finally:
+                    encode_s = time.perf_counter() - t0
+                    encode_total += encode_s
+                if q.qid not in skip:
+                    on_answer(self._answer_record(sample, q, self._done, encode_s))
+                answered += 1  # answered now, or before a resume
                 q_bar.update(1)
-                continue
-            todo.pop(0)
-            on_answer(self._answer_record(sample, q, done, encode_s))
-            answered += 1
-            q_bar.update(1)
-        frame_bar.close()
-        q_bar.close()
+        except MukvError as err:
+            err.video_record = self._video_record(sample, answered, encode_total, error=str(err))
+            raise
+        finally:
+            frame_bar.close()
+            q_bar.close()
+        return self._video_record(sample, answered, encode_total)
+
+    def _video_record(self, sample: VideoSample, questions: int, encode_s: float, error: str = "") -> VideoRecord:
         stats = self.method.stats()
+        done = self._done
         return VideoRecord(
-            video_id=sample.video_id, method=self.method.name, frames_encoded=done, questions=answered,
+            video_id=sample.video_id, method=self.method.name, frames_encoded=done, questions=questions,
             kv_tokens=stats.kv_tokens, kv_bytes=stats.kv_bytes, peak_kv_bytes=max(self._peak_kv, stats.kv_bytes),
-            aux_bytes=stats.aux_bytes, encode_s=encode_total, encode_fps=done / encode_total if encode_total else 0.0,
+            aux_bytes=stats.aux_bytes, encode_s=encode_s, encode_fps=done / encode_s if encode_s else 0.0,
             peak_rss_bytes=peak_rss_bytes(),
-            peak_cuda_bytes=torch.cuda.max_memory_allocated() if self.llm.device.type == "cuda" else 0,
+            peak_cuda_bytes=torch.cuda.max_memory_allocated() if self.llm.device.type == "cuda" else 0, error=error,
         )
 
     def _answer_record(self, sample: VideoSample, q: Question, frames_seen: int, encode_s: float) -> AnswerRecord:

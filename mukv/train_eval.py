@@ -24,10 +24,23 @@ from mukv.cache.base import CacheMethod
 from mukv.data.types import VideoSample
 from mukv.engine import ANSWER_TEXTS, AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
 from mukv.errors import ConfigError, MukvError
+from mukv.inputs import check_inputs, screen_past_end
 from mukv.judge import build_judge, validate_judge_config
 from mukv.models.loading import resolve_dtype
-from mukv.report.metrics import summarize
-from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, CsvAppender, write_json_atomic
+from mukv.report.metrics import summarize, wilson_interval
+from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, RowJournal, journal_path, write_json_atomic
+from mukv.resume import (
+    FINGERPRINT,
+    RunLock,
+    StaleResultsError,
+    answered_questions,
+    arm_faults,
+    fault_point,
+    fingerprint,
+    fingerprint_changes,
+    finished_videos,
+    read_fingerprint,
+)
 
 log = logging.getLogger("mukv")
 
@@ -55,6 +68,8 @@ def validate_config(cfg: DictConfig) -> None:
     """Checks that need no model and no data; raises ``ConfigError`` naming the field."""
     if cfg.mode not in ("eval", "train"):
         raise ConfigError("mode", f"unknown mode '{cfg.mode}'; choose eval or train")
+    if not (cfg.resume is True or cfg.resume is False or cfg.resume == "force"):
+        raise ConfigError("resume", f"must be true, false or force, got {cfg.resume!r}")
     if cfg.mode == "train":
         if cfg.model.kind != "nano":
             raise ConfigError("model.kind", f"mode=train trains the nano model (model=nano), got '{cfg.model.kind}'")
@@ -104,6 +119,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         raise ConfigError("logger.mode", f"unknown mode '{cfg.logger.mode}'; choose offline, online or disabled")
     validate_judge_config(cfg.judge)
+    check_inputs(cfg)  # bounds that would otherwise crash or hang after the model loads (mukv/inputs.py)
 
 
 def build_method(cache_cfg: DictConfig) -> CacheMethod:
@@ -139,12 +155,22 @@ def build_dataset(cfg: DictConfig) -> list[VideoSample]:
             ds.annotation, data_root=ds.data_root, sample_fps=ds.sample_fps,
             video_path_prefix=ds.video_path_prefix, limit_videos=ds.limit_videos,
             video_ids=list(ds.video_ids) or None, check_videos=ds.check_videos,
+            allow_outside_root=ds.allow_outside_root,
         )
+        if not videos:  # an empty list: exit 2 rather than a run that did nothing
+            from mukv.errors import DataError
+
+            raise DataError(ds.annotation, "holds no video records: nothing to run")
     else:
         from mukv.data.synthetic import make_synthetic_dataset
 
         videos = make_synthetic_dataset(synthetic_spec(ds))
-        if ds.video_ids:
+        if ds.video_ids:  # as the RVS loader: every id must name a video
+            unknown = [v for v in ds.video_ids if v not in {s.video_id for s in videos}]
+            if unknown:
+                raise ConfigError("dataset.video_ids", f"no synthetic video is called {', '.join(map(repr, unknown[:3]))}"
+                                  f"{' ...' if len(unknown) > 3 else ''}; this config makes {videos[0].video_id} .. "
+                                  f"{videos[-1].video_id} (dataset.synthetic.num_videos={len(videos)})")
             videos = [v for v in videos if v.video_id in set(ds.video_ids)]
         if ds.limit_videos:
             videos = videos[: ds.limit_videos]
@@ -157,10 +183,17 @@ def build_dataset(cfg: DictConfig) -> list[VideoSample]:
             log.info("dataset.max_minutes=%g: %d video(s) have no question left: %s", ds.max_minutes, len(dropped),
                      ", ".join(dropped))
         videos = [v for v in videos if v.questions]
+        if not videos:
+            raise ConfigError("dataset.max_minutes", f"no question is asked in the first {ds.max_minutes:g} minute(s) "
+                                                     "of any video: nothing to run")
     if ds.limit_questions:
         for v in videos:
             v.questions = sorted(v.questions, key=lambda q: q.end_time)[: ds.limit_questions]
-    return shard(videos, ds.shard_index, ds.num_shards)
+    selected = shard(videos, ds.shard_index, ds.num_shards)
+    if not selected:
+        raise ConfigError("dataset.num_shards", f"shard {ds.shard_index} of {ds.num_shards} gets no video (the "
+                                                f"selection holds {len(videos)}): use at most {len(videos)} shards")
+    return selected
 
 
 def shard(videos: list[VideoSample], index: int, count: int) -> list[VideoSample]:
@@ -171,10 +204,20 @@ def shard(videos: list[VideoSample], index: int, count: int) -> list[VideoSample
 
 # -------------------------------------------------------------------------------------------- run
 def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
-    """Validate, build and run the configured pipeline; outputs land in ``output_dir``."""
+    """Validate, build and run the configured pipeline; outputs land in ``output_dir``, which the run holds
+    locked (``run.lock``, :class:`mukv.resume.RunLock`): a second run into it fails naming this one."""
     out = Path(output_dir or cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_config(cfg)
+    with RunLock(out) as lock:
+        if lock.stale:
+            log.warning("run folder %s: took over the lock left by pid %s on host %s, which is no longer running",
+                        out, lock.stale.get("pid"), lock.stale.get("host"))
+        return _run_locked(cfg, out)
+
+
+def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
+    arm_faults()  # MUKV_FAULT (tests) counts this run's fault points
     if cfg.mode == "train":
         return train_nano_from_config(cfg, out)
     method = build_method(cfg.cache)
@@ -184,42 +227,51 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
     dims = OmegaConf.to_container(m.tiny, resolve=True) if m.kind == "tiny" else {}
     method.validate(model_geometry(m.kind, m.path, m.device, m.dtype, **dims))
     videos = build_dataset(cfg)
+    answered, finished, predictions, memory = _prepare_resume(cfg, out, videos)
     judge = build_judge(cfg.judge)
     if judge is not None:
         judge.prepare()  # an LLM judge that cannot load fails here, before anything streams
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain strings for W&B
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if m.kind == "nano" and cfg.dataset.kind != "synthetic":  # one line before anything streams
+        log.warning("model=nano knows only the synthetic benchmark (it was trained on nothing else): its answers on "
+                    "%s mean nothing; use model=llava_ov_0.5b or model.path=<folder> for real video", cfg.dataset.name)
     log.info("%d videos, %d questions; loading model %s", len(videos), sum(len(v.questions) for v in videos), m.name)
 
-    answered, finished = _prepare_resume(out, cfg.resume)
     llm = load_video_llm(m.kind, m.path, m.device, m.dtype, m.attn_implementation, m.seed, m.resize, **dims)
     engine = StreamingEngine(llm, method, EngineSettings(**OmegaConf.to_container(cfg.engine, resolve=True)))
-    predictions, memory = CsvAppender(out / PREDICTIONS), CsvAppender(out / MEMORY)
     failures: list[str] = []
 
     def on_answer(rec: AnswerRecord) -> None:
         row = rec.row()
-        if judge is not None:
+        if judge is not None and rec.error:  # a question that could not be asked is not judged
+            row.update(judge_correct=None, judge_score=None, judge_error="not judged: the question failed (error)")
+        elif judge is not None:
             verdict = judge.judge(rec.question, rec.answer, rec.prediction)
             row.update(judge_correct=verdict.correct, judge_score=verdict.score, judge_error=verdict.error)
         predictions.append(row)
+        fault_point("answer")
 
     started = time.time()
     for video in videos:
         if video.video_id in finished:
             continue
         try:
+            screen_past_end(video, cfg.dataset.past_end, method.name, answered, on_answer)
             record = engine.run_video(video, on_answer, skip=answered)
         except MukvError as err:  # a broken video is recorded; the run goes on
             log.error("video %s failed: %s", video.video_id, err)
             failures.append(f"{video.video_id}: {err}")
-            record = VideoRecord(video.video_id, method.name, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, error=str(err))
+            # what was streamed until the error (engine.run_video); nothing if the video did not open
+            record = getattr(err, "video_record", None) or VideoRecord(video.video_id, method.name, 0, 0, 0, 0, 0, 0,
+                                                                       0.0, 0.0, 0, 0, error=str(err))
         memory.append(record.__dict__)
+        fault_point("video")
 
+    predictions.sync()
+    memory.sync([v.video_id for v in videos])  # a video's last row (failed, then retried), in dataset order
     pred_df = _read(out / PREDICTIONS)
     mem_df = _read(out / MEMORY)
-    if len(mem_df):  # a video that failed and was retried on resume keeps its last row
-        mem_df = mem_df.drop_duplicates("video_id", keep="last")
     metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s))
     metrics.update(method=method.name, dataset=cfg.dataset.name, model=m.name, wall_s=time.time() - started,
                    failed_videos=len(failures), shard_index=cfg.dataset.shard_index,
@@ -230,9 +282,15 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
         if metrics.get("invalid_judgments"):
             log.warning("%d answer(s) could not be judged (judge_error column); accuracy is over the %d judged",
                         metrics["invalid_judgments"], metrics.get("judged", 0))
+    fault_point("metrics")
     write_json_atomic(out / METRICS, metrics)
+    from mukv.report.figures import write_run_figures  # matplotlib: imported only once a run has results
+
+    write_run_figures(pred_df, metrics, out / "figures")  # in every run folder, whatever the logger
     if cfg.logger.name == "wandb":
         _log_wandb(cfg, resolved, out, method.name, pred_df, mem_df, metrics)
+    if metrics.get("failed_questions"):  # counted over the whole folder: failures recorded before a resume too
+        failures.append(f"{metrics['failed_questions']} question(s) failed: see predictions.csv (error column)")
     return RunResult(out, metrics, failures)
 
 
@@ -302,23 +360,53 @@ def train_nano_from_config(cfg: DictConfig, out: Path) -> RunResult:
     return RunResult(out, metrics)
 
 
-def _prepare_resume(out: Path, resume: bool) -> tuple[set[str], set[str]]:
-    """(answered question ids, finished video ids) already in ``out``; with ``resume=false`` earlier
-    outputs are moved to ``out/previous-<time>/`` (never deleted) and the run starts over."""
-    from mukv.resume import answered_questions, finished_videos
+def _prepare_resume(cfg: DictConfig, out: Path, videos: list[VideoSample]
+                    ) -> tuple[set[str], set[str], RowJournal, RowJournal]:
+    """(answered question ids, finished video ids, predictions journal, memory journal) of ``out``.
 
-    answered, finished = answered_questions(out / PREDICTIONS), finished_videos(out / MEMORY)
-    if not resume and (answered or finished):
-        backup = out / time.strftime("previous-%Y%m%d-%H%M%S")
+    Results already there are reused only if ``fingerprint.json`` matches this run's fingerprint
+    (:func:`mukv.resume.fingerprint`), else a ``StaleResultsError`` names what changed; ``resume=force``
+    reuses them anyway (and says so), ``resume=false`` moves earlier outputs to ``out/previous-<time>/``
+    (never deleted) and starts over. Every resume says what it reuses, in the log and on the console."""
+    resume = cfg.resume
+    names = (PREDICTIONS, MEMORY, METRICS, FINGERPRINT, journal_path(out / PREDICTIONS).name,
+             journal_path(out / MEMORY).name)
+    if resume is False and any((out / name).exists() for name in names if name != FINGERPRINT):
+        stamp, n = time.strftime("previous-%Y%m%d-%H%M%S"), 1
+        backup = out / stamp
+        while backup.exists():
+            n += 1
+            backup = out / f"{stamp}-{n}"
         backup.mkdir()
-        for name in (PREDICTIONS, MEMORY, METRICS):
+        for name in names:
             if (out / name).exists():
                 (out / name).rename(backup / name)
         log.info("resume=false: earlier outputs moved to %s", backup)
-        return set(), set()
-    if answered:
-        log.info("resuming in %s: %d questions answered, %d videos finished", out, len(answered), len(finished))
-    return answered, finished
+    predictions, memory = RowJournal(out / PREDICTIONS, ident="qid"), RowJournal(out / MEMORY, key="video_id")
+    for journal in (predictions, memory):
+        if journal.skipped:
+            log.warning("%s: %d damaged line(s) skipped (their questions are asked again)", journal.path,
+                        journal.skipped)
+    answered, finished = answered_questions(predictions.rows), finished_videos(memory.rows)
+    new = fingerprint(cfg)
+    if predictions.rows or memory.rows:
+        changes = fingerprint_changes(read_fingerprint(out), new)
+        what = (f"{len(answered)} answered question(s) and {len(finished)} finished video(s) "
+                f"of {len(videos)}")
+        if changes and resume != "force":
+            raise StaleResultsError(
+                f"run folder {out} holds {what} made under a different setup: {'; '.join(changes)}. "
+                "Rerun with resume=false to move them aside and start over, or resume=force to reuse them")
+        if changes:
+            new["reused_despite"] = changes
+            log.warning("resume=force: reusing %s in %s, made under a different setup: %s", what, out,
+                        "; ".join(changes))
+        else:
+            log.info("resuming in %s: reusing %s (%s matches this run)", out, what, FINGERPRINT)
+    write_json_atomic(out / FINGERPRINT, new)
+    predictions.sync()  # a CSV row cut by a kill (or a CSV from before the journal) is rendered again
+    memory.sync([v.video_id for v in videos])
+    return answered, finished, predictions, memory
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -338,6 +426,11 @@ def format_summary(metrics: dict[str, Any]) -> str:
     lines = []
     for key, label in keys:
         v = metrics.get(key)
+        if key == "accuracy" and isinstance(v, float) and metrics.get("judged"):  # with its 95% interval and n
+            lo, hi = wilson_interval(int(metrics.get("correct") or 0), int(metrics["judged"]))
+            lines.append(f"  {label:<14} {100 * v:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%, "
+                         f"n={metrics['judged']} judged)")
+            continue
         if isinstance(v, dict):
             v = ", ".join(f"{k} {x:.2f}" for k, x in v.items())
         lines.append(f"  {label:<14} {v:.4g}" if isinstance(v, float) else f"  {label:<14} {v}")

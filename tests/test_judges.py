@@ -426,3 +426,126 @@ def test_pipeline_stops_before_streaming_without_the_api_key(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "MUKV_TEST_JUDGE_KEY" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "predictions.csv").exists()
+
+
+# --------------------------------------------------------------------------- the API key stays with base_url
+KEY = "sk-mukv-SECRET-0123456789"
+
+
+class Loopback:
+    """Any method on 127.0.0.1 in a thread; ``respond(handler) -> (status, headers, body)``; every request's
+    method, path and headers are recorded."""
+
+    def __init__(self, respond) -> None:
+        self.requests: list[tuple[str, str, dict]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                status, headers, body = respond(self)
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> Loopback:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def echo_headers(status: int, as_reply: bool = False):
+    """A server that writes the request's headers (Authorization included) into its answer."""
+    def respond(handler):
+        echoed = "".join(f"{k}: {v}\n" for k, v in handler.headers.items())
+        if as_reply:
+            payload = {"choices": [{"message": {"role": "assistant", "content": f"cannot judge; you sent {echoed}"}}]}
+        else:
+            payload = {"error": {"message": "bad request", "request_headers": echoed}}
+        return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
+    return respond
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_host_is_not_followed_and_never_gets_the_key(code):
+    reply = {"choices": [{"message": {"role": "assistant", "content": "{'pred': 'yes', 'score': 5}"}}]}
+    with Loopback(lambda h: (200, {}, json.dumps(reply).encode())) as elsewhere:
+        target = f"{elsewhere.base_url}/chat/completions"
+        with Loopback(lambda h: (code, {"Location": target}, b"")) as endpoint:
+            judge = OpenAIJudge("judge-model", endpoint.base_url, KEY, "v1", max_retries=2, backoff_s=0.01)
+            verdict = judge.judge("q", "red", "red")
+    assert elsewhere.requests == []  # urllib used to follow a 302 there, Authorization header and all
+    assert len(endpoint.requests) == 1  # refused at once, not retried
+    assert verdict.correct is None and f"HTTP {code} redirect" in verdict.error and target in verdict.error
+    assert "judge.base_url" in verdict.error and KEY not in verdict.error
+
+
+@pytest.mark.parametrize("status,as_reply", [(400, False), (500, False), (200, True)])
+def test_a_server_echoing_the_key_never_gets_it_into_verdicts_or_logs(caplog, status, as_reply):
+    caplog.set_level("DEBUG")
+    with Loopback(echo_headers(status, as_reply)) as server:
+        judge = OpenAIJudge("judge-model", server.base_url, KEY, "v1", max_retries=1, backoff_s=0.01)
+        verdicts = [judge.judge(f"q{i}", "red", "red") for i in range(2)]
+    assert all(v.correct is None for v in verdicts) and server.requests
+    assert all(dict(h)["Authorization"] == f"Bearer {KEY}" for _, _, h in server.requests)  # the key was sent
+    for v in verdicts:
+        assert KEY not in v.error and "Bearer [redacted]" in v.error, v.error  # ... and echoed back, redacted
+    assert KEY not in caplog.text and KEY not in json.dumps(judge.describe()) and KEY not in judge._last_failure
+
+
+def test_a_key_echoed_where_the_error_text_is_cut_leaves_no_part_of_it():
+    body = ("x" * 290 + KEY + " and more").encode()  # the first 300 characters end inside the key
+    with Loopback(lambda h: (400, {}, body)) as server:
+        verdict = OpenAIJudge("judge-model", server.base_url, KEY, "v1", max_retries=0).judge("q", "red", "red")
+    assert "HTTP 400" in verdict.error and KEY[:6] not in verdict.error and "[redacted]" in verdict.error
+
+
+def test_an_unexpected_client_error_carrying_the_key_is_logged_redacted(caplog):
+    from mukv.judge.llm import LLMJudge
+
+    class Leaky(LLMJudge):
+        name = "leaky"
+
+        def complete(self, messages):
+            raise ValueError(f"request failed with headers {{'Authorization': 'Bearer {KEY}'}} and key {KEY}")
+
+    judge = Leaky("m", "v1")
+    judge.secrets = (KEY,)
+    caplog.set_level("DEBUG")
+    verdict = judge.judge("q", "a", "a")
+    assert verdict.correct is None and "ValueError" in verdict.error and KEY not in verdict.error
+    assert KEY not in caplog.text and "[redacted]" in caplog.text
+
+
+def test_no_file_of_a_run_holds_the_key_when_the_judge_echoes_it(tmp_path):
+    out = tmp_path / "run"
+    with Loopback(echo_headers(400)) as server:
+        proc = run_cli(f"hydra.run.dir={out}", *PIPELINE, f"judge.base_url={server.base_url}",
+                       f"judge.cache_path={tmp_path}/judgments.sqlite", "logger=wandb",
+                       env_extra={"MUKV_TEST_JUDGE_KEY": KEY, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert server.requests and KEY not in proc.stdout + proc.stderr
+    preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert preds.judge_error.str.contains("Bearer [redacted]", regex=False).all()  # the echo, redacted
+    files = [p for p in [*out.rglob("*"), *tmp_path.glob("judgments.sqlite*")] if p.is_file()]
+    assert any(p.name == "run.log" for p in files) and any(p.suffix == ".wandb" for p in files)
+    assert [p for p in files if KEY.encode() in p.read_bytes()] == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mukv.report.metrics import question_age_s, summarize, truth
+from mukv.report.metrics import question_age_s, summarize, truth, wilson_interval
 from mukv.report.outputs import CsvAppender
 
 
@@ -56,7 +56,9 @@ def test_accuracy_is_yes_over_judged_and_invalid_judgments_are_counted():
 def test_by_type_and_by_question_age():
     m = summarize(pd.DataFrame(judged_rows()), pd.DataFrame(memory_rows()), 0.5, age_buckets_s=[0, 30, 60, 600])
     assert m["accuracy_by_type"] == {"count": pytest.approx(1 / 2), "detail": 1.0}
+    lo, hi = wilson_interval(1, 2)  # every breakdown carries its 95% interval
     assert m["by_type"]["count"] == {"questions": 3, "judged": 2, "invalid": 1, "correct": 1, "accuracy": 0.5,
+                                     "accuracy_lo": pytest.approx(lo), "accuracy_hi": pytest.approx(hi),
                                      "mean_score": 2.0}
     by_age = m["by_age"]
     assert list(by_age) == ["0-30s", "30-60s", "60-600s", ">=600s"]

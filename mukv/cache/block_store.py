@@ -18,7 +18,11 @@ its copies on the caller's current CUDA stream, so ordering is the same as witho
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +35,8 @@ import torch
 
 from mukv.cache.quant import QUANT_MODES, QuantizedTensor, check_quant, dequantize, quantize
 from mukv.errors import ConfigError
+
+log = logging.getLogger("mukv")
 
 
 @dataclass
@@ -59,7 +65,8 @@ def _nbytes(t: torch.Tensor | QuantizedTensor) -> int:
 
 class BlockStore:
     """Blocks of one video in host memory; beyond ``ram_budget_bytes`` new blocks go to memory-mapped
-    files under ``spill_dir`` (a temporary folder by default, removed by ``clear``). ``quant`` stores them
+    files under ``spill_dir`` (a temporary folder by default, removed by ``clear``; one left by a killed
+    process is removed by the next run that spills there, ``clean_stale_spill_dirs``). ``quant`` stores them
     as int8 / int4 codes with a float16 scale per ``group_size`` values."""
 
     stage_host_blocks = False  # stage blocks added from host tensors too (tests run the GPU path on a CPU)
@@ -244,7 +251,7 @@ class BlockStore:
             parent = Path(self._spill_parent) if self._spill_parent else None
             if parent is not None:
                 parent.mkdir(parents=True, exist_ok=True)
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="mukv-blocks-", dir=parent))
+            self._spill_dir = make_spill_dir(parent)
         raw = t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         path = self._spill_dir / f"{block_id:08d}.{name}"
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=raw.shape)
@@ -252,6 +259,59 @@ class BlockStore:
         mm.flush()
         # Opened read-write (never written after this) so that torch gets a writable buffer.
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=raw.shape)).view(t.dtype)
+
+
+SPILL_PREFIX = "mukv-blocks-"
+SPILL_OWNER = "owner.json"
+_cleaned_parents: set[str] = set()
+
+
+def make_spill_dir(parent: Path | None) -> Path:
+    """A new spill folder ``mukv-blocks-<pid>-*`` under ``parent`` (the temporary folder by default) that
+    names its owner (``owner.json``: pid, host, start), so that a later run can tell it was left behind."""
+    import json
+
+    from mukv.resume import holder_info
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=parent))
+    (folder / SPILL_OWNER).write_text(json.dumps(holder_info()))
+    return folder
+
+
+def clean_stale_spill_dirs(parent: str | Path | None = None) -> list[Path]:
+    """Remove the spill folders under ``parent`` (default: the temporary folder) that a process of this host
+    made and left behind when it died (a SIGKILL skips clean-up); returns them. Only folders named
+    ``mukv-blocks-*`` holding an ``owner.json`` whose process is gone are touched."""
+    import json
+
+    from mukv.resume import process_alive
+
+    folder = Path(parent) if parent else Path(tempfile.gettempdir())
+    removed = []
+    for d in sorted(folder.glob(f"{SPILL_PREFIX}*")) if folder.is_dir() else ():
+        try:
+            owner = json.loads((d / SPILL_OWNER).read_text())
+            mine = d.is_dir() and not d.is_symlink() and owner.get("host") == socket.gethostname()
+        except (OSError, ValueError, AttributeError):
+            continue  # not ours to judge: no owner file (yet), or another layout
+        if mine and not process_alive(owner.get("pid", -1), owner.get("start")):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        log.warning("removed %d spill folder(s) left by runs that died: %s", len(removed),
+                    ", ".join(str(d) for d in removed))
+    return removed
+
+
+def _check_writable_dir(folder: str, name: str) -> None:
+    """Create ``folder`` if needed and write a probe file in it (``os.access`` would pass a read-only mount or
+    root's view of a read-only folder); a failure is a ``ConfigError`` naming ``name``."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"0")
+    except OSError as err:
+        raise ConfigError(name, f"cannot write to '{folder}': {err.strerror or err}") from None
 
 
 def _leaves(t: torch.Tensor | QuantizedTensor) -> list[torch.Tensor]:
@@ -274,8 +334,11 @@ class StoreOptions:
     prefetch: bool = False  # prepare layer l+1's recalled blocks while layer l is used
 
     def validate_store(self, head_dim: int) -> None:
-        if self.ram_budget_gb is not None and self.ram_budget_gb < 0:
-            raise ConfigError("cache.ram_budget_gb", f"must be >= 0 or null, got {self.ram_budget_gb}")
+        budget = self.ram_budget_gb
+        if budget is not None and (not math.isfinite(budget) or budget < 0):  # inf overflowed int() at the 1st block
+            raise ConfigError("cache.ram_budget_gb", f"must be a finite number >= 0 or null, got {budget}")
+        if budget is not None and self.spill_dir:  # spilling writes here: find out now, not mid-video
+            _check_writable_dir(self.spill_dir, "cache.spill_dir")
         err = check_quant(self.kv_quant, self.kv_quant_group_size, head_dim)
         if err:
             field_name = "cache.kv_quant" if self.kv_quant not in QUANT_MODES else "cache.kv_quant_group_size"
@@ -283,5 +346,9 @@ class StoreOptions:
 
     def new_store(self, device: torch.device) -> BlockStore:
         budget = None if self.ram_budget_gb is None else int(self.ram_budget_gb * 1e9)
+        parent = str(self.spill_dir or tempfile.gettempdir())
+        if budget is not None and parent not in _cleaned_parents:  # once per process: the first video's store
+            _cleaned_parents.add(parent)
+            clean_stale_spill_dirs(parent)
         return BlockStore(self.pin_memory and device.type == "cuda", budget, self.spill_dir, self.kv_quant,
                           self.kv_quant_group_size, self.prefetch)

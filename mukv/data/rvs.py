@@ -20,6 +20,11 @@ Conversations not sorted by ``end_time`` are stably re-sorted (the protocol answ
 and the sample's ``meta['resorted']`` says so. Question ids are ``f"{video_id}_q{i}"`` with ``i`` the index
 in the file's original order.
 
+Every video path is resolved (``..`` and symlinks followed) and must lie inside ``data_root``: a record that
+points elsewhere (``../../etc/x.npy``, a symlink out of the root, an absolute path not under the prefix) is a
+:class:`DataError` unless ``allow_outside_root=True`` (``dataset.allow_outside_root=true``). A file nested too
+deeply for the JSON parser is a :class:`DataError`, not a ``RecursionError``.
+
 Loading never touches the videos: each sample's source is a :class:`LazySource` that opens the file on first
 use. ``check_videos=True`` checks up front that every selected video file exists.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -74,6 +80,11 @@ class LazySource:
     def close(self) -> None:
         self._source = None
 
+    @property
+    def duration_s(self) -> float | None:
+        """The file's real length in seconds (opens it), None for a source that does not know it."""
+        return getattr(self.open(), "duration_s", None)
+
     def __len__(self) -> int:
         return len(self.open())
 
@@ -112,6 +123,7 @@ def load_rvs_annotations(
     video_ids: Sequence[str] | None = None,
     check_videos: bool = False,
     end_tolerance_s: float = 1.0,
+    allow_outside_root: bool = False,
 ) -> list[VideoSample]:
     """Read and validate an RVS annotation file; videos are opened lazily at ``sample_fps``.
 
@@ -127,13 +139,18 @@ def load_rvs_annotations(
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(path, f"not valid JSON: {e}") from e
+    except RecursionError:  # [[[[...]]]] deeper than the parser's recursion limit
+        raise DataError(path, "JSON nested too deeply to be an annotation file (expected a list of video "
+                              "records)") from None
     if not isinstance(data, list):
         raise DataError(path, f"expected a JSON list of video records, got {type(data).__name__}")
 
     samples: list[VideoSample] = []
     seen: set[str] = set()
+    root = None if allow_outside_root else Path(os.path.realpath(data_root))
     for index, record in enumerate(data):
-        sample = _parse_record(path, index, record, data_root, sample_fps, video_path_prefix, end_tolerance_s)
+        sample = _parse_record(path, index, record, data_root, sample_fps, video_path_prefix, end_tolerance_s,
+                               root)
         if sample.video_id in seen:
             raise DataError(path, "duplicate video_id", record=sample.video_id, field="video_id")
         seen.add(sample.video_id)
@@ -168,6 +185,7 @@ def _parse_record(
     sample_fps: float,
     prefix: str | None,
     tolerance: float,
+    root: Path | None = None,
 ) -> VideoSample:
     if not isinstance(record, dict):
         raise DataError(path, f"expected an object, got {type(record).__name__}", record=index)
@@ -193,6 +211,16 @@ def _parse_record(
     ordered = sorted(questions, key=lambda q: q.end_time)  # stable: ties keep file order
     resorted = [q.qid for q in ordered] != [q.qid for q in questions]
     local_path = resolve_video_path(video_path, data_root, prefix)
+    if root is not None:  # confined to the data root: '..' and symlinks are followed before comparing
+        try:
+            real = Path(os.path.realpath(local_path))
+        except (ValueError, OSError) as e:  # an embedded NUL byte, a symlink loop
+            raise DataError(path, f"{video_path!r} is not a usable path: {e}", record=video_id,
+                            field="video_path") from None
+        if not real.is_relative_to(root):
+            raise DataError(path, f"{video_path!r} resolves to {real}, outside the data root {root} "
+                                  "(dataset.allow_outside_root=true reads it anyway)",
+                            record=video_id, field="video_path")
     meta: dict[str, Any] = {
         "video_path": str(local_path),
         "annotation_video_path": video_path,

@@ -5,12 +5,17 @@ A judge request that fails (after the client's retries) and a reply that does no
 After ``max_consecutive_failures`` failed requests in a row the judge stops calling (an endpoint that is
 down would otherwise cost every answer its full retry schedule); the remaining answers are recorded as
 failures and a re-run judges them (valid verdicts are cached, so nothing is paid twice).
+
+Secrets (an API key) are redacted from every error text and reply before it is logged, cached or stored in a
+verdict (which goes to predictions.csv and the W&B table): a server that echoes the request's headers in its
+error body would otherwise put ``Bearer <key>`` into the run's files.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import re
 import sqlite3
 from typing import Any
 
@@ -19,6 +24,18 @@ from mukv.judge.cache import JudgmentCache, judgment_key
 from mukv.judge.prompt import JudgeReplyError, get_prompt, parse_reply
 
 log = logging.getLogger("mukv.judge")
+
+
+REDACTED = "[redacted]"
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` without any of ``secrets`` and without the credential of any ``Bearer ...``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
 
 
 class JudgeRequestError(RuntimeError):
@@ -38,6 +55,7 @@ class LLMJudge(Judge):
                        "unparsable_replies": 0, "skipped_after_failures": 0}
         self._failures_in_a_row = 0
         self._last_failure = ""
+        self.secrets: tuple[str, ...] = ()  # never written anywhere (see ``redact``)
 
     @property
     def judge_id(self) -> str:
@@ -69,20 +87,22 @@ class LLMJudge(Judge):
         try:
             reply = self.complete(self.prompt.messages(question, reference, prediction))
         except Exception as err:  # noqa: BLE001  (any client failure is this answer's failure, never a crash)
-            if not isinstance(err, JudgeRequestError):
-                log.exception("judge client error")
-                err = JudgeRequestError(f"{type(err).__name__}: {err}")
+            text = redact(str(err) if isinstance(err, JudgeRequestError) else f"{type(err).__name__}: {err}",
+                          self.secrets)
+            if not isinstance(err, JudgeRequestError):  # no traceback: it would carry the unredacted text
+                log.error("judge client error: %s", text)
             self.counts["request_failures"] += 1
             self._failures_in_a_row += 1
-            self._last_failure = str(err)
-            log.warning("judge request failed: %s", err)
-            return Verdict(None, None, f"judge request failed: {err}")
+            self._last_failure = text
+            log.warning("judge request failed: %s", text)
+            return Verdict(None, None, f"judge request failed: {text}")
         self._failures_in_a_row = 0
+        reply = redact(reply, self.secrets) if isinstance(reply, str) else reply
         try:
             correct, score = parse_reply(reply)
         except JudgeReplyError as err:
             self.counts["unparsable_replies"] += 1
-            return Verdict(None, None, f"unparsable judge reply ({err}): {reply[:300]!r}")
+            return Verdict(None, None, redact(f"unparsable judge reply ({err}): {reply[:300]!r}", self.secrets))
         if self.cache is not None:
             try:
                 self.cache.put(key, judge=self.judge_id, prompt_version=self.prompt.version, question=question,

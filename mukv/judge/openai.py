@@ -6,6 +6,10 @@ exponential backoff (``backoff_s * 2**attempt``, capped at ``backoff_max_s``, ho
 other HTTP errors (401, 404, ...) fail at once. A request that still fails is a recorded judge failure for
 that answer, never a crash. The API key is read from the environment variable named by ``api_key_env``
 (checked when the config is validated, before anything runs); ``api_key_env: null`` sends no key.
+
+The key goes only to ``base_url``: redirects are never followed (urllib would re-send the ``Authorization``
+header to whatever host a 302 names), a redirect is a failed request naming where it pointed; and the key is
+redacted from every error text (``mukv.judge.llm.redact``).
 """
 
 from __future__ import annotations
@@ -18,9 +22,19 @@ import urllib.error
 import urllib.request
 
 from mukv.judge.cache import JudgmentCache
-from mukv.judge.llm import JudgeRequestError, LLMJudge
+from mukv.judge.llm import JudgeRequestError, LLMJudge, redact
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: the 3xx response comes back as an ``HTTPError``."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class OpenAIJudge(LLMJudge):
@@ -34,6 +48,7 @@ class OpenAIJudge(LLMJudge):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.secrets = (api_key,) if api_key else ()
         self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
         self.max_retries, self.backoff_s, self.backoff_max_s = max_retries, backoff_s, backoff_max_s
         self.sleep = time.sleep  # tests may replace it
@@ -47,7 +62,7 @@ class OpenAIJudge(LLMJudge):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+        with _OPENER.open(req, timeout=self.timeout_s) as resp:
             data = json.loads(resp.read().decode("utf-8"))
         content = data["choices"][0]["message"]["content"]
         return content if isinstance(content, str) else ""
@@ -61,17 +76,24 @@ class OpenAIJudge(LLMJudge):
             try:
                 return self._request(body)
             except urllib.error.HTTPError as err:
-                detail = err.read()[:300].decode("utf-8", "replace") if err.fp is not None else ""
-                problem = f"HTTP {err.code} from {self.url}: {detail.strip() or err.reason}"
+                # redacted before it is cut to 300 characters: a cut key would no longer match
+                sent_back = err.read(65536).decode("utf-8", "replace") if err.fp is not None else ""
+                detail = redact(sent_back, self.secrets).strip()[:300]
+                problem = redact(f"HTTP {err.code} from {self.url}: {detail or err.reason}", self.secrets)
+                if 300 <= err.code < 400:
+                    where = err.headers.get("Location", "?") if err.headers else "?"
+                    problem = redact(f"HTTP {err.code} redirect from {self.url} to {where} not followed (the API "
+                                     "key goes to judge.base_url only): set judge.base_url to the final address",
+                                     self.secrets)
                 if err.code not in RETRY_STATUS:
                     raise JudgeRequestError(problem) from None
                 retry_after = err.headers.get("Retry-After") if err.headers else None
                 if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
                     wait = float(retry_after)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                problem = f"cannot reach {self.url}: {getattr(err, 'reason', err)}"
+                problem = redact(f"cannot reach {self.url}: {getattr(err, 'reason', err)}", self.secrets)
             except (ValueError, KeyError, IndexError, TypeError) as err:
-                problem = f"malformed response from {self.url}: {type(err).__name__}: {err}"
+                problem = redact(f"malformed response from {self.url}: {type(err).__name__}: {err}", self.secrets)
             if attempt + 1 == attempts:
                 raise JudgeRequestError(f"{problem} (after {attempts} attempts)")
             delay = self.backoff_s * 2 ** attempt if wait is None else wait

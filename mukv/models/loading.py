@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import socket
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from transformers import (
@@ -129,17 +133,102 @@ def build_tiny(seed: int, device: torch.device, dtype: torch.dtype,
                     resize=resize)
 
 
+# ------------------------------------------------------------------------------------ Hub or local folder
+HUB_TIMEOUT_S = 3.0  # one connection attempt to the Hub (or its proxy) decides whether it is reachable
+_hub_reachable: dict[str, bool] = {}  # endpoint -> reachable, probed once per process
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub can be reached: False at once under ``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE``, else one TCP connection to the endpoint (``HF_ENDPOINT``) or to the proxy that
+    would carry it, bounded by ``timeout_s`` (name resolution included); decided once per process. Loads
+    then use the local cache only, so an offline machine fails in seconds instead of after the Hub client's
+    retries."""
+    from huggingface_hub import constants
+
+    endpoint = hub_endpoint()
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if endpoint not in _hub_reachable:
+        url = urlsplit(endpoint)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        proxy = urllib.request.getproxies().get(url.scheme)
+        if proxy and not urllib.request.proxy_bypass(host):
+            purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            host, port = purl.hostname or "", purl.port or 8080
+        ok: list[bool] = []
+
+        def probe() -> None:
+            try:
+                with socket.create_connection((host, port), timeout=timeout_s):
+                    ok.append(True)
+            except (OSError, UnicodeError):
+                pass
+
+        thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+        thread.start()
+        thread.join(timeout_s)
+        _hub_reachable[endpoint] = bool(ok)
+        if not ok:
+            log.info("the Hugging Face Hub (%s) is unreachable: loading from the local cache only", endpoint)
+    return _hub_reachable[endpoint]
+
+
+def _offline_error(path: str) -> ConfigError:
+    return ConfigError(
+        "model.path", f"'{path}' is not in the local Hugging Face cache and the Hub ({hub_endpoint()}) cannot be "
+                      f"reached; download it where the Hub is reachable (hf download {path} --local-dir DIR), "
+                      "copy DIR here and set model.path=DIR (a local folder)")
+
+
+def _looks_like_folder(path: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else (absolute, ``./``, ``~``, deeper) is a folder."""
+    return path.startswith(("/", ".", "~", "\\")) or path.count("/") > 1 or "\\" in path
+
+
+def pretrained_source(path: str) -> tuple[str, bool]:
+    """(what ``from_pretrained`` is given, whether it must stay in local files) for ``model.path``: a local
+    folder as is; a Hub id from the local cache only when the Hub is unreachable; a folder that does not
+    exist is named."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ConfigError("model.path", f"'{path}' is a file; give a Hub id or a model folder")
+        return str(local), True
+    if _looks_like_folder(path):
+        raise ConfigError("model.path", f"folder not found: {path}")
+    return path, not hub_reachable()
+
+
+def _from_pretrained(load, path: str, what: str, **kwargs):
+    """``load(source, local_files_only=..., **kwargs)`` with every failure to find the files as one line
+    naming ``model.path``."""
+    from huggingface_hub.errors import HFValidationError  # a malformed Hub id
+
+    source, local_only = pretrained_source(path)
+    try:
+        return load(source, local_files_only=local_only, **kwargs)
+    except (OSError, HFValidationError) as err:
+        if local_only and source == path:  # a Hub id while offline, not in the cache
+            raise _offline_error(path) from err
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ConfigError("model.path", f"cannot load the {what} from '{path}': {first}") from err
+
+
 def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str,
                     resize: FrameResize | str = FrameResize.pil_uint8) -> VideoLLM:
     """Load weights, tokenizer and image statistics from a Hub id or a local folder."""
     from transformers import AutoProcessor
 
-    local = Path(path).expanduser()
-    source = str(local) if local.exists() else path
-    processor = AutoProcessor.from_pretrained(source)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn_implementation
-    ).to(device)
+    processor = _from_pretrained(AutoProcessor.from_pretrained, path, "processor")
+    model = _from_pretrained(LlavaOnevisionForConditionalGeneration.from_pretrained, path, "weights",
+                             dtype=dtype, attn_implementation=attn_implementation).to(device)
     use_stream_attention(model)
     stats = getattr(processor, "video_processor", None) or processor.image_processor
     return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path,
@@ -202,10 +291,6 @@ def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str
     if kind == "pretrained":
         if not path:
             raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
-        local = Path(path).expanduser()
-        try:
-            config = LlavaOnevisionConfig.from_pretrained(str(local) if local.exists() else path)
-        except OSError as err:
-            raise ConfigError("model.path", f"cannot read a LLaVA-OneVision config from '{path}': {err}") from err
+        config = _from_pretrained(LlavaOnevisionConfig.from_pretrained, path, "LLaVA-OneVision config")
         return KVGeometry.from_config(config, dt)
     raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")

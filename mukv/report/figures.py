@@ -9,11 +9,14 @@ Grid figures (``make reproduce-table``), one panel per dataset, one line per met
 - ``memory_latency_vs_length.png``: KV memory held and question-to-answer latency against how much video
   has streamed (minutes), from the per-question rows of each method's main run.
 
-Per-run figures (logged to W&B): ``accuracy_by_age.png`` and ``stream_memory_latency.png``.
+Per-run figures, written into every run folder (``<run>/figures/``, ``write_run_figures``) and logged to
+W&B with ``logger=wandb``: ``accuracy_by_age.png`` (with each bucket's 95% Wilson interval and question count)
+and ``stream_memory_latency.png``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from mukv.report.tables import METHOD_ORDER, RunInfo, results_frame  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 COLORS = {"full": "#222222", "sliding_window": "#1f77b4", "uniform": "#2ca02c", "rekv": "#ff7f0e",
           "mukv": "#d62728"}
@@ -224,12 +229,17 @@ def run_figures(predictions: pd.DataFrame, metrics: dict[str, Any], folder: str 
         ax = axes[0][0]
         labels = list(by_age)
         acc = [100.0 * v["accuracy"] if v.get("accuracy") is not None else 0.0 for v in by_age.values()]
-        bars = ax.bar(range(len(labels)), acc, color=COLORS.get(method, "#1f77b4"))
+        buckets = list(zip(by_age.values(), acc, strict=True))
+        lo = [100.0 * v["accuracy_lo"] if v.get("accuracy_lo") is not None else a for v, a in buckets]
+        hi = [100.0 * v["accuracy_hi"] if v.get("accuracy_hi") is not None else a for v, a in buckets]
+        err = [np.subtract(acc, lo).clip(0), np.subtract(hi, acc).clip(0)]
+        bars = ax.bar(range(len(labels)), acc, color=COLORS.get(method, "#1f77b4"), alpha=0.45, yerr=err,
+                      capsize=4, error_kw={"elinewidth": 1.2, "ecolor": "black"})
         for bar, v in zip(bars, by_age.values(), strict=True):
             ax.annotate(f"n={v['judged']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
-        ax.set_xlabel("question age (time since the evidence)")
+        ax.set_xlabel("question age (since the evidence); whiskers: 95% Wilson interval")
         _accuracy_axis(ax)
         ax.set_title(f"{metrics.get('dataset', '')} / {method}: accuracy by question age")
         paths.append(_save(fig, folder / "accuracy_by_age.png"))
@@ -238,3 +248,15 @@ def run_figures(predictions: pd.DataFrame, metrics: dict[str, Any], folder: str 
     fig.suptitle(f"{metrics.get('dataset', '')} / {method}: memory and latency along the stream")
     paths.append(_save(fig, folder / "stream_memory_latency.png"))
     return paths
+
+
+def write_run_figures(predictions: pd.DataFrame, metrics: dict[str, Any], folder: str | Path) -> list[Path]:
+    """``run_figures`` into a run folder, whatever the logger. Figures are a view of results already on
+    disk (predictions.csv, metrics.json): a plotting failure is logged as one line and never fails the run."""
+    if not len(predictions):
+        return []
+    try:
+        return run_figures(predictions, metrics, folder)
+    except Exception as err:  # noqa: BLE001  (matplotlib can fail in many ways; the results are already written)
+        log.warning("figures not written to %s: %s: %s", folder, type(err).__name__, err)
+        return []

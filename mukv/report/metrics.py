@@ -1,8 +1,12 @@
 """Summary metrics of a run, from its predictions and memory rows (as written to, or read back from, CSV).
 
-Accuracy is the published definition, yes / (yes + no) over valid judgments, and the mean score is over
-the same judgments; answers the judge could not judge (failed requests, unparsable replies) are counted as
+Accuracy is the published definition, yes / (yes + no) over valid judgments, with its 95% Wilson interval
+(``accuracy_lo``, ``accuracy_hi``; overall and in every breakdown), and the mean score is over the same
+judgments; answers the judge could not judge (failed requests, unparsable replies) are counted as
 ``invalid_judgments`` and never silently dropped. ``accuracy_strict`` counts them as wrong, a lower bound.
+``failed_questions`` counts rows with an error (not answered, not judged: counted among the invalid
+judgments); ``past_end_questions`` those asked past the video file's real end (``meta.past_end_s``), whether
+failed or, with ``dataset.past_end=answer``, answered from the frames that exist.
 Breakdowns: by question type (where the dataset has types) and by question age, the time from the
 answer's evidence to the question (``end_time - meta.evidence_time``, else ``meta.age_s``, else
 ``end_time - start_time``) in configurable buckets (edges in seconds, the last bucket open-ended).
@@ -98,9 +102,11 @@ def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
     n = int(valid.sum())
     yes = int((correct[valid] == True).sum())  # noqa: E712  (object column of True/False/None)
     s = scores[valid].dropna()
+    lo, hi = wilson_interval(yes, n)
     return {
         "questions": int(len(correct)), "judged": n, "invalid": int(len(correct) - n), "correct": yes,
-        "accuracy": yes / n if n else None, "mean_score": float(s.mean()) if len(s) else None,
+        "accuracy": yes / n if n else None, "accuracy_lo": lo, "accuracy_hi": hi,  # 95% Wilson interval
+        "mean_score": float(s.mean()) if len(s) else None,
     }
 
 
@@ -111,6 +117,8 @@ def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float
     if len(predictions):
         err = predictions["error"].astype(str).str.strip() if "error" in predictions else None
         out["failed_questions"] = int((err.ne("") & err.ne("nan")).sum()) if err is not None else 0
+        if "meta" in predictions:  # asked past the video file's real end (failed, or answered and flagged)
+            out["past_end_questions"] = int(predictions["meta"].map(lambda c: "past_end_s" in _meta(c)).sum())
         for col in ("online_tokens", "kv_tokens", "ttft_s", "latency_s", "recall_s", "encode_s", "new_tokens"):
             if col in predictions:
                 out[f"mean_{col}"] = float(_num(predictions[col]).mean())
@@ -123,7 +131,8 @@ def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float
             scores = _num(predictions.get("judge_score", pd.Series(np.nan, index=predictions.index)))
             overall = _judged_stats(correct, scores)
             out.update(judged=overall["judged"], invalid_judgments=overall["invalid"], correct=overall["correct"],
-                       accuracy=overall["accuracy"], mean_score=overall["mean_score"],
+                       accuracy=overall["accuracy"], accuracy_lo=overall["accuracy_lo"],
+                       accuracy_hi=overall["accuracy_hi"], mean_score=overall["mean_score"],
                        accuracy_strict=overall["correct"] / len(predictions))
             if "qtype" in predictions:
                 qtype = predictions["qtype"].astype(str).str.strip()

@@ -3,7 +3,9 @@
 ``collect_runs`` reads every run folder (``metrics.json``, ``resolved_config.yaml``); ``results_frame``
 turns them into one row per run with the paper's columns (accuracy, score, invalid judgments, online
 tokens, KV GB per hour, peak memory, encode fps, latencies); ``write_tables`` writes ``results.csv``,
-``results.md`` (per dataset, methods in the paper's order, plus a method x dataset accuracy table).
+``results.md`` (per dataset, methods in the paper's order, plus a method x dataset accuracy table). Every
+accuracy carries its 95% Wilson interval and the number of judged questions it is over, so that a
+10-question table is not read as a result.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mukv.report.metrics import wilson_interval
+
 METHOD_ORDER = ("full", "sliding_window", "uniform", "rekv", "mukv")
 RUN_FIELDS = ("dataset", "method", "setting", "model", "role", "max_minutes", "shards")
 METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -24,6 +28,7 @@ METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
     ("judged", "judged"),
     ("invalid_judgments", "invalid"),
     ("accuracy_pct", "acc %"),
+    ("accuracy_ci", "95% CI"),
     ("mean_score", "score"),
     ("mean_online_tokens", "online tok"),
     ("kv_gb_per_hour", "KV GB/h"),
@@ -130,12 +135,15 @@ def results_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
     for r in runs:
         m = r.metrics
         acc = m.get("accuracy")
+        lo, hi = _interval(m)
         rows.append({
             "dataset": r.dataset, "method": r.method, "setting": labels[r.path], "model": m.get("model"),
             "role": r.role, "max_minutes": m.get("max_minutes"), "shards": m.get("num_shards", 1),
             "questions": m.get("questions"), "judged": m.get("judged"),
-            "invalid_judgments": m.get("invalid_judgments"),
-            "accuracy_pct": None if acc is None else 100.0 * acc, "mean_score": m.get("mean_score"),
+            "invalid_judgments": m.get("invalid_judgments"), "correct": m.get("correct"),
+            "accuracy_pct": None if acc is None else 100.0 * acc,
+            "accuracy_lo_pct": None if lo is None else 100.0 * lo,
+            "accuracy_hi_pct": None if hi is None else 100.0 * hi, "mean_score": m.get("mean_score"),
             "mean_online_tokens": m.get("mean_online_tokens"), "kv_gb_per_hour": m.get("kv_gb_per_hour"),
             "peak_kv_mb": None if m.get("peak_kv_bytes") is None else m["peak_kv_bytes"] / 1e6,
             "encode_fps": m.get("encode_fps"), "mean_ttft_s": m.get("mean_ttft_s"),
@@ -151,6 +159,29 @@ def results_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
         df = df.sort_values(["dataset", "_o", "method", "_main", "mean_online_tokens", "setting"], kind="stable")
         df = df.drop(columns=["_o", "_main"]).reset_index(drop=True)
     return df
+
+
+def _interval(m: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The run's 95% Wilson interval of accuracy, from its correct / judged counts (runs written before the
+    interval was stored in metrics.json included); (None, None) without judged questions."""
+    correct, judged = m.get("correct"), m.get("judged")
+    if isinstance(correct, (int, float)) and isinstance(judged, (int, float)) and judged > 0:
+        return wilson_interval(int(correct), int(judged))
+    return m.get("accuracy_lo"), m.get("accuracy_hi")
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def accuracy_text(acc_pct: Any, lo_pct: Any, hi_pct: Any, n: Any) -> str:
+    """``62.5 (30.6-86.3), n=8``: accuracy %, its 95% Wilson interval, the judged questions."""
+    if _missing(acc_pct):
+        return "-"
+    text = f"{acc_pct:.1f}"
+    if not (_missing(lo_pct) or _missing(hi_pct)):
+        text += f" ({lo_pct:.1f}-{hi_pct:.1f})"
+    return text if _missing(n) else f"{text}, n={int(n)}"
 
 
 def _cell(v: Any, digits: int = 3) -> str:
@@ -171,11 +202,13 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> str:
 
 
 def accuracy_pivot(df: pd.DataFrame) -> pd.DataFrame:
-    """Method (setting) x dataset accuracy %, the shape of the paper's main table (main runs only when the
-    grid marks them)."""
+    """Method (setting) x dataset accuracy % with its 95% interval and judged questions (``accuracy_text``),
+    the shape of the paper's main table (main runs only when the grid marks them)."""
     main = df[df["role"] == "main"] if (df["role"] == "main").any() else df
-    main = main.assign(row=main["method"] + main["setting"].map(lambda s: "" if s == "default" else f" ({s})"))
-    pivot = main.pivot_table(index="row", columns="dataset", values="accuracy_pct", aggfunc="first", dropna=False)
+    main = main.assign(row=main["method"] + main["setting"].map(lambda s: "" if s == "default" else f" ({s})"),
+                       cell=[accuracy_text(r.accuracy_pct, r.accuracy_lo_pct, r.accuracy_hi_pct, r.judged)
+                             for r in main.itertuples()])
+    pivot = main.pivot_table(index="row", columns="dataset", values="cell", aggfunc="first", dropna=False)
     order = main.drop_duplicates("row").assign(_o=lambda d: d["method"].map(_order)).sort_values("_o")["row"]
     return pivot.reindex(list(order))
 
@@ -187,12 +220,15 @@ def render_markdown(df: pd.DataFrame, title: str = "Results", notes: Sequence[st
         return "\n".join(lines + ["No finished runs."]) + "\n"
     pivot = accuracy_pivot(df)
     if len(pivot.columns) > 1 or len(df) > 1:
-        lines += ["## Accuracy (%)", ""]
+        lines += ["## Accuracy (%, 95% Wilson interval, n judged questions)", ""]
         cols = [("row", "method")] + [(c, c) for c in pivot.columns]
         lines += [markdown_table(pivot.reset_index(), cols), ""]
     for dataset, rows in df.groupby("dataset", sort=True):
         model = ", ".join(sorted({str(m) for m in rows["model"]}))
         lines += [f"## {dataset} ({model})", ""]
+        rows = rows.assign(accuracy_ci=[
+            "-" if _missing(r.accuracy_lo_pct) or _missing(r.accuracy_hi_pct)
+            else f"{r.accuracy_lo_pct:.1f}-{r.accuracy_hi_pct:.1f}" for r in rows.itertuples()])
         lines += [markdown_table(rows, [("method", "method"), ("setting", "setting"), *METRIC_COLUMNS]), ""]
     failed = df[df["failed_videos"].fillna(0).astype(int) > 0]
     if len(failed):

@@ -3,7 +3,9 @@
 Every source follows :class:`mukv.data.types.FrameSource`: ``len()`` is the number of *sampled* frames and
 ``frames(start, stop)`` decodes only those, so an hour of video is never held in memory at once. Sampling
 reproduces the published ReKV/MuKV code exactly (see each class), because the frame a question sees decides
-its answer.
+its answer. ``duration_s`` is the file's real length in seconds, read when it opens (an mp4's frame count over
+its average frame rate, a ``.npy``'s frames over ``stored_fps``): a question asked past it would otherwise be
+answered from the frames that exist, with no word (see ``mukv.inputs.screen_past_end``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Mp4Source:
         self.native_fps = round(avg_fps)
         if self.native_fps <= 0:
             raise VideoError(self.path, f"average frame rate {avg_fps!r} fps rounds to 0; cannot sample it")
+        self.duration_s = n_source / avg_fps  # the real length, whatever an annotation claims
         self.step = max(1, int(self.native_fps / self.sample_fps))
         self.indices = np.arange(0, n_source, self.step, dtype=np.int64)
         self._frame_shape: tuple[int, int, int] | None = None
@@ -129,6 +132,7 @@ class NpySource:
             raise VideoError(self.path, f"cannot be read as a .npy frame array: {_reason(e)}") from e
         _check_frames_array(self.path, self._arr)
         n = self._arr.shape[0]
+        self.duration_s = n / self.stored_fps  # the real length, whatever an annotation claims
         self.indices = np.linspace(0, n - 1, int(n * self.sample_fps / self.stored_fps), dtype=int)
 
     def __len__(self) -> int:
@@ -152,6 +156,7 @@ class ArraySource:
         self.sample_fps = _check_fps("<array>", sample_fps)
         _check_frames_array("<array>", frames)
         self._frames = frames
+        self.duration_s = len(frames) / self.sample_fps
 
     def __len__(self) -> int:
         return int(self._frames.shape[0])
