@@ -35,7 +35,28 @@ def verdict_for(body: dict) -> str:
     return "{'pred': 'yes', 'score': 5}" if pred and pred.startswith(ref) else "{'pred': 'no', 'score': 1}"
 
 
-class FakeOpenAI:
+class LocalServer:
+    """A ``ThreadingHTTPServer`` on 127.0.0.1 (any free port) run in a thread while the ``with`` block lasts."""
+
+    def __init__(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class FakeOpenAI(LocalServer):
     """POST /v1/chat/completions on 127.0.0.1 in a thread. ``plan(n, body)`` -> (status, content or None);
     at most ``max_requests`` are answered (then 503), so a runaway client cannot loop forever."""
 
@@ -76,21 +97,7 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self) -> FakeOpenAI:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        LocalServer.__init__(self, Handler)
 
 
 def make_judge(server_url: str, cache: JudgmentCache | None = None, **kw) -> OpenAIJudge:
@@ -432,7 +439,7 @@ def test_pipeline_stops_before_streaming_without_the_api_key(tmp_path):
 KEY = "sk-mukv-SECRET-0123456789"
 
 
-class Loopback:
+class Loopback(LocalServer):
     """Any method on 127.0.0.1 in a thread; ``respond(handler) -> (status, headers, body)``; every request's
     method, path and headers are recorded."""
 
@@ -456,21 +463,7 @@ class Loopback:
 
             do_GET = do_POST = _any
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self) -> Loopback:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        LocalServer.__init__(self, Handler)
 
 
 def echo_headers(status: int, as_reply: bool = False):
