@@ -76,24 +76,24 @@ class OpenAIJudge(LLMJudge):
             try:
                 return self._request(body)
             except urllib.error.HTTPError as err:
-                # redacted before it is cut to 300 characters: a cut key would no longer match
+                # redacted here, before it is cut to 300 characters (a cut key would no longer match); every
+                # other error text is redacted once, where LLMJudge catches the JudgeRequestError
                 sent_back = err.read(65536).decode("utf-8", "replace") if err.fp is not None else ""
                 detail = redact(sent_back, self.secrets).strip()[:300]
-                problem = redact(f"HTTP {err.code} from {self.url}: {detail or err.reason}", self.secrets)
+                problem = f"HTTP {err.code} from {self.url}: {detail or err.reason}"
                 if 300 <= err.code < 400:
                     where = err.headers.get("Location", "?") if err.headers else "?"
-                    problem = redact(f"HTTP {err.code} redirect from {self.url} to {where} not followed (the API "
-                                     "key goes to judge.base_url only): set judge.base_url to the final address",
-                                     self.secrets)
+                    problem = (f"HTTP {err.code} redirect from {self.url} to {where} not followed (the API key "
+                               "goes to judge.base_url only): set judge.base_url to the final address")
                 if err.code not in RETRY_STATUS:
                     raise JudgeRequestError(problem) from None
                 retry_after = err.headers.get("Retry-After") if err.headers else None
                 if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
                     wait = float(retry_after)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                problem = redact(f"cannot reach {self.url}: {getattr(err, 'reason', err)}", self.secrets)
+                problem = f"cannot reach {self.url}: {getattr(err, 'reason', err)}"
             except (ValueError, KeyError, IndexError, TypeError) as err:
-                problem = redact(f"malformed response from {self.url}: {type(err).__name__}: {err}", self.secrets)
+                problem = f"malformed response from {self.url}: {type(err).__name__}: {err}"
             if attempt + 1 == attempts:
                 raise JudgeRequestError(f"{problem} (after {attempts} attempts)")
             delay = self.backoff_s * 2 ** attempt if wait is None else wait
