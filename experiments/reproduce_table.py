@@ -134,7 +134,7 @@ def preflight(grid: dict[str, Any], model: str | None, overrides: list[str], all
     for dataset in grid["datasets"]:
         try:
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("config", overrides=[f"experiment={grid['experiment']}", *_model(model),
+                cfg = compose("eval", overrides=[f"experiment={grid['experiment']}", *_model(model),
                                                    f"dataset={dataset}", *overrides])
         except HydraException as err:
             problems.append(f"config ({dataset}): {err}")

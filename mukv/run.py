@@ -143,7 +143,7 @@ def _log_to_file(message: str) -> None:
             handler.handle(record)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from mukv.train_eval import format_summary, train_eval
 

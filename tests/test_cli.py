@@ -198,6 +198,6 @@ def test_no_shipped_config_has_a_key_its_schema_lacks():
     assert ["experiment=sweep/video_length"] in overrides and ["cache=mukv", "+experiment/mukv_mix=f"] in overrides
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         for override in overrides:
-            check_composed(compose("config", overrides=override))
+            check_composed(compose("eval", overrides=override))
         with pytest.raises(Exception, match=r"^unknown config key 'cache.n_locl' \(cache keys: "):
-            check_composed(compose("config", overrides=["+cache.n_locl=5"]))
+            check_composed(compose("eval", overrides=["+cache.n_locl=5"]))

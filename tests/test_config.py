@@ -21,7 +21,7 @@ register_configs()
 
 def compose_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+        cfg = compose("eval", overrides=list(overrides))
     # ${hydra:...} resolves only inside a running app: give the paths concrete values.
     cfg.paths.root_dir = str(CONF.parent)
     cfg.paths.output_dir = "/tmp/mukv-test-out"

@@ -48,7 +48,7 @@ def merge(*args: str) -> subprocess.CompletedProcess:
 
 def compose_cfg(*overrides: str, hydra_cfg: bool = False):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+        cfg = compose("eval", overrides=list(overrides), return_hydra_config=hydra_cfg)
     if not hydra_cfg:
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.output_dir = "/tmp/mukv-test-out"

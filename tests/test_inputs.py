@@ -174,14 +174,14 @@ def test_bounds_are_checked_with_the_config():
     for override, field in [("engine.max_new_tokens=32769", "engine.max_new_tokens"),
                             ("dataset.synthetic.duration_s=400001", "dataset.synthetic.duration_s"),
                             ("dataset.data_root=null", "dataset.data_root")]:
-        extra = ["dataset=rvs_movie", f"dataset.annotation={CONF / 'config.yaml'}"] if "data_root" in field else []
+        extra = ["dataset=rvs_movie", f"dataset.annotation={CONF / 'eval.yaml'}"] if "data_root" in field else []
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=[*extra, override])
+            cfg = compose("eval", overrides=[*extra, override])
         cfg.paths.root_dir = str(ROOT)
         with pytest.raises(ConfigError, match=field):
             validate_config(cfg)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # the limits themselves pass
-        validate_config(compose("config", overrides=["engine.max_new_tokens=32768",
+        validate_config(compose("eval", overrides=["engine.max_new_tokens=32768",
                                                      "dataset.synthetic.duration_s=400000"]))
 
 

@@ -139,10 +139,10 @@ def test_model_resize_is_a_schema_field_checked_at_compose_time():
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        assert compose("config", overrides=["model=llava_ov_0.5b"]).model.resize is FrameResize.pil_uint8
-        assert compose("config", overrides=["model.resize=torch_float"]).model.resize is FrameResize.torch_float
+        assert compose("eval", overrides=["model=llava_ov_0.5b"]).model.resize is FrameResize.pil_uint8
+        assert compose("eval", overrides=["model.resize=torch_float"]).model.resize is FrameResize.torch_float
         with pytest.raises((ConfigCompositionException, ValidationError)) as err:
-            compose("config", overrides=["model.resize=bilinear"])
+            compose("eval", overrides=["model.resize=bilinear"])
     assert "resize" in str(err.value) + str(err.value.__cause__)
 
 

@@ -79,7 +79,7 @@ def test_config_fuzz_fails_only_with_config_errors(cache, overrides):
     args = [f"cache={cache}"] + [f"{k}={v}" for k, v in overrides]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=args)
+            cfg = compose("eval", overrides=args)
     except (HydraException, OmegaConfBaseException):
         return  # rejected at compose time (unknown key for this method, wrong type), with the key named
     cfg.paths.root_dir, cfg.paths.output_dir = str(CONF.parent), "/tmp/mukv-fuzz"
@@ -94,7 +94,7 @@ def test_config_fuzz_fails_only_with_config_errors(cache, overrides):
 # ---------------------------------------------------------------------------------- determinism
 def test_same_config_and_seed_give_identical_predictions(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "cache=sliding_window", "cache.n_local=100"])
+        cfg = compose("eval", overrides=["experiment=smoke", "cache=sliding_window", "cache.n_local=100"])
     cfg.paths.root_dir = str(CONF.parent)
     columns = ["qid", "prediction", "online_tokens", "kv_bytes", "frames_seen"]
     runs = []
@@ -202,7 +202,7 @@ def test_resume_false_moves_earlier_outputs_aside(tmp_path):
 ])
 def test_bad_budgets_and_ratios_are_rejected_before_the_model_loads(cache, override, field):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"cache={cache}", override])
+        cfg = compose("eval", overrides=[f"cache={cache}", override])
     with pytest.raises(ConfigError) as err:
         build_method(cfg.cache).validate(model_geometry("tiny", None, "cpu", "float32"))
     assert field in str(err.value)

@@ -44,7 +44,7 @@ TIMING_COLUMNS = {"encode_s", "recall_s", "ttft_s", "latency_s", "encode_fps", "
 
 def config(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+        cfg = compose("eval", overrides=list(overrides))
     cfg.paths.root_dir = str(ROOT)
     cfg.paths.output_dir = "/nonexistent/set-by-the-test"
     return cfg

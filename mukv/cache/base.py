@@ -10,8 +10,10 @@ YAML file in ``conf/cache/``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +23,7 @@ from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry, VideoLLM
 
 CACHE_METHODS: dict[str, type[CacheMethod]] = {}
+CONF_CACHE = Path(__file__).resolve().parents[2] / "conf" / "cache"  # where a method's YAML lives
 
 
 def register_cache(name: str) -> Callable[[type[CacheMethod]], type[CacheMethod]]:
@@ -32,6 +35,36 @@ def register_cache(name: str) -> Callable[[type[CacheMethod]], type[CacheMethod]
         return cls
 
     return wrap
+
+
+def ordered_methods(with_config: bool = True) -> list[str]:
+    """Registered methods in display order (``CacheMethod.display_order``, then name): the order of every
+    table, figure and tool listing. ``with_config``: only methods with a ``conf/cache/<name>.yaml`` (the ones
+    a run can select)."""
+    names = [n for n in CACHE_METHODS if not with_config or (CONF_CACHE / f"{n}.yaml").is_file()]
+    return sorted(names, key=lambda n: (CACHE_METHODS[n].display_order, n))
+
+
+def method_rank(name: str) -> tuple[int, str]:
+    """Sort key of a method name in tables (unregistered names last, by name)."""
+    cls = CACHE_METHODS.get(name)
+    return (cls.display_order if cls is not None else 10**6, name)
+
+
+def budget_knobs(method: str, frames: int | None, tokens_per_frame: int) -> dict[str, Any]:
+    """The knobs giving ``method`` an answer context of about ``frames`` frames (``{}`` for ``None`` or a
+    method without a budget); every tool (``budget_frames=``, benchmarks, reproduce-table, sweeps) maps
+    budgets through this one function."""
+    if frames is None:
+        return {}
+    cls = CACHE_METHODS[method]
+    knobs = cls.budget_knobs(int(frames), int(tokens_per_frame))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(knobs) - names)
+    if unknown:  # a budget must never be dropped silently
+        raise ConfigError("budget_frames", f"{cls.__name__}.budget_knobs sets {', '.join(unknown)}, which are not "
+                                           f"knobs of cache method '{method}'")
+    return knobs
 
 
 @dataclass
@@ -66,6 +99,15 @@ class CacheMethod(abc.ABC):
     # The answer text of the published code this method reproduces (engine.answer_text=auto): MuKV's release
     # keeps newlines; ReKV's removes them (see mukv.engine.answer_text).
     published_answer_text: ClassVar[str] = "keep_newlines"
+    # Position in tables, figures and tool listings (``ordered_methods``); a new method sorts after these.
+    display_order: ClassVar[int] = 100
+
+    @classmethod
+    def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict[str, Any]:
+        """The knobs that give this method an answer context of about ``frames`` frames of
+        ``tokens_per_frame`` tokens (``budget_frames=`` in a run, the budget axis of every benchmark and
+        sweep). ``{}``: the method has no budget (it keeps everything) and tools run it once."""
+        return {}
 
     def validate(self, geometry: KVGeometry) -> None:
         """Raise ``ConfigError`` (naming the ``cache.<field>``) for knobs that do not fit the model.

@@ -13,6 +13,7 @@ from mukv.cache.base import AnswerContext, CacheStats, WindowStreamingCache, reg
 class FullCache(WindowStreamingCache):
     """Keeps all KV; answers attend to init + every frame at their encoding positions."""
 
+    display_order = 0
     query_block: int = 4096
     n_local: ClassVar[None] = None  # no window: everything is kept
 

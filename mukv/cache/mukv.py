@@ -158,6 +158,8 @@ Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.
 class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
     """MuKV with the published defaults (LLaVA-OV-0.5B on RVS); see the module docstring."""
 
+    display_order = 40
+
     granularities: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # in frames
     top_k: list[int] = field(default_factory=lambda: [20, 32, 12])
     keep_ratio: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.8])
@@ -183,6 +185,12 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
     batch_blocks: int = 64  # independent blocks prefilled in one batched forward (a 16-frame chunk: one per granularity)
     share_prefixes: bool = True  # a finer block that starts where a coarser one does reuses its prefill (exact)
     query_block: int = 1024  # query tiling of the shared stream encoding
+
+    @classmethod
+    def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
+        # the published top-k 20 / 32 / 12 (patch / frame / segment, beside ReKV's 64 frames) scaled to `frames`
+        scale = frames / 64
+        return {"top_k": [max(1, round(k * scale)) for k in (20, 32, 12)]}
 
     # ------------------------------------------------------------------------------- validation
     def validate(self, geometry: KVGeometry) -> None:

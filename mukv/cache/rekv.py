@@ -33,6 +33,7 @@ from mukv.errors import ConfigError
 @dataclass
 class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     published_answer_text = "remove_newlines"  # ReKV's release: pred_answer.replace('\n', '')
+    display_order = 30
 
     n_local: int = 15000  # encoding window (tokens), the init sink aside
     # (the sinks: sink_distance = published (n_local - 1) | n_local and sink_handover = per_block | exact, from
@@ -42,6 +43,10 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     scoring: str = "dot"  # dot (published code) | cosine (paper)
     per_layer: bool = True  # per-layer retrieval (code) | one block set for all layers (see recall)
     query_block: int = 1024
+
+    @classmethod
+    def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
+        return {"retrieve_size": frames}  # frame blocks recalled per layer (the window is not the budget)
 
     def validate(self, geometry) -> None:
         for name in ("n_local", "retrieve_size", "retrieve_chunk_size", "query_block"):

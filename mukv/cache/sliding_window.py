@@ -16,8 +16,13 @@ from mukv.errors import ConfigError
 @register_cache("sliding_window")
 @dataclass
 class SlidingWindowCache(WindowStreamingCache, SinkWindowOptions):
+    display_order = 10
     n_local: int = 15000
     query_block: int = 1024
+
+    @classmethod
+    def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
+        return {"n_local": frames * tokens_per_frame}  # the window holds the last `frames` frames
 
     def validate(self, geometry) -> None:
         if self.n_local < 1:

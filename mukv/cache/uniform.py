@@ -20,8 +20,13 @@ from mukv.errors import ConfigError
 @register_cache("uniform")
 @dataclass
 class UniformSampling(CacheMethod):
+    display_order = 20
     num_frames: int = 64
     query_block: int = 4096
+
+    @classmethod
+    def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
+        return {"num_frames": frames}
 
     def validate(self, geometry) -> None:
         if self.num_frames < 1:
