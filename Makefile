@@ -17,7 +17,7 @@ DATA        ?= synthetic
 OUT         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: bench bench-growth help install run test test-fast lint clean reproduce-table train-nano wandb-dashboard
+.PHONY: bench bench-growth help install run test test-fast lint clean reproduce-table sweep-spec train-nano wandb-dashboard
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -31,7 +31,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install mukv with the dev extra (CPU torch)
 
-run: $(STAMP) ## no ARGS: nano model x synthetic benchmark, every cache method, one results table; ARGS="...": one configured run
+run: $(STAMP) ## no ARGS: nano model x synthetic benchmark, every registered cache method run through mukv.train_eval, one results table; ARGS="...": one configured run
 ifeq ($(strip $(ARGS)),)
 	$(PY) experiments/nano_benchmark.py --preset quick
 else
@@ -39,7 +39,7 @@ else
 endif
 
 train-nano: $(STAMP) ## retrain the nano model on this CPU (<= ~55 min) and replace the shipped checkpoint
-	$(PY) -m mukv.run mode=train model=nano dataset=synthetic train.publish=true $(ARGS)
+	$(PY) -m mukv_nano.train train.publish=true $(ARGS)
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -q $(ARGS)
@@ -50,19 +50,22 @@ test-fast: $(STAMP) ## run the tests not marked slow
 reproduce-table: $(STAMP) ## run the results grid as one multirun, render table + figures (DATA=synthetic|rvs, OUT=dir, ARGS=overrides)
 	$(PY) experiments/reproduce_table.py --data $(DATA) $(if $(strip $(OUT)),--out $(OUT),) $(ARGS)
 
+sweep-spec: $(STAMP) ## print the W&B sweep spec of a multirun (ARGS="experiment=sweep/budget cache=rekv model=... --out FILE")
+	$(PY) -m mukv.sweeps wandb $(ARGS)
+
 wandb-dashboard: $(STAMP) ## create the W&B workspace panels (ARGS="--entity ME --project mukv"; --dry-run prints them)
 	$(PY) experiments/wandb_dashboard.py $(ARGS)
 
 lint: $(STAMP) ## ruff over the package and tests
-	$(PY) -m ruff check mukv tests
+	$(PY) -m ruff check mukv mukv_nano experiments tests
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
 # extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
 BENCH_ARGS  ?=
-bench: $(STAMP) ## speed and memory of the cache methods (0.5B architecture, random weights; ~4 min on 2 CPU cores); BENCH_ARGS="..."
-	@echo "make bench takes about 4 min on a 2-core CPU (4 methods x 8 frames of the 0.5B architecture; measured 4 min 7 s with native bf16, 2026-12-02; about 6 min in fp32 on an AVX2-only CPU, estimated from BENCHMARKS.md 5a); results print at the end"
+bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~5 min on 2 CPU cores); BENCH_ARGS="..."
+	@echo "make bench takes about 5 min on a 2-core CPU (every registered method, 5 today, x 8 frames of the 0.5B architecture; 4 of them measured 4 min 7 s with native bf16, 2026-12-02, uniform sampling adds about one more method's vision time; about 7 min in fp32 on an AVX2-only CPU, estimated from BENCHMARKS.md 5a); results print at the end"
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)

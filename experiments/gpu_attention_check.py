@@ -7,8 +7,9 @@ import time
 
 import torch
 
-from mukv.cache import attention
-from mukv.cache.attention import SinkWindowKV, causal_suffix_attention, grouped_sdpa, lse_kernel, prefix_causal_mask
+from mukv.cache import kernels as attention  # the fused kernels' choice (lse_kernel) lives in mukv.cache.kernels
+from mukv.cache.attention import SinkWindowKV
+from mukv.cache.kernels import causal_suffix_attention, grouped_sdpa, lse_kernel, prefix_causal_mask
 from mukv.models.rope import RotaryTable
 
 

@@ -16,10 +16,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 experiments/gpu_attention_check.py
 for c in ${BENCH_CHUNKS:-16}; do
   python3 -m mukv.bench --model 0.5b --device cuda --frames 256 --chunk "$c" --new-tokens 16 \
-    --methods ${BENCH_METHODS:-full,sliding_window,rekv,mukv,mukv+share_prefixes=false} --profile "$W/prof$c" \
+    --methods ${BENCH_METHODS:-full,sliding_window,rekv,mukv mukv cache.share_prefixes=false} --profile "$W/prof$c" \
     --out "$O/bench$c.json"
 done
 python3 -m mukv.bench --growth --model 0.5b --device cuda --frames 480 --chunk 16 --answer-every 160 \
-  --methods ${GROWTH_METHODS:-rekv,mukv,mukv+share_prefixes=false} --out "$W/growth"
+  --methods ${GROWTH_METHODS:-rekv,mukv mukv cache.share_prefixes=false} --out "$W/growth"
 } 2>&1 | grep -v "it/s]" | tee "$O/log.txt"
 tar czf "$O/details.tgz" -C "$W" .

@@ -33,23 +33,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import mukv.train as train
+import mukv_nano.forward as forward
 from mukv.data.synthetic import GRID, TRAIN_SEED_BASE
 from mukv.models import attention_hook
 from mukv.models.adapter import DEFAULT_INIT_PROMPT
-from mukv.models.nano import ASSET_DIR, build_word_tokenizer, cell_word_ids, cell_words, load_nano_checkpoint
+from mukv.models.nano import ASSET_DIR, build_word_tokenizer, cell_words, load_nano_checkpoint
 from mukv.models.rope import RotaryTable
-from mukv.train import (
-    VAL_SEED_BASE,
-    AskedCellProbe,
-    QuestionBatch,
-    attention_targets,
-    build_layout,
-    forward_layout,
-    make_example,
-    pixels_of,
-    visual_tokens,
-)
+from mukv_nano.examples import VAL_SEED_BASE, make_example
+from mukv_nano.forward import QuestionBatch, forward_layout, pixels_of, visual_tokens
+from mukv_nano.layouts import build_layout
+from mukv_nano.probes import AskedCellProbe, ParseConfig
+from mukv_nano.recipe import NetConfig
+from mukv_nano.signals import attention_targets
 
 
 def with_cell_words(model, tokenizer):
@@ -72,7 +67,7 @@ class Oracle:
 
     def __init__(self, layer: int, n_layers: int) -> None:
         self.layer, self.n_layers, self.calls, self.rows = layer, n_layers, 0, []
-        self.sdpa = train.grouped_sdpa
+        self.sdpa = forward.grouped_sdpa
 
     def __call__(self, q, k, v, scaling, mask):
         out = self.sdpa(q, k, v, scaling, mask)
@@ -118,11 +113,12 @@ def main() -> None:
     layers = tuple(int(x) for x in args.attend_layers.split(","))
     probe = None
     if args.cell_words:
-        probe = AskedCellProbe(hidden, args.parse_layer, model.get_input_embeddings(), *cell_word_ids(tok))
+        probe = AskedCellProbe(ParseConfig(weight=args.parse_weight, layer=args.parse_layer, attend_layers=[]), model, tok,
+                               NetConfig(cell_words=True))
     oracle = None
     if args.oracle_layer is not None:
         oracle = Oracle(args.oracle_layer, model.config.text_config.num_hidden_layers)
-        train.grouped_sdpa = oracle  # the training forward's attention calls go through it
+        forward.grouped_sdpa = oracle  # the training forward's attention calls go through it
     params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
     opt = torch.optim.AdamW(params, lr=args.lr)
 
@@ -142,7 +138,7 @@ def main() -> None:
         if args.attend_weight > 0:
             loss = loss + args.attend_weight * targets.loss()
         if probe is not None:
-            loss = loss + args.parse_weight * probe.loss(tuple(hid), examples, qb, n_init + vis.shape[1])
+            loss = loss + args.parse_weight * probe.probe_loss(tuple(hid), examples, qb, n_init + vis.shape[1])
             rows, cols, cells = probe.read(tuple(hid), examples, qb, n_init + vis.shape[1])
             rec["parse_acc"] = float(((rows.argmax(-1) == cells // GRID) & (cols.argmax(-1) == cells % GRID))
                                      .float().mean())

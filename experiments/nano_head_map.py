@@ -1,13 +1,13 @@
 """Which heads of a nano checkpoint do the two attention patterns inside the encoding that training supervises:
-each ball token of a motion run looking at the ball of the frame before (``train.motion_attend_layers``), and
-each needle token looking at the needles before it (``train.order_attend_layers``).
+each ball token of a motion run looking at the ball of the frame before (``signals.motion.attend_layers``), and
+each needle token looking at the needles before it (``signals.order.attend_layers``).
 
     python experiments/nano_head_map.py                                  # the shipped checkpoint
-    python experiments/nano_head_map.py --model-path outputs/train/runs/<run>/nano/best
+    python experiments/nano_head_map.py --model-path outputs/train_nano/<time>/nano/best
 
 Held-out streams (evaluation seeds 30,000 on, never trained on), all frames at contiguous positions (``full``).
 Prints, per pattern, a layer x head table of the mean attention from those rows to their keys. Heads that
-serve both a pattern and ``train.count_head`` share their value space with the counting signal
+serve both a pattern and ``signals.count.head`` share their value space with the counting signal
 (BENCHMARKS.md section 1).
 """
 
@@ -19,9 +19,12 @@ import random
 import numpy as np
 import torch
 
-import mukv.train as train
 from mukv.models.loading import load_nano
 from mukv.models.nano import ASSET_DIR
+from mukv_nano.examples import make_example
+from mukv_nano.forward import EncodingTargets, QuestionBatch, forward_layout, pixels_of, visual_tokens
+from mukv_nano.layouts import build_layout
+from mukv_nano.probes import earlier_needle_targets, previous_ball_targets
 
 
 def head_map(model_path: str, streams: int, frames: int) -> dict[str, np.ndarray]:
@@ -30,16 +33,16 @@ def head_map(model_path: str, streams: int, frames: int) -> dict[str, np.ndarray
     model, tokenizer = llm.model, llm.tokenizer
     init_ids = tokenizer(llm.init_prompt, add_special_tokens=False).input_ids
     layers = tuple(range(model.config.text_config.num_hidden_layers))
-    examples = [train.make_example(30_000 + i, frames, 0.5, 4.0, split="eval",
+    examples = [make_example(30_000 + i, frames, 0.5, 4.0, split="eval",
                                    questions=10) for i in range(streams)]
-    patterns = {"ball -> previous ball": train.previous_ball_targets(examples, len(init_ids)),
-                "needle -> earlier needles": train.earlier_needle_targets(examples, len(init_ids))}
-    targets = {name: train.EncodingTargets(layers, *t, head_mass=[]) for name, t in patterns.items()}
-    layout, _ = train.build_layout("full", examples, len(init_ids), frames, random.Random(0))
+    patterns = {"ball -> previous ball": previous_ball_targets(examples, len(init_ids)),
+                "needle -> earlier needles": earlier_needle_targets(examples, len(init_ids))}
+    targets = {name: EncodingTargets(layers, *t, head_mass=[]) for name, t in patterns.items()}
+    layout, _ = build_layout("full", examples, len(init_ids), frames, random.Random(0))
     with torch.no_grad():
-        vis = train.visual_tokens(model, train.pixels_of(np.concatenate([ex.frames for ex in examples])))
-        train.forward_layout(model, llm.rope, init_ids, vis.reshape(len(examples), -1, vis.shape[-1]),
-                             train.QuestionBatch(tokenizer, examples), layout, (), None, list(targets.values()))
+        vis = visual_tokens(model, pixels_of(np.concatenate([ex.frames for ex in examples])))
+        forward_layout(model, llm.rope, init_ids, vis.reshape(len(examples), -1, vis.shape[-1]),
+                             QuestionBatch(tokenizer, examples), layout, (), None, list(targets.values()))
     return {name: torch.stack(t.head_mass).numpy() for name, t in targets.items()}
 
 

@@ -4,9 +4,12 @@
     python experiments/reproduce_table.py --data rvs      # the paper's RVS table (make reproduce-table DATA=rvs)
     python experiments/reproduce_table.py --grid my.yaml --out DIR [hydra overrides for every run ...]
 
-A grid file (``experiments/grids/*.yaml``) names an experiment preset, a model, datasets, and per cache
-method a ``main`` point (published defaults plus knobs) and an optional ``budget`` sweep. Each point becomes
-a generated config ``experiment/grid/<point>.yaml`` (under ``<out>/grid_conf``, added to Hydra's search
+A grid file (``experiments/grids/*.yaml``) names an experiment preset, a model, datasets, the cache methods
+(``methods: all``: the registry, ``mukv.cache.ordered_methods``, so a new method joins the table by existing;
+or a list) and an optional ``budget_frames`` list: each method runs once at its config's defaults (the
+"main" point) and, if it has a budget (``CacheMethod.budget_knobs``), once per budget in frames
+(``budget_frames=``, mapped onto the method's own knobs). Each point becomes a generated config
+``experiment/grid/<point>.yaml`` (under ``<out>/grid_conf``, added to Hydra's search
 path), and the whole grid runs as one ``python -m mukv.run -m dataset=... +experiment/grid=...`` multirun
 whose job folders land in ``<out>/runs/``. Then ``results.csv``, ``results.md`` and the figures
 (``accuracy_vs_online_tokens.png``, ``accuracy_vs_question_age.png``, ``memory_latency_vs_length.png``)
@@ -20,12 +23,11 @@ something is missing the script lists exactly what, and exits with status 2 (no 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +40,18 @@ GRIDS = Path(__file__).resolve().parent / "grids"
 
 @dataclass
 class Point:
-    """One grid point: a cache method and its knob values."""
+    """One grid point: a cache method, and its budget in frames (None: the config's own knobs)."""
 
     name: str
     method: str
     role: str  # main | budget
-    knobs: dict[str, Any] = field(default_factory=dict)
+    budget_frames: int | None = None
 
     def config(self) -> str:
-        """The ``# @package _global_`` YAML that selects the method and sets the knobs."""
+        """The ``# @package _global_`` YAML that selects the method and sets the budget."""
         body: dict[str, Any] = {"defaults": [{"override /cache": self.method}], "tags": [f"grid:{self.role}"]}
-        for key, value in self.knobs.items():
-            node = body
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+        if self.budget_frames is not None:
+            body["budget_frames"] = self.budget_frames
         return "# @package _global_\n" + yaml.safe_dump(body, sort_keys=False)
 
 
@@ -68,36 +66,49 @@ def load_grid(path: Path) -> dict[str, Any]:
     for key in ("experiment", "datasets", "methods"):
         if key not in grid:
             raise GridError(f"{path}: missing key '{key}'")
+    if grid["methods"] != "all" and not isinstance(grid["methods"], list):
+        raise GridError(f"{path}: methods must be 'all' (the registry) or a list of cache methods")
+    budgets = grid.setdefault("budget_frames", [])
+    if not isinstance(budgets, list) or not all(isinstance(b, int) and b > 0 for b in budgets):
+        raise GridError(f"{path}: budget_frames must be a list of positive frame counts, got {budgets!r}")
     grid.setdefault("name", path.stem)
     grid.setdefault("title", grid["name"])
     return grid
 
 
 def available_methods() -> list[str]:
-    """Cache methods that are implemented (registered) and have a config file."""
-    import mukv.cache  # noqa: F401  (registers the methods)
-    from mukv.cache.base import CACHE_METHODS
+    """Cache methods that are implemented (registered) and have a config file, in display order."""
+    from mukv.cache import ordered_methods
 
-    return [m for m in CACHE_METHODS if (CONF / "cache" / f"{m}.yaml").is_file()]
+    return ordered_methods()
+
+
+def grid_methods(grid: dict[str, Any]) -> list[str]:
+    """The methods a grid asks for: ``all`` is every registered method (one without a config file is then
+    reported as not implemented here)."""
+    from mukv.cache import ordered_methods
+
+    return ordered_methods(with_config=False) if grid["methods"] == "all" else [str(m) for m in grid["methods"]]
 
 
 def grid_points(grid: dict[str, Any], methods: list[str]) -> list[Point]:
+    """Per method its main point, then (methods with a budget) one point per ``budget_frames``."""
+    from mukv.cache import budget_knobs
+
     points: list[Point] = []
     for method in methods:
-        spec = grid["methods"].get(method) or {}
-        points.append(Point(f"p{len(points):02d}_{method}_main", method, "main", dict(spec.get("main") or {})))
-        budget = spec.get("budget") or {}
-        keys = list(budget)
-        for values in (itertools.product(*(budget[k] for k in keys)) if keys else []):
-            knobs = {**(spec.get("main") or {}), **dict(zip(keys, values, strict=True))}
-            points.append(Point(f"p{len(points):02d}_{method}_budget", method, "budget", knobs))
+        points.append(Point(f"p{len(points):02d}_{method}_main", method, "main"))
+        for frames in grid["budget_frames"] if budget_knobs(method, 1, 1) else []:
+            points.append(Point(f"p{len(points):02d}_{method}_b{frames}", method, "budget", frames))
     return points
 
 
 # ------------------------------------------------------------------------------------------ preflight
 def weights_problem(model_cfg) -> str | None:
     """Why the model's weights cannot be loaded without a download, or None."""
-    if model_cfg.kind != "pretrained":
+    from mukv.models.loading import model_loader
+
+    if model_loader(model_cfg).kind != "pretrained":
         return None
     path = str(model_cfg.path)
     local = Path(path).expanduser()
@@ -120,12 +131,12 @@ def preflight(grid: dict[str, Any], model: str | None, overrides: list[str], all
     """Everything the grid needs and does not have, one line each (empty when all is there)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
     from mukv.config import register_configs
+    from mukv.data.datasets import dataset_class
     from mukv.errors import MukvError
     from mukv.judge import validate_judge_config
-    from mukv.models.loading import model_geometry
+    from mukv.models.loading import model_loader
     from mukv.train_eval import build_dataset, validate_config
 
     register_configs()
@@ -142,10 +153,11 @@ def preflight(grid: dict[str, Any], model: str | None, overrides: list[str], all
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.output_dir = str(ROOT / "outputs" / ".preflight")
         ds = cfg.dataset
-        if ds.kind == "rvs" and ds.annotation and not Path(ds.annotation).is_file():
+        has_files = dataset_class(ds).has_files  # annotation and video files (RVS)
+        if has_files and ds.annotation and not Path(ds.annotation).is_file():
             problems.append(f"{dataset}: annotation file not found: {ds.annotation} (see data/README.md; or "
                             f"dataset.annotation=/path, paths.data_dir=/path)")
-        elif ds.kind == "rvs":
+        elif has_files:
             try:
                 build_dataset(cfg)  # validates every record and checks that every video file exists
             except MukvError as err:
@@ -158,14 +170,13 @@ def preflight(grid: dict[str, Any], model: str | None, overrides: list[str], all
         if not checked_model:
             checked_model = True
             m = cfg.model
-            if m.kind == "pretrained":
+            if model_loader(m).kind == "pretrained":
                 problem = None if allow_download else weights_problem(m)
                 if problem:
                     problems.append(problem)
             else:
                 try:
-                    dims = OmegaConf.to_container(m.tiny, resolve=True) if m.kind == "tiny" else {}
-                    model_geometry(m.kind, m.path, m.device, m.dtype, **dims)
+                    model_loader(m).geometry(m)
                 except MukvError as err:
                     problems.append(f"model {m.name}: {err}" + ("" if model else " (or pass --model tiny)"))
         if not problems:
@@ -221,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, help="a grid file (instead of --data)")
     parser.add_argument("--out", type=Path, help="output folder (default outputs/reproduce/<time>_<grid>)")
     parser.add_argument("--model", help="conf/model option (default: the grid's, else the config's default)")
-    parser.add_argument("--methods", help="comma-separated cache methods (default: the grid's)")
+    parser.add_argument("--methods", help="comma-separated cache methods (default: the grid's; 'all' is the registry)")
     parser.add_argument("--check", action="store_true", help="only check that the inputs are there")
     parser.add_argument("--allow-download", action="store_true", help="let missing Hub weights download")
     parser.add_argument("--render-only", action="store_true", help="only re-render the tables and figures of --out")
@@ -241,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         print((args.out / "results.md").read_text())
         return 0
     model = args.model or grid.get("model")  # None: the config's default model
-    wanted = args.methods.split(",") if args.methods else list(grid["methods"])
+    if args.methods:
+        grid["methods"] = "all" if args.methods == "all" else args.methods.split(",")
+    wanted = grid_methods(grid)
     have = available_methods()
     missing_methods = [m for m in wanted if m not in have]
     methods = [m for m in wanted if m in have]

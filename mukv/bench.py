@@ -12,6 +12,13 @@ memory is reported per method).
 or ``tiny``) and records, chunk by chunk, the time per frame, the work per frame counted where it is done
 (LLM tokens and attention query-key pairs, :class:`mukv.cache.attention.OpCounter`), stored and device KV
 bytes and RSS, plus answer latency at checkpoints: ``growth.csv``, ``growth.json`` and ``growth.png``.
+
+Methods are built as a run builds them: ``conf/cache/<option>.yaml`` composed with Hydra overrides, then
+``train_eval.apply_budget`` (``budget_frames=``) and ``train_eval.build_method``. The default list is the
+registry's (``mukv.cache.ordered_methods``), so a new method is timed by existing. Window methods get ReKV's
+published 15,000-token window scaled to the model's tokens per frame. Overrides after an option are for that
+option alone (``--methods rekv mukv mukv cache.share_prefixes=false``: three rows); after ``--``, for every
+method.
 """
 
 from __future__ import annotations
@@ -19,23 +26,31 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import shlex
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from mukv.cache.attention import OpCounter
-from mukv.cache.base import CACHE_METHODS, CacheMethod
+from mukv.cache import ordered_methods
+from mukv.cache.base import CacheMethod
+from mukv.cache.instrumentation import OpCounter
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
+from mukv.errors import MukvError
 from mukv.models.adapter import VideoLLM
 from mukv.models.loading import build_tiny, fast_bf16, llava_ov_config, use_stream_attention
 from mukv.models.tokenizer import build_byte_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> VideoLLM:
@@ -144,9 +159,9 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
         if profile_dir is not None:
             pixels = source.frames(frames, frames + chunk)
             visual = llm.encode_frames(pixels)
-            profile_step(lambda: method.ingest(visual, frames), llm.device, profile_dir / f"{method.name}_ingest")
+            profile_step(lambda: method.ingest(visual, frames), llm.device, profile_dir / f"{file_slug(method.name)}_ingest")
             profile_step(lambda: engine.answer("What happened just before the person opened the door?"), llm.device,
-                         profile_dir / f"{method.name}_answer")
+                         profile_dir / f"{file_slug(method.name)}_answer")
     finally:
         llm.eos_token_ids = eos
     per_frame = stats.kv_bytes / frames
@@ -284,28 +299,113 @@ def plot_growth(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def default_method(spec: str, tokens_per_frame: int) -> CacheMethod:
-    """Published budgets for the 0.5B setting, scaled to the model's tokens per frame. ``spec`` is a method
-    name, optionally with knobs: ``mukv+share_prefixes=false+kv_quant=int8`` (rows are labelled by it)."""
-    import yaml
+# ReKV's published encoding window: 15,000 tokens at LLaVA-OV's 196 tokens per frame (76.5 frames). The
+# methods whose answer context is that window (registered names; their conf/cache variants too) get it scaled
+# to the model's tokens per frame; MuKV's n_local (its block_context=shared ablation) keeps its config value.
+PUBLISHED_WINDOW_TOKENS, PUBLISHED_TOKENS_PER_FRAME = 15000, 196
+WINDOW_METHODS = ("sliding_window", "rekv")
 
-    name, *knobs = spec.split("+")
-    if name not in CACHE_METHODS:
-        raise SystemExit(f"--methods: unknown cache method '{name}'; registered: {', '.join(sorted(CACHE_METHODS))}")
-    cls = CACHE_METHODS[name]
-    kwargs: dict[str, Any] = {}
-    if name in ("sliding_window", "rekv"):
-        kwargs["n_local"] = 15000 * tokens_per_frame // 196
-    for knob in knobs:
-        key, sep, value = knob.partition("=")
-        if not sep:
-            raise SystemExit(f"--methods: '{knob}' in '{spec}' is not knob=value")
-        kwargs[key] = yaml.safe_load(value)
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method a benchmark runs: a ``conf/cache`` option and Hydra overrides for it alone. Its label (the
+    row name) is what one would pass to ``python -m mukv.run``: ``mukv cache.share_prefixes=false``."""
+
+    option: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.option, *self.overrides])
+
+    @property
+    def slug(self) -> str:
+        return file_slug(self.label)
+
+
+def file_slug(label: str) -> str:
+    """A method label as a file name: ``mukv cache.kv_quant=int8`` -> ``mukv+kv_quant=int8``."""
+    return re.sub(r"[^A-Za-z0-9_.=+,\[\]-]+", "_", label.replace(" cache.", "+"))
+
+
+def registered_name(cache_cfg: DictConfig) -> str:
+    """The registered method behind a cache config (``conf/cache`` variants such as ``rekv_cosine`` are ReKV)."""
+    from mukv.cache import CACHE_METHODS
+
+    target = str(cache_cfg._target_)
+    for name, cls in CACHE_METHODS.items():
+        if f"{cls.__module__}.{cls.__qualname__}" == target:
+            return name
+    raise SystemExit(f"error: cache._target_ {target} is not a registered cache method")
+
+
+def cache_options() -> list[str]:
+    """Every ``conf/cache`` option (methods and their ablations, ``rekv_cosine`` ...)."""
+    return sorted(p.stem for p in (CONF / "cache").glob("*.yaml"))
+
+
+def parse_method_specs(items: Sequence[str]) -> list[MethodSpec]:
+    """``--methods`` words: ``conf/cache`` options (comma- or space-separated), each optionally followed by Hydra
+    overrides for it alone: ``full,rekv mukv mukv cache.kv_quant=int8`` is full, rekv, mukv and mukv with an
+    int8 store (a word with ``=`` belongs to the option before it; ``"mukv cache.kv_quant=int8"`` quoted as one
+    word is the same). An unknown option raises ``ValueError`` naming the options."""
+    def is_override(word: str) -> bool:  # key=value, +key=value, ~key (not cache=<option>, not old name+knob=value)
+        head = word.split(None, 1)[0].removeprefix("cache=") if word.strip() else ""
+        key = head.partition("=")[0].lstrip("+~")
+        return ("=" in head or head.startswith("~")) and "+" not in key
+
+    specs: list[MethodSpec] = []
+    # an argument that starts with an option may hold its overrides too (one quoted word); an override is whole
+    for word in (w for item in items for w in ([item] if is_override(item) else shlex.split(item))):
+        if is_override(word):  # an override of the option before it
+            if not specs:
+                raise ValueError(f"--methods: '{word}' must follow the cache option it is for")
+            last = specs.pop()
+            specs.append(MethodSpec(last.option, (*last.overrides, word)))
+            continue
+        for option in filter(None, (w.strip().removeprefix("cache=") for w in word.split(","))):
+            if not (CONF / "cache" / f"{option}.yaml").is_file():
+                name, *knobs = option.split("+")
+                hint = (f" (knobs are Hydra overrides after the option: "
+                        f"{' '.join([name, *(f'cache.{k}' for k in knobs)])})" if knobs else "")
+                raise ValueError(f"--methods: unknown cache option '{option}'{hint}; options: {', '.join(cache_options())}")
+            specs.append(MethodSpec(option))
+    return specs
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The config ``python -m mukv.run <overrides>`` would run (Hydra's compose API over ``conf/``); a
+    composition error becomes one line (SystemExit), as ``mukv.run`` prints it."""
+    from hydra import compose, initialize_config_dir
+
+    from mukv.config import register_configs
+    from mukv.run import config_error_line
+
+    register_configs()
     try:
-        method = cls(**kwargs)
-    except TypeError as e:
-        raise SystemExit(f"--methods: {spec}: {e}") from None
-    method.name = spec
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("eval", overrides=list(overrides))
+    except Exception as err:  # Hydra and OmegaConf raise many types; all are one line for the user
+        raise SystemExit(f"error: {' '.join(overrides)}: {config_error_line(err)}") from None
+
+
+def build_bench_method(spec: MethodSpec, tokens_per_frame: int, overrides: Sequence[str] = ()) -> CacheMethod:
+    """The cache method of ``conf/cache/<option>.yaml`` plus overrides, built as a run builds it
+    (``train_eval.apply_budget`` for ``budget_frames=``, then ``train_eval.build_method``). The window of
+    ``WINDOW_METHODS`` is ReKV's published 15,000 tokens scaled to the model's tokens per frame, unless an
+    override sets it."""
+    from mukv.train_eval import apply_budget, build_method
+
+    window = []
+    if registered_name(compose_config([f"cache={spec.option}"]).cache) in WINDOW_METHODS:
+        window = [f"cache.n_local={PUBLISHED_WINDOW_TOKENS * tokens_per_frame // PUBLISHED_TOKENS_PER_FRAME}"]
+    cfg = compose_config([f"cache={spec.option}", *window, *spec.overrides, *overrides])
+    try:
+        apply_budget(cfg, tokens_per_frame)
+        method = build_method(cfg.cache)
+    except (MukvError, TypeError) as err:
+        raise SystemExit(f"error: --methods {spec.label}: {err}") from None
+    method.name = spec.label
     return method
 
 
@@ -315,8 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bf16 where it runs natively (GPU, AVX512-BF16/AMX CPU), else fp32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings synchronise the device)")
-    parser.add_argument("--methods", default="full,sliding_window,rekv,mukv",
-                        help="comma-separated; knobs with '+': rekv,mukv,mukv+share_prefixes=false")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="conf/cache options, comma- or space-separated (default: every method of the registry), "
+                             "each followed by Hydra overrides for it alone: full,rekv mukv mukv cache.kv_quant=int8")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -328,7 +429,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="a folder: after each method's stream, profile one more chunk and one answer there")
     parser.add_argument("--llm-only", action="store_true",
                         help="--growth: random visual tokens instead of the vision tower (LLM-side curves)")
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides for every method (after --), e.g. budget_frames=16 or cache.kv_quant=int8")
     args = parser.parse_args(argv)
+    try:
+        specs = parse_method_specs(args.methods or ordered_methods())
+    except ValueError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype == "auto":
@@ -343,10 +450,17 @@ def main(argv: list[str] | None = None) -> None:
         llm = build_tiny(0, torch.device(args.device), dtype)
     else:
         llm = random_llava_ov(args.model, dtype, args.device)
+    tpf = llm.geometry.tokens_per_frame
+    methods = [build_bench_method(spec, tpf, args.overrides) for spec in specs]  # every config error before timing
+    for method in methods:
+        try:
+            method.validate(llm.geometry)
+        except MukvError as err:
+            parser.error(f"--methods {method.name}: {err}")
     if llm.device.type == "cuda":  # untimed: the first CUDA calls pay for kernel selection and allocator growth
-        bench_method(llm, default_method("full", llm.geometry.tokens_per_frame), args.chunk, args.chunk, 2)
+        bench_method(llm, build_bench_method(MethodSpec("full"), tpf), args.chunk, args.chunk, 2)
     if args.growth:
-        return run_growth(llm, args)
+        return run_growth(llm, methods, args)
     peak = matmul_gflops(dtype, n=8192 if llm.device.type == "cuda" else 2048, device=args.device)  # a GPU needs big tiles
     flops = frame_flops(llm)
     plain = plain_prefill_s_per_frame(llm, args.chunk)
@@ -354,9 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plain causal prefill of a {args.chunk}-frame chunk: {plain:.4g} s/frame, "
           f"{plain_roofline:.3f} of the matmul roofline", flush=True)
     rows = []
-    for name in [m for m in args.methods.split(",") if m]:
-        row = bench_method(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
-                           args.new_tokens, Path(args.profile) if args.profile else None)
+    for method in methods:
+        row = bench_method(llm, method, args.frames, args.chunk, args.new_tokens,
+                           Path(args.profile) if args.profile else None)
         row["vision_roofline"] = flops["vision"] / row["vision_s_per_frame"] / 1e9 / peak
         row["llm_roofline"] = flops["llm"] / row["llm_s_per_frame"] / 1e9 / peak
         rows.append(row)
@@ -382,18 +496,17 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def run_growth(llm: VideoLLM, args) -> None:
+def run_growth(llm: VideoLLM, methods: list[CacheMethod], args) -> None:
     import pandas as pd
 
     out = Path(args.out or f"outputs/bench/growth_{llm.name}_{datetime.now():%Y%m%d_%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for name in [m for m in args.methods.split(",") if m]:
+    for method in methods:
         started = time.perf_counter()
-        rows += growth_curve(llm, default_method(name, llm.geometry.tokens_per_frame), args.frames, args.chunk,
-                             args.answer_every, vision=not args.llm_only)
+        rows += growth_curve(llm, method, args.frames, args.chunk, args.answer_every, vision=not args.llm_only)
         pd.DataFrame(rows).to_csv(out / "growth.csv", index=False)  # kept as it goes: nothing lost if killed
-        print(f"{name}: {args.frames} frames in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"{method.name}: {args.frames} frames in {time.perf_counter() - started:.0f} s", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
             platform.machine(), "threads": torch.get_num_threads(), "model": llm.name, "dtype": args.dtype,
             "device": _device_name(llm.device), "frames": args.frames, "chunk": args.chunk, "vision": not args.llm_only}

@@ -8,6 +8,7 @@ method dataclasses (``<name>_schema``), so a method's knobs are declared once, i
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from mukv.video.preprocess import FrameResize
 
 @dataclass
 class TinyDims:
-    """Dimensions of a model built from config (model.kind=tiny)."""
+    """Dimensions of a model built from config (model=tiny)."""
 
     image_size: int = 112
     text_layers: int = 2
@@ -32,16 +33,50 @@ class TinyDims:
     vision_layers: int = 2
 
 
+class ModelDtype(str, enum.Enum):
+    """model.dtype (mukv.models.loading.resolve_dtype)."""
+
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    auto_float16 = "auto_float16"  # fp16 on CUDA (as the published releases load LLaVA-OV), fp32 on CPU
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class AttnImplementation(str, enum.Enum):
+    """model.attn_implementation: the vision tower's and plain forwards' kernel."""
+
+    auto = "auto"  # flash_attention_2 if installed and on CUDA, else sdpa
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class QuestionTimes(str, enum.Enum):
+    spread = "spread"  # random in the last 90% of the stream
+    end = "end"  # every question at the end
+
+
+class QuestionType(str, enum.Enum):
+    """The synthetic benchmark's question types (mukv/data/synthetic.py)."""
+
+    detail = "detail"
+    count = "count"
+    current = "current"
+    order = "order"
+    motion = "motion"
+
+
 @dataclass
 class ModelConfig:
+    # the loader (mukv/models/loading.py): TinyModel (built here, random weights) | NanoModel (the trained
+    # checkpoint shipped in mukv/assets/nano, or a nano folder given as path) | PretrainedModel (Hub id or folder)
+    _target_: str = MISSING
     name: str = "tiny"
-    # tiny (built here, random weights) | nano (the trained checkpoint shipped in mukv/assets/nano, or a nano
-    # folder given as path) | pretrained (Hub id or local folder)
-    kind: str = "tiny"
     path: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | auto_float16 (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed and on CUDA, else sdpa) | sdpa | eager
+    dtype: ModelDtype = ModelDtype.auto  # auto (bf16 on CUDA, fp32 on CPU) | auto_float16 (fp16 on CUDA) | float32 | ...
+    attn_implementation: AttnImplementation = AttnImplementation.auto  # auto (flash_attention_2 if installed, on CUDA)
     seed: int = 0
     # Frames not at the vision size: pil_uint8 (the checkpoint processor's PIL bicubic on uint8, uint8 out, then
     # rescale and normalise) | torch_float (torch bicubic + antialias in float, no rounding). An enum: a bad
@@ -58,44 +93,94 @@ class SyntheticConfig:
     frame_size: int = 112
     seed: int = 0
     needle_depth: Optional[float] = None  # detail needles at this fraction of the frames shown (null: random)
-    question_times: str = "spread"  # spread (random in the last 90%) | end (every question at the end)
-    question_types: list[str] = field(default_factory=lambda: ["detail", "count", "current", "order", "motion"])
+    question_times: QuestionTimes = QuestionTimes.spread  # spread (random in the last 90%) | end (all at the end)
+    question_types: list[QuestionType] = field(default_factory=lambda: list(QuestionType))
     noise: int = 6  # per-pixel noise amplitude
+
+
+class PastEnd(str, enum.Enum):
+    """dataset.past_end: what a question asked past its video file's real length gets."""
+
+    fail = "fail"  # recorded as failed, not answered
+    answer = "answer"  # answered from the frames that exist, flagged in meta.past_end_s
 
 
 @dataclass
 class DatasetConfig:
+    """What every dataset has; ``_target_`` (mukv/data/datasets.py) loads and checks the videos."""
+
+    _target_: str = MISSING
     name: str = MISSING
-    kind: str = MISSING  # rvs | synthetic
     sample_fps: float = 0.5
-    annotation: Optional[str] = None  # rvs: the annotation JSON
-    data_root: Optional[str] = None  # rvs: where '/data/rvs/...' video paths are resolved
-    video_path_prefix: str = "/data/rvs"
     limit_videos: Optional[int] = None
     limit_questions: Optional[int] = None  # per video, the first N by end_time
     video_ids: list[str] = field(default_factory=list)
-    check_videos: bool = True  # rvs: fail before the model loads if video files are missing
-    # rvs: video paths must resolve ('..' and symlinks followed) inside data_root; true reads them anywhere
-    allow_outside_root: bool = False
     # a question whose end_time is past the video file's real length: fail (recorded as failed, not answered)
     # | answer (answered from the frames that exist, flagged in meta.past_end_s); counted in metrics.json
-    past_end: str = "fail"
+    past_end: PastEnd = PastEnd.fail
     max_minutes: Optional[float] = None  # truncate streams: drop questions whose end_time is after N minutes
     num_shards: int = 1  # split the videos over jobs: this job runs videos[shard_index::num_shards]
     shard_index: int = 0
     # Question-age buckets for metrics (seconds since the answer's evidence; edges, the last bucket open).
     age_buckets_s: list[float] = field(default_factory=lambda: [0.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
                                                                 1800.0, 2700.0, 3600.0])
+
+
+@dataclass
+class RVSDatasetConfig(DatasetConfig):
+    """An RVS annotation file and its videos (mukv.data.datasets.RVSDataset)."""
+
+    _target_: str = "mukv.data.datasets.RVSDataset"
+    annotation: str = MISSING  # the annotation JSON
+    data_root: Optional[str] = None  # where '/data/rvs/...' video paths are resolved
+    video_path_prefix: str = "/data/rvs"
+    check_videos: bool = True  # fail before the model loads if video files are missing
+    # video paths must resolve ('..' and symlinks followed) inside data_root; true reads them anywhere
+    allow_outside_root: bool = False
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    """Procedural streams made on the fly (mukv.data.datasets.SyntheticDataset)."""
+
+    _target_: str = "mukv.data.datasets.SyntheticDataset"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class JudgeConfig:
-    name: str = "exact"  # exact | openai | hf | none
+    """What every judge has; ``_target_`` (a ``mukv.judge`` class) checks the options and builds it; null: no
+    judging (judge=none)."""
+
+    _target_: Optional[str] = None
+    name: str = "none"
+
+
+@dataclass
+class ExactJudgeConfig(JudgeConfig):
+    _target_: Optional[str] = "mukv.judge.exact.ExactMatchJudge"
+    name: str = "exact"
+
+
+@dataclass
+class LLMJudgeConfig(JudgeConfig):
+    """Options shared by the LLM judges (the pinned prompt and parser, the judgment cache)."""
+
     model: Optional[str] = None  # openai: the model name at the endpoint; hf: a Hub id or local folder
     prompt_version: str = "v1"  # the pinned prompt (mukv/judge/prompt.py); part of the cache key
     max_tokens: int = 64  # reply length limit
-    # openai (any OpenAI-compatible chat endpoint)
+    max_consecutive_failures: Optional[int] = 10  # stop calling after N failed requests in a row (null: never)
+    # judgment cache: sqlite keyed by question, reference, prediction, judge model, prompt version
+    cache: bool = True
+    cache_path: Optional[str] = None
+
+
+@dataclass
+class OpenAIJudgeConfig(LLMJudgeConfig):
+    """Any OpenAI-compatible chat endpoint (mukv.judge.openai.OpenAIJudge)."""
+
+    _target_: Optional[str] = "mukv.judge.openai.OpenAIJudge"
+    name: str = "openai"
     base_url: str = "https://api.openai.com/v1"
     api_key_env: Optional[str] = "OPENAI_API_KEY"  # the environment variable holding the key; null: no key
     temperature: float = 0.0
@@ -103,21 +188,58 @@ class JudgeConfig:
     max_retries: int = 5  # retries after the first attempt, exponential backoff
     backoff_s: float = 1.0  # first retry delay; doubles each retry
     backoff_max_s: float = 60.0
-    max_consecutive_failures: Optional[int] = 10  # stop calling after N failed requests in a row (null: never)
-    # hf (a local transformers causal LM)
+
+
+@dataclass
+class HFJudgeConfig(LLMJudgeConfig):
+    """A local transformers causal LM (mukv.judge.hf.HFJudge)."""
+
+    _target_: Optional[str] = "mukv.judge.hf.HFJudge"
+    name: str = "hf"
     device: str = "auto"
     dtype: str = "auto"
-    # judgment cache (LLM judges): sqlite keyed by question, reference, prediction, judge model, prompt version
-    cache: bool = True
-    cache_path: Optional[str] = None
+
+
+class LoggerName(str, enum.Enum):
+    none = "none"  # local files only
+    wandb = "wandb"
+
+
+class WandbMode(str, enum.Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class AnswerText(str, enum.Enum):
+    """engine.answer_text: the answer text the judge sees (mukv.engine.answer_text)."""
+
+    auto = "auto"  # as the published code of the method run
+    keep_newlines = "keep_newlines"
+    remove_newlines = "remove_newlines"
+    spaces = "spaces"  # newlines -> spaces, stripped (not published)
+
+
+# The judge group's schemas by name (conf/judge/<option>.yaml extends <name>_schema).
+JUDGE_SCHEMAS: dict[str, type[JudgeConfig]] = {"none": JudgeConfig, "exact": ExactJudgeConfig,
+                                               "openai": OpenAIJudgeConfig, "hf": HFJudgeConfig}
+
+
+def judge_schema_of(node: dict[str, Any]) -> type[JudgeConfig]:
+    """The schema of a judge config: named in its defaults list (a conf/judge file) or by its ``_target_``."""
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, str) and entry.endswith("_schema") and entry[: -len("_schema")] in JUDGE_SCHEMAS:
+            return JUDGE_SCHEMAS[entry[: -len("_schema")]]
+    target = node.get("_target_")
+    return next((s for s in JUDGE_SCHEMAS.values() if s._target_ == target), JudgeConfig)
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none (local files only) | wandb
+    name: LoggerName = LoggerName.none
     project: str = "mukv"
     entity: Optional[str] = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     group: Optional[str] = None  # defaults to task_name (the experiment)
     job_type: Optional[str] = None  # defaults to the mode (eval)
     tags: list[str] = field(default_factory=list)  # method, dataset, model and sweep tags are added
@@ -130,74 +252,7 @@ class EngineConfig:
     encode_chunk_size: int = 64
     max_new_tokens: int = 256
     progress: bool = True
-    answer_text: str = "auto"  # auto (the published code of the method run) | keep_newlines | remove_newlines | spaces
-
-
-@dataclass
-class TrainConfig:
-    """mode=train (model=nano dataset=synthetic): the nano training recipe, see mukv/train.py."""
-
-    steps: int = 20000  # planned steps; the schedule ends at whichever of steps / max_minutes comes first
-    max_minutes: float = 55.0
-    batch_size: int = 16
-    lr: float = 1.5e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.03
-    grad_clip: float = 1.0
-    min_frames: int = 2
-    max_frames: int = 32
-    sample_fps: float = 0.5
-    save_every_s: float = 300.0
-    val_videos: int = 48
-    seed: int = 0
-    threads: int = 0  # 0: torch's default
-    questions_per_stream: int = 12  # questions per training stream (cycling types; 0: one per type)
-    bf16: Optional[bool] = None  # bf16 autocast in the training forward (fp32 weights); null: where the CPU has native bf16
-    # curriculum (fractions of the schedule; see mukv/train.py TrainSettings)
-    short_phase: float = 0.1
-    ramp_end: float = 0.45
-    full_only_until: float = 0.12
-    empty_until: float = 0.05
-    detail_only_until: float = 0.15
-    all_types_from: float = 0.3
-    aux_weight: float = 0.5
-    probe_cells: bool = True  # the aux probe also predicts each visual token's cell (see mukv/train.py CellProbe)
-    probe_words: bool = True  # the aux probe scores classes against the answer words' embeddings (CellProbe)
-    attend_weight: float = 1.0  # attention supervision on the evidence tokens (mukv/train.py AttentionTargets)
-    attend_layers: list[int] = field(default_factory=lambda: [2, 3])
-    attend_head: str = "mean"  # which heads attend_weight supervises: best (any one), mean (all), or an index ("0")
-    attend_types: list[str] = field(default_factory=lambda: ["current"])  # supervised types
-    attend_until: float = 0.5  # attend_weight applies until this fraction of the schedule
-    count_weight: float = 1.0  # a head spreads its attention over the rings + a sink at "count" answers (CountTargets)
-    count_layer: int = 1
-    count_head: int = 3
-    count_probe_weight: float = 1.0  # counting readout at "count" answers, through the digit words (mukv/train.py CountProbe)
-    count_probe_layer: int = 2
-    count_probe_until: float = 0.5  # count_probe_weight applies until this fraction of the schedule
-    cell_words: bool = True  # "row r" / "column c" are single tokens (mukv/models/nano.py build_word_tokenizer)
-    parse_weight: float = 1.0  # probe of the asked cell at "current" answers (mukv/train.py AskedCellProbe)
-    parse_layer: int = 2
-    parse_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # the answer attends to the cell words
-    motion_weight: float = 0.5  # direction probe on the ball tokens' hidden state (mukv/train.py MotionProbe)
-    motion_layer: int = 2
-    motion_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # ball tokens attend to the previous ball
-    motion_attend_heads: list[int] = field(default_factory=list)  # ... in these heads only ([]: any head)
-    motion_words: bool = True  # the direction probe scores against the direction words' embeddings (MotionProbe)
-    order_weight: float = 1.0  # at each needle token, which needles came before (mukv/train.py OrderProbe)
-    order_layer: int = 2
-    order_attend_layers: list[int] = field(default_factory=lambda: [0, 1])  # needle tokens attend to earlier needles
-    order_attend_heads: list[int] = field(default_factory=list)  # ... in these heads only ([]: any head)
-    order_until: float = 0.5  # order_weight applies until this fraction of the schedule
-    separate_weight: float = 1.0  # keeps each answer set's word embeddings apart (mukv/train.py answer_word_separation)
-    separate_margin: float = 0.2
-    detail_share: float = 0.1
-    mid_frames: int = 16
-    long_share: float = 0.3
-    subset_share: float = 0.25  # share of streams that carry a random subset of the question types (stream_types)
-    text_heads: Optional[int] = None  # the language model's query heads (null: the nano default; from scratch only)
-    text_kv_heads: Optional[int] = None  # ... and key-value heads
-    init_from: Optional[str] = None  # continue from a nano checkpoint folder (a second stage)
-    publish: bool = False  # copy the best checkpoint over mukv/assets/nano (the shipped one)
+    answer_text: AnswerText = AnswerText.auto  # auto (the published code of the method run) | keep_newlines | ...
 
 
 @dataclass
@@ -210,19 +265,19 @@ class PathsConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: Any = MISSING  # a DatasetConfig subclass (dataset group)
     cache: Any = MISSING
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    judge: Any = MISSING  # a JudgeConfig subclass (judge group)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mode: str = "eval"  # eval | train
     # true: continue a run folder whose answers were made under the same fingerprint (mukv/resume.py) | false: move
     # them aside, start over | force: continue even though the fingerprint changed (said in the log)
     resume: Any = True
     task_name: str = "eval"
-    seed: int = 0
+    # A context budget in frames for any cache method: its knobs come from the method's ``budget_knobs`` (the
+    # registry, mukv/cache/base.py) and replace the config's; null: the cache config's own knobs
+    budget_frames: Optional[int] = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -295,7 +350,7 @@ def _config_groups_help() -> str:
         return ""
     lines = []
     for group in sorted(hydra_app.list_all_config_groups()):
-        if group == "hydra" or group.startswith("hydra/"):
+        if group == "hydra" or group.startswith("hydra/") or group == "nano_recipe":  # nano_recipe: the training root's
             continue
         options = public_options(hydra_app.config_loader.get_group_options(group))
         if options:
@@ -319,11 +374,17 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("mukv_output_dir", _output_dir)
     if not OmegaConf.has_resolver("mukv_config_groups"):
         OmegaConf.register_new_resolver("mukv_config_groups", _config_groups_help)
+    if not OmegaConf.has_resolver("mukv_methods"):  # the registry in sweep presets: cache: ${mukv_methods:}
+        from mukv.sweeps import method_list
+
+        OmegaConf.register_new_resolver("mukv_methods", method_list)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    cs.store(group="judge", name="judge_schema", node=JudgeConfig)
+    cs.store(group="dataset", name="rvs_schema", node=RVSDatasetConfig)
+    cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
+    for name, schema in JUDGE_SCHEMAS.items():
+        cs.store(group="judge", name=f"{name}_schema", node=schema)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="engine", name="engine_schema", node=EngineConfig)
     cs.store(group="paths", name="paths_schema", node=PathsConfig)

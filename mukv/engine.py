@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mukv.cache.base import CacheMethod, decode_attention
+from mukv.cache.attention import ContextKV
+from mukv.cache.base import AnswerContext, CacheMethod
 from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
 from mukv.errors import MukvError
 from mukv.models.adapter import VideoLLM
+from mukv.report.evidence import evidence_recalled
 
 ANSWER_TEXTS = ("auto", "keep_newlines", "remove_newlines", "spaces")
 
@@ -38,6 +40,17 @@ def answer_text(llm: VideoLLM, tokens: list[int], style: str) -> str:
     if style == "keep_newlines":
         return text
     raise ValueError(f"unknown answer text '{style}'; choose one of {', '.join(ANSWER_TEXTS)}")
+
+
+def decode_attention(context: AnswerContext, llm: VideoLLM, reserve: int) -> Callable:
+    """The attention callable the engine decodes with: each layer appends the prompt and the answer's tokens
+    to its ``ContextKV`` (``reserve`` tokens of room allocated up front)."""
+    layers = [ContextKV(k, v, context.next_position, reserve) for k, v in zip(context.keys, context.values, strict=True)]
+
+    def attend(idx: int, q, k, v, scaling):
+        return layers[idx].attend_and_append(q, k, v, scaling, llm.rope)
+
+    return attend
 
 
 @dataclass
@@ -83,9 +96,8 @@ class AnswerRecord:
     new_tokens: int
     error: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
-    # share of the question's evidence (``meta['evidence_cells']``) in the recalled context; None where the
-    # question names none or the method does not report what it recalled (``info['recalled_tokens']`` or
-    # ``info['recalled_frames']``)
+    # share of the question's evidence in the recalled context (mukv.report.evidence, from the context's
+    # ``Recalled``); None where the question names none or the method does not report what it recalled
     evidence_recalled: float | None = None
 
     def row(self) -> dict[str, Any]:
@@ -93,24 +105,6 @@ class AnswerRecord:
         d = asdict(self)
         d["meta"] = json.dumps(d["meta"], sort_keys=True, default=str)
         return d
-
-
-def evidence_recalled(meta: dict[str, Any], recalled: Collection[int] | None, tokens_per_frame: int,
-                      frames: Collection[int] | None = None) -> float | None:
-    """Share of ``meta['evidence_cells']`` ([frame, cell] on a ``meta['grid']`` raster) in the recalled context.
-    Methods that recall whole frames report ``frames``; methods that keep single tokens report the ``recalled``
-    video tokens (a ``range`` for a window), counted token by token when the model has one visual token per
-    grid cell, else frame by frame."""
-    cells = meta.get("evidence_cells")
-    if not cells or (recalled is None and frames is None):
-        return None
-    if frames is None:
-        have = recalled if isinstance(recalled, (range, set, frozenset)) else set(recalled)
-        if tokens_per_frame == meta.get("grid", 0) ** 2:
-            return sum(f * tokens_per_frame + c in have for f, c in cells) / len(cells)
-        return sum(any(f * tokens_per_frame + j in have for j in range(tokens_per_frame)) for f, _ in cells) / len(cells)
-    have_frames = frames if isinstance(frames, (range, set, frozenset)) else set(frames)
-    return sum(f in have_frames for f, _ in cells) / len(cells)
 
 
 @dataclass
@@ -153,7 +147,7 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------------------------ answering
     @torch.inference_mode()
-    def answer(self, question: str) -> tuple[Answer, Any, float]:
+    def answer(self, question: str) -> tuple[Answer, AnswerContext, float]:
         """Recall a context for ``question`` and decode greedily; returns (answer, context, recall_s)."""
         t0 = time.perf_counter()
         context = self.method.recall(question)
@@ -259,6 +253,6 @@ class StreamingEngine:
             kv_bytes=stats.kv_bytes, encode_s=encode_s, recall_s=recall_s, ttft_s=recall_s + answer.prefill_s,
             latency_s=recall_s + answer.prefill_s + answer.decode_s, new_tokens=len(answer.token_ids),
             meta=dict(q.meta),
-            evidence_recalled=evidence_recalled(q.meta, context.info.get("recalled_tokens"),
-                                                self.llm.geometry.tokens_per_frame, context.info.get("recalled_frames")),
+            evidence_recalled=evidence_recalled(q.meta, context.recalled.tokens, self.llm.geometry.tokens_per_frame,
+                                                context.recalled.frames),
         )

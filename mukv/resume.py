@@ -287,6 +287,13 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
     tree.pop(last, None)
 
 
+def _model_kind(cfg: Any) -> str | None:
+    """tiny | nano | pretrained: the label of the loader ``model._target_`` names."""
+    from mukv.models.loading import model_loader
+
+    return model_loader(cfg.model).kind if "model" in cfg else None
+
+
 def fingerprint(cfg: Any) -> dict[str, Any]:
     """The fingerprint of a composed run config (see the module docstring)."""
     from omegaconf import OmegaConf
@@ -296,12 +303,12 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
         _drop(config, key)
     ds = config.get("dataset", {})
     annotation = None
-    if ds.get("kind") == "rvs" and ds.get("annotation"):
+    if ds.get("annotation"):
         ann = Path(ds["annotation"])
         annotation = {"path": str(ann), "sha256": file_digest(ann) if ann.is_file() else None}
     model = config.get("model", {})
     return {"config": config, "annotation": annotation,
-            "checkpoint": checkpoint_fingerprint(model.get("kind"), model.get("path")),
+            "checkpoint": checkpoint_fingerprint(_model_kind(cfg), model.get("path")),
             "code": code_digests(), "versions": library_versions(), "git_commit": git_commit(),
             "written": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -69,8 +69,11 @@ def config_error_line(ex: BaseException) -> str:
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(cause):
             return unknown_key_message(str(cause.full_key), getattr(cause, "object_type", None))
         return f"config field '{cause.full_key}': {_first_line(getattr(cause, 'msg', cause))}"
-    parts = [_first_line(ex)] + ([_first_line(ex.__cause__)] if ex.__cause__ is not None else [])
-    return ": ".join(p for p in parts if p)
+    lines = [line.strip() for line in str(ex).splitlines() if line.strip()]
+    parts = lines[:2] if lines and lines[0].endswith(":") else lines[:1]  # "In 'x': ... composing config:" + why
+    if ex.__cause__ is not None and _first_line(ex.__cause__) not in parts:
+        parts.append(_first_line(ex.__cause__))
+    return " ".join(p for p in parts if p)
 
 
 def _raised_in_job(ex: BaseException) -> bool:

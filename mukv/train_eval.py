@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mukv.cache.base import CacheMethod
+from mukv.components import component_class
+from mukv.data.datasets import dataset_class
 from mukv.data.types import VideoSample
-from mukv.engine import ANSWER_TEXTS, AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
+from mukv.engine import AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
 from mukv.errors import ConfigError, MukvError
 from mukv.inputs import check_inputs, screen_past_end
 from mukv.judge import build_judge, validate_judge_config
-from mukv.models.loading import resolve_dtype
+from mukv.models.loading import model_loader
 from mukv.report.metrics import summarize, wilson_interval
 from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, RowJournal, journal_path, write_json_atomic
 from mukv.resume import (
@@ -66,29 +66,12 @@ def _positive(value: float | int | None, name: str, allow_none: bool = False) ->
 
 def validate_config(cfg: DictConfig) -> None:
     """Checks that need no model and no data; raises ``ConfigError`` naming the field."""
-    if cfg.mode not in ("eval", "train"):
-        raise ConfigError("mode", f"unknown mode '{cfg.mode}'; choose eval or train")
     if not (cfg.resume is True or cfg.resume is False or cfg.resume == "force"):
         raise ConfigError("resume", f"must be true, false or force, got {cfg.resume!r}")
-    if cfg.mode == "train":
-        if cfg.model.kind != "nano":
-            raise ConfigError("model.kind", f"mode=train trains the nano model (model=nano), got '{cfg.model.kind}'")
-        if cfg.dataset.kind != "synthetic":
-            raise ConfigError("dataset.kind", "mode=train trains on the synthetic benchmark (dataset=synthetic)")
-        for key in ("steps", "max_minutes", "batch_size", "lr", "max_frames", "sample_fps"):
-            _positive(cfg.train[key], f"train.{key}")
-        if cfg.train.min_frames < 2 or cfg.train.min_frames > cfg.train.max_frames:
-            raise ConfigError("train.min_frames", "must be in [2, train.max_frames]")
-        from mukv.train import TrainSettings
-
-        TrainSettings(**train_settings(cfg))  # its own checks (attention heads and types, the asked-cell probe)
-        return
-    resolve_dtype(cfg.model.dtype, torch.device("cpu"))  # names model.dtype if it is not one of the choices
+    if cfg.budget_frames is not None:
+        _positive(cfg.budget_frames, "budget_frames")
     _positive(cfg.engine.encode_chunk_size, "engine.encode_chunk_size")
     _positive(cfg.engine.max_new_tokens, "engine.max_new_tokens")
-    if cfg.engine.answer_text not in ANSWER_TEXTS:
-        raise ConfigError("engine.answer_text", f"unknown value '{cfg.engine.answer_text}'; choose one of "
-                                                f"{', '.join(ANSWER_TEXTS)}")
     ds = cfg.dataset
     _positive(ds.sample_fps, "dataset.sample_fps")
     _positive(ds.limit_videos, "dataset.limit_videos", allow_none=True)
@@ -102,22 +85,8 @@ def validate_config(cfg: DictConfig) -> None:
     edges = list(ds.age_buckets_s)
     if any(not math.isfinite(e) for e in edges) or edges != sorted(set(edges)):
         raise ConfigError("dataset.age_buckets_s", f"must be strictly increasing finite edges, got {edges}")
-    if ds.kind not in ("rvs", "synthetic"):
-        raise ConfigError("dataset.kind", f"unknown kind '{ds.kind}'; choose rvs or synthetic")
-    if ds.kind == "rvs":
-        if not ds.annotation:
-            raise ConfigError("dataset.annotation", "an RVS annotation JSON file is required")
-        if not Path(ds.annotation).is_file():
-            raise ConfigError("dataset.annotation", f"file not found: {ds.annotation} (see data/README.md)")
-    else:
-        syn = ds.synthetic
-        for key in ("num_videos", "duration_s", "questions_per_video", "frame_size"):
-            _positive(syn[key], f"dataset.synthetic.{key}")
-        synthetic_spec(ds)  # every other field, named as dataset.synthetic.<field>
-    if cfg.logger.name not in ("none", "wandb"):
-        raise ConfigError("logger.name", f"unknown logger '{cfg.logger.name}'; choose none or wandb")
-    if cfg.logger.mode not in ("offline", "online", "disabled"):
-        raise ConfigError("logger.mode", f"unknown mode '{cfg.logger.mode}'; choose offline, online or disabled")
+    dataset_class(ds).check_config(ds)
+    model_loader(cfg.model)  # names model._target_ if it is not a loader
     validate_judge_config(cfg.judge)
     check_inputs(cfg)  # bounds that would otherwise crash or hang after the model loads (mukv/inputs.py)
 
@@ -125,55 +94,37 @@ def validate_config(cfg: DictConfig) -> None:
 def build_method(cache_cfg: DictConfig) -> CacheMethod:
     """Instantiate the cache method dataclass named by ``_target_`` with the config's knobs."""
     knobs = OmegaConf.to_container(cache_cfg, resolve=True)
-    target = knobs.pop("_target_")
-    try:
-        cls = get_class(target)
-    except Exception as err:  # hydra raises a generic error for a bad import path
-        raise ConfigError("cache._target_", f"cannot import '{target}': {err}") from err
-    return cls(**knobs)
+    knobs.pop("_target_")
+    return component_class(cache_cfg, "cache")(**knobs)
+
+
+def apply_budget(cfg: DictConfig, tokens_per_frame: int) -> dict[str, Any]:
+    """``budget_frames=N``: write the cache method's budget knobs (``CacheMethod.budget_knobs``, the one
+    registry every tool maps budgets through) into ``cfg.cache``, so that the resolved config, the
+    fingerprint and the method all see them; returns the knobs set ({} without a budget)."""
+    if cfg.budget_frames is None:
+        return {}
+    from mukv.cache import CACHE_METHODS, budget_knobs
+
+    target = str(cfg.cache._target_)
+    name = next((n for n, c in CACHE_METHODS.items() if f"{c.__module__}.{c.__qualname__}" == target), None)
+    if name is None:
+        raise ConfigError("budget_frames", f"cache._target_ {target} is not a registered cache method")
+    knobs = budget_knobs(name, cfg.budget_frames, tokens_per_frame)
+    if not knobs:
+        log.info("budget_frames=%s: cache method %s has no budget (it keeps everything); ignored",
+                 cfg.budget_frames, name)
+    for key, value in knobs.items():
+        cfg.cache[key] = value
+    return knobs
 
 
 # -------------------------------------------------------------------------------------------- data
-def synthetic_spec(ds: DictConfig):
-    """The ``SyntheticSpec`` of a ``dataset.kind=synthetic`` config; errors name ``dataset.synthetic.<field>``."""
-    from mukv.data.synthetic import SyntheticSpec
-
-    syn = OmegaConf.to_container(ds.synthetic, resolve=True)
-    try:
-        return SyntheticSpec(sample_fps=ds.sample_fps, **{**syn, "duration_s": float(syn["duration_s"])})
-    except ConfigError as err:
-        raise ConfigError(f"dataset.synthetic.{err.field}", str(err).split(": ", 1)[-1]) from err
-
-
 def build_dataset(cfg: DictConfig) -> list[VideoSample]:
-    """The configured videos with their questions; annotations are fully validated here."""
+    """The configured videos with their questions (``dataset._target_`` loads them, validating annotations),
+    then the selection every dataset shares: ``max_minutes``, ``limit_questions``, the shard."""
     ds = cfg.dataset
-    if ds.kind == "rvs":
-        from mukv.data.rvs import load_rvs_annotations
-
-        videos = load_rvs_annotations(
-            ds.annotation, data_root=ds.data_root, sample_fps=ds.sample_fps,
-            video_path_prefix=ds.video_path_prefix, limit_videos=ds.limit_videos,
-            video_ids=list(ds.video_ids) or None, check_videos=ds.check_videos,
-            allow_outside_root=ds.allow_outside_root,
-        )
-        if not videos:  # an empty list: exit 2 rather than a run that did nothing
-            from mukv.errors import DataError
-
-            raise DataError(ds.annotation, "holds no video records: nothing to run")
-    else:
-        from mukv.data.synthetic import make_synthetic_dataset
-
-        videos = make_synthetic_dataset(synthetic_spec(ds))
-        if ds.video_ids:  # as the RVS loader: every id must name a video
-            unknown = [v for v in ds.video_ids if v not in {s.video_id for s in videos}]
-            if unknown:
-                raise ConfigError("dataset.video_ids", f"no synthetic video is called {', '.join(map(repr, unknown[:3]))}"
-                                  f"{' ...' if len(unknown) > 3 else ''}; this config makes {videos[0].video_id} .. "
-                                  f"{videos[-1].video_id} (dataset.synthetic.num_videos={len(videos)})")
-            videos = [v for v in videos if v.video_id in set(ds.video_ids)]
-        if ds.limit_videos:
-            videos = videos[: ds.limit_videos]
+    videos = dataset_class(ds).load(ds)
     if ds.max_minutes is not None:  # a stream truncated to N minutes: only questions asked by then
         horizon = float(ds.max_minutes) * 60.0
         for v in videos:
@@ -218,14 +169,12 @@ def train_eval(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResu
 
 def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     arm_faults()  # MUKV_FAULT (tests) counts this run's fault points
-    if cfg.mode == "train":
-        return train_nano_from_config(cfg, out)
-    method = build_method(cfg.cache)
-    from mukv.models.loading import load_video_llm, model_geometry
-
     m = cfg.model
-    dims = OmegaConf.to_container(m.tiny, resolve=True) if m.kind == "tiny" else {}
-    method.validate(model_geometry(m.kind, m.path, m.device, m.dtype, **dims))
+    loader = model_loader(m)
+    geometry = loader.geometry(m)
+    applied = apply_budget(cfg, geometry.tokens_per_frame)
+    method = build_method(cfg.cache)
+    method.validate(geometry)
     videos = build_dataset(cfg)
     answered, finished, predictions, memory = _prepare_resume(cfg, out, videos)
     judge = build_judge(cfg.judge)
@@ -233,12 +182,12 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
         judge.prepare()  # an LLM judge that cannot load fails here, before anything streams
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain strings for W&B
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if m.kind == "nano" and cfg.dataset.kind != "synthetic":  # one line before anything streams
+    if loader.kind == "nano" and dataset_class(cfg.dataset).kind != "synthetic":  # one line before anything streams
         log.warning("model=nano knows only the synthetic benchmark (it was trained on nothing else): its answers on "
                     "%s mean nothing; use model=llava_ov_0.5b or model.path=<folder> for real video", cfg.dataset.name)
     log.info("%d videos, %d questions; loading model %s", len(videos), sum(len(v.questions) for v in videos), m.name)
 
-    llm = load_video_llm(m.kind, m.path, m.device, m.dtype, m.attn_implementation, m.seed, m.resize, **dims)
+    llm = loader.load(m)
     engine = StreamingEngine(llm, method, EngineSettings(**OmegaConf.to_container(cfg.engine, resolve=True)))
     failures: list[str] = []
 
@@ -274,6 +223,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     mem_df = _read(out / MEMORY)
     metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s))
     metrics.update(method=method.name, dataset=cfg.dataset.name, model=m.name, wall_s=time.time() - started,
+                   budget_frames=cfg.budget_frames, budget_knobs=applied,
                    failed_videos=len(failures), shard_index=cfg.dataset.shard_index,
                    num_shards=cfg.dataset.num_shards, max_minutes=cfg.dataset.max_minutes)
     if judge is not None:
@@ -325,7 +275,7 @@ def _log_wandb(cfg: DictConfig, resolved: dict[str, Any], out: Path, method: str
     if cfg.dataset.num_shards > 1:
         tags.append(f"shard:{cfg.dataset.shard_index}/{cfg.dataset.num_shards}")
     wb = WandbLogger(lg, {**resolved, "hydra_job": job}, out, name=name, group=lg.group or cfg.task_name,
-                     job_type=lg.job_type or cfg.mode, tags=list(dict.fromkeys(tags)))
+                     job_type=lg.job_type or "eval", tags=list(dict.fromkeys(tags)))
     wb.log_tables(pred_df, mem_df)
     if lg.plots and len(pred_df):
         from mukv.report.figures import run_figures
@@ -333,31 +283,6 @@ def _log_wandb(cfg: DictConfig, resolved: dict[str, Any], out: Path, method: str
         wb.log_images(run_figures(pred_df, metrics, out / "figures"))
     wb.log_summary(metrics)
     wb.finish()
-
-
-def train_settings(cfg: DictConfig) -> dict:
-    """``cfg.train`` as ``TrainSettings`` keyword arguments (``publish`` is the run's, not the recipe's)."""
-    t = OmegaConf.to_container(cfg.train, resolve=True)
-    t.pop("publish")
-    return t
-
-
-def train_nano_from_config(cfg: DictConfig, out: Path) -> RunResult:
-    """mode=train: train the nano model; checkpoints in ``<run>/nano/{last,best}`` (``train.publish=true``
-    also copies the best over the shipped ``mukv/assets/nano``)."""
-    from mukv.models.nano import ASSET_DIR
-    from mukv.train import TrainSettings, train_nano
-
-    (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    started = time.time()
-    record = train_nano(TrainSettings(**train_settings(cfg)), out / "nano",
-                        publish_dir=ASSET_DIR if cfg.train.publish else None)
-    val = record.get("val") or {}
-    metrics = {"method": "train", "dataset": cfg.dataset.name, "model": cfg.model.name, "steps": record["steps"],
-               "accuracy": val.get("mean"), "val_accuracy": val, "wall_s": time.time() - started,
-               "checkpoint": str(out / "nano" / "best")}
-    write_json_atomic(out / METRICS, metrics)
-    return RunResult(out, metrics)
 
 
 def _prepare_resume(cfg: DictConfig, out: Path, videos: list[VideoSample]
@@ -420,9 +345,6 @@ def format_summary(metrics: dict[str, Any]) -> str:
             ("mean_online_tokens", "online tokens"), ("kv_bytes_total", "KV bytes"),
             ("kv_gb_per_hour", "KV GB/hour"), ("mean_ttft_s", "TTFT s"), ("mean_latency_s", "latency s"),
             ("encode_fps", "encode fps")]
-    if metrics.get("method") == "train":
-        keys = [("steps", "steps"), ("accuracy", "val accuracy"), ("val_accuracy", "val by type"),
-                ("wall_s", "wall s"), ("checkpoint", "checkpoint")]
     lines = []
     for key, label in keys:
         v = metrics.get(key)

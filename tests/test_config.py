@@ -34,8 +34,34 @@ def options(group: str) -> list[str]:
 
 def test_default_config_composes_and_validates():
     cfg = compose_cfg()
-    assert cfg.model.kind == "nano" and cfg.dataset.kind == "synthetic" and cfg.mode == "eval"
+    assert cfg.model._target_.endswith("NanoModel") and cfg.dataset._target_.endswith("SyntheticDataset")
+    assert "mode" not in cfg and "train" not in cfg and "seed" not in cfg  # eval reads no training recipe
     validate_config(cfg)
+
+
+@pytest.mark.parametrize("group,option,cls", [
+    ("model", "tiny", "mukv.models.loading.TinyModel"), ("model", "llava_ov_0.5b", "mukv.models.loading.PretrainedModel"),
+    ("dataset", "rvs_movie", "mukv.data.datasets.RVSDataset"), ("dataset", "synthetic_long", "mukv.data.datasets.SyntheticDataset"),
+    ("judge", "openai", "mukv.judge.openai.OpenAIJudge"), ("judge", "hf", "mukv.judge.hf.HFJudge"),
+    ("judge", "exact", "mukv.judge.exact.ExactMatchJudge"), ("judge", "none", None),
+])
+def test_models_datasets_and_judges_are_named_by_target(group, option, cls):
+    """What a run builds is the class its config's ``_target_`` names (no name / kind switch)."""
+    from mukv.components import component_class
+
+    node = compose_cfg(f"{group}={option}")[group]
+    built = component_class(node, group)
+    assert (built is None) if cls is None else f"{built.__module__}.{built.__qualname__}" == cls
+
+
+@pytest.mark.parametrize("override", ["judge.base_url=http://x", "judge.device=cpu", "dataset.annotation=x.json",
+                                      "model.kind=nano", "mode=train", "train.steps=3", "seed=1"])
+def test_options_of_another_kind_are_refused_at_compose_time(override):
+    """The exact judge has no endpoint, the synthetic dataset no annotation file, and eval no training recipe."""
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg(override)
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg("judge=hf", "judge.base_url=http://x")
 
 
 @pytest.mark.parametrize("name", options("cache"))
@@ -74,6 +100,16 @@ def test_wrong_type_fails_at_compose_time(override):
     assert override.split("=")[0].split(".")[-1] in str(err.value) + str(err.value.__cause__)
 
 
+@pytest.mark.parametrize("override", ["engine.answer_text=stripped", "logger.mode=sometimes", "logger.name=mlflow",
+                                      "dataset.past_end=skip", "model.resize=bilinear", "model.dtype=float8",
+                                      "model.attn_implementation=flash3", "dataset.synthetic.question_times=never",
+                                      "dataset.synthetic.question_types=[detail,colour]"])
+def test_bad_choice_fails_at_compose_time_naming_the_field(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose_cfg(override)
+    assert override.split("=")[0] in str(err.value) + str(err.value.__cause__)
+
+
 def test_unknown_group_option_fails():
     with pytest.raises(ConfigCompositionException, match="cache"):
         compose_cfg("cache=no_such_method")
@@ -82,15 +118,12 @@ def test_unknown_group_option_fails():
 @pytest.mark.parametrize("override,field", [
     ("dataset.sample_fps=0", "dataset.sample_fps"),
     ("engine.max_new_tokens=-1", "engine.max_new_tokens"),
-    ("engine.answer_text=stripped", "engine.answer_text"),
-    ("model.dtype=float8", "model.dtype"),
     ("dataset.synthetic.num_videos=0", "dataset.synthetic.num_videos"),
-    ("logger.mode=sometimes", "logger.mode"),
-    ("judge.name=oracle", "judge.name"),
-    ("mode=serve", "mode"),
+    ("judge._target_=mukv.judge.oracle.Oracle", "judge._target_"),
+    ("model._target_=mukv.judge.exact.ExactMatchJudge", "model._target_"),
+    ("dataset._target_=mukv.models.loading.NanoModel", "dataset._target_"),
+    ("budget_frames=0", "budget_frames"),
     ("dataset.synthetic.needle_depth=1.5", "dataset.synthetic.needle_depth"),
-    ("dataset.synthetic.question_times=never", "dataset.synthetic.question_times"),
-    ("dataset.synthetic.question_types=[detail,colour]", "dataset.synthetic.question_types"),
 ])
 def test_invalid_values_raise_config_error_naming_the_field(override, field):
     cfg = compose_cfg(override)
@@ -113,79 +146,6 @@ def test_cache_knob_out_of_range_names_the_field():
     cfg = compose_cfg("cache=sliding_window", "cache.n_local=0")
     with pytest.raises(ConfigError, match="cache.n_local"):
         build_method(cfg.cache).validate(model_geometry("tiny", None, "cpu", "float32"))
-
-
-def test_training_head_indices_are_checked_against_the_model_it_will_train():
-    """Before any model loads: the heads of the model built from train.text_heads, or of the init_from
-    checkpoint (read from its config alone)."""
-    from mukv.models.nano import ASSET_DIR
-
-    small = ("mode=train", "model=nano", "dataset=synthetic", "train.text_heads=4", "train.text_kv_heads=2")
-    validate_config(compose_cfg(*small, "train.count_head=3"))
-    with pytest.raises(ConfigError, match="train.count_head.*below 4"):
-        validate_config(compose_cfg(*small, "train.count_head=5"))
-    with pytest.raises(ConfigError, match="train.motion_attend_heads.*below 4"):
-        validate_config(compose_cfg(*small, "train.motion_attend_heads=[4]"))
-    shipped = ("mode=train", "model=nano", "dataset=synthetic", f"train.init_from={ASSET_DIR}")
-    validate_config(compose_cfg(*shipped, "train.count_head=7"))  # the shipped checkpoint has 8 heads
-    with pytest.raises(ConfigError, match="train.attend_head.*below 8"):
-        validate_config(compose_cfg(*shipped, "train.attend_head=8"))
-
-
-def test_missing_annotation_file_is_named():
-    cfg = compose_cfg("dataset=rvs_ego", "dataset.annotation=/nowhere/ego.json")
-    with pytest.raises(ConfigError, match="/nowhere/ego.json"):
-        validate_config(cfg)
-
-
-@pytest.mark.parametrize("override,field", [
-    ("train.attend_head=first", "train.attend_head"),
-    ("train.attend_types=[detail,colour]", "train.attend_types"),
-    ("train.cell_words=false", "train.parse_weight"),  # the asked-cell probe reads the cell words
-    ("train.attend_until=1.5", "train.attend_until"),
-    ("train.order_until=-0.1", "train.order_until"),
-    ("train.count_head=-1", "train.count_head"),
-    ("train.count_layer=-2", "train.count_layer"),
-    ("train.count_head=8", "train.count_head"),  # the recipe's model has 8 heads
-    ("train.count_probe_layer=4", "train.count_probe_layer"),  # ... and 4 layers
-    ("train.init_from=/nowhere/nano", "train.init_from"),
-])
-def test_invalid_training_values_raise_config_error_naming_the_field(override, field):
-    cfg = compose_cfg("mode=train", "model=nano", "dataset=synthetic", override)
-    with pytest.raises(ConfigError) as err:
-        validate_config(cfg)
-    assert err.value.field == field and field in str(err.value)
-    validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic"))  # the recipe
-    validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current"))
-    validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe"))
-    for ablation in ("nano_without_order", "nano_order_to_end"):
-        validate_config(compose_cfg("model=nano", "dataset=synthetic", f"experiment={ablation}"))
-    validate_config(compose_cfg("mode=train", "model=nano", "dataset=synthetic", "train.attend_head=2",
-                                "train.attend_types=[detail,motion]"))
-    cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_current")
-    assert cfg.mode == "train" and cfg.train.cell_words and cfg.train.attend_types == ["current"]
-    assert cfg.train.attend_until == 1.0 and cfg.train.count_weight == cfg.train.order_weight == 0  # as it was run
-    recipe = compose_cfg("mode=train", "model=nano", "dataset=synthetic").train
-    assert recipe.count_weight > 0 and 0 < recipe.attend_until < 1 and recipe.cell_words
-    assert recipe.order_weight > 0 and 0 < recipe.order_until < 1
-    cfg = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_previous_recipe")
-    assert cfg.mode == "train" and not cfg.train.cell_words
-    assert cfg.train.attend_weight == cfg.train.count_weight == cfg.train.order_weight == 0
-    # the recipe's heads, mixed-type streams and counting readout; the earlier recipes are pinned as they were run
-    from mukv.models.nano import NANO_DIMS
-    assert recipe.text_heads is None and (NANO_DIMS["text_heads"], NANO_DIMS["text_kv_heads"]) == (8, 4)
-    assert recipe.subset_share > 0 and recipe.count_probe_weight > 0 and 0 < recipe.count_probe_until < 1
-    day = {"text_heads": 4, "text_kv_heads": 2, "subset_share": 0.0, "count_probe_weight": 0.0}
-    before = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_before_count_readout").train
-    validate_config(compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_before_count_readout"))
-    assert {**before} == {**recipe, **day}  # those four knobs only
-    without = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_without_order").train
-    assert {**without} == {**recipe, **day, "order_weight": 0.0}  # and then that one knob
-    to_end = compose_cfg("model=nano", "dataset=synthetic", "experiment=nano_order_to_end").train
-    assert {**to_end} == {**recipe, **day, "order_until": 1.0}
-    for name in ("nano_current", "nano_previous_recipe"):
-        train = compose_cfg("model=nano", "dataset=synthetic", f"experiment={name}").train
-        assert {k: train[k] for k in day} == day, name
 
 
 @pytest.mark.parametrize("model", ["llava_ov_0.5b", "llava_ov_7b"])

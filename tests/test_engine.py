@@ -219,7 +219,7 @@ def test_uniform_sampling_equals_offline_forward_on_sampled_frames(tiny_llm):
     engine = stream(tiny_llm, method, frames, 4)
     assert method.sampled_frames() == [0, 3, 5, 8] or method.sampled_frames() == [0, 3, 4, 8]
     answer, context, _ = engine.answer("q")
-    picked = context.info["frames"]
+    picked = context.recalled.frames
     torch.testing.assert_close(answer.first_token_logits, offline_logits(tiny_llm, frames[picked], "q"),
                                atol=1e-5, rtol=1e-5)
     assert method.stats().kv_bytes == 0 and method.stats().aux_bytes > 0
@@ -243,6 +243,48 @@ def test_run_video_answers_in_time_order_and_encodes_up_to_end_time(tiny_llm):
     # The question's KV is not kept: the cache holds exactly the stream.
     assert record.kv_tokens == n_init + 8 * 16
     assert math.isclose(record.encode_fps, 8 / record.encode_s)
+
+
+def test_evidence_recalled_is_the_share_of_the_evidence_in_the_recalled_context(tiny_llm):
+    """The engine passes what the method recalled (``AnswerContext.recalled``) and the question's meta to
+    ``mukv.report.evidence``: every cell for the full cache, the window's frames only for a sliding window
+    (its tokens, one per cell of the tiny model's 4 x 4 grid), the sampled frames for uniform sampling, and
+    None for a question that names no evidence."""
+    meta = {"evidence_cells": [[1, 5], [6, 2]], "grid": 4}
+    qs = [Question("a", "where?", "x", 0, 8.0, "detail", meta), Question("b", "what?", "y", 0, 8.0)]
+    sample = VideoSample("vid", 8, qs, ArrayFrames(random_frames(8), sample_fps=1.0))
+
+    def evidence(method):
+        rows = []
+        StreamingEngine(tiny_llm, method, EngineSettings(encode_chunk_size=4, max_new_tokens=1,
+                                                         progress=False)).run_video(sample, rows.append)
+        return [r.evidence_recalled for r in rows]
+
+    assert evidence(FullCache()) == [1.0, None]
+    assert evidence(SlidingWindowCache(n_local=3 * 16)) == [0.5, None]  # frames 5..7 in the window
+    assert evidence(UniformSampling(num_frames=2)) == [0.0, None]  # frames 0 and 7
+    assert evidence(UniformSampling(num_frames=8)) == [1.0, None]
+
+
+def test_knobs_are_validated_once(tiny_llm, monkeypatch):
+    """The pipeline validates before any weights load and ``bind`` does not check again; a method built by hand
+    is validated by ``bind``, and so is one whose knobs changed since it was validated."""
+    from mukv.errors import ConfigError
+
+    calls = []
+    check = SlidingWindowCache.check_knobs
+    monkeypatch.setattr(SlidingWindowCache, "check_knobs", lambda self, g: calls.append(g) or check(self, g))
+    settings = EngineSettings(progress=False)
+    method = SlidingWindowCache(n_local=64)
+    method.validate(tiny_llm.geometry)
+    StreamingEngine(tiny_llm, method, settings)
+    assert calls == [tiny_llm.geometry]
+    by_hand = SlidingWindowCache(n_local=64)
+    StreamingEngine(tiny_llm, by_hand, settings)
+    assert len(calls) == 2
+    by_hand.n_local = 0
+    with pytest.raises(ConfigError, match="cache.n_local"):
+        StreamingEngine(tiny_llm, by_hand, settings)
 
 
 def test_skipped_questions_keep_the_chunk_boundaries_of_an_uninterrupted_run(tiny_llm):
@@ -298,7 +340,7 @@ def test_attention_cost_per_token_does_not_grow_with_the_stream(tiny_llm, method
 def test_fused_sink_window_attention_equals_one_softmax(dtype):
     """The window part in a fused kernel merged with the sink part by log-sum-exp equals one softmax over
     the concatenated scores, including query rows that see no sink key (grouped KV heads)."""
-    from mukv.cache import attention
+    from mukv.cache import kernels
 
     g = torch.Generator().manual_seed(0)
     hq, hk, d, lq, lw, ns = 6, 2, 16, 40, 120, 5
@@ -311,11 +353,35 @@ def test_fused_sink_window_attention_equals_one_softmax(dtype):
     band = (kj <= qi) & ((qi - kj) < 64)
     sink = (qi - torch.arange(ns)[None, :]) >= 100  # the first rows have the sink still in their window
     assert (~sink).all(-1).any() and sink.all(-1).any()
-    ref = attention._two_part_attention_reference(qa, ka, va, band, qb, kb, vb, sink, d**-0.5)
-    out = attention._two_part_attention(qa, ka, va, band, qb, kb, vb, sink, d**-0.5)
-    assert attention._FUSED_LSE_CPU is not None  # this torch has the fused kernel: the test exercises it
+    ref = kernels.two_part_attention_reference(qa, ka, va, band, qb, kb, vb, sink, d**-0.5)
+    out = kernels.two_part_attention(qa, ka, va, band, qb, kb, vb, sink, d**-0.5)
+    # this torch has a mask-taking fused kernel that agrees: the test exercises it
+    assert kernels.lse_kernel(torch.device("cpu"), dtype, d, True) is not None
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_a_fused_kernel_is_used_only_where_it_agrees_with_one_softmax(monkeypatch):
+    """``lse_kernel`` checks each candidate against the one-softmax reference once, and a kernel for masked
+    parts also with a mask: one that is right unmasked but ignores masks serves unmasked parts only."""
+    from mukv.cache import kernels
+
+    cpu = torch.device("cpu")
+
+    def wrong_lse(q, k, v, causal, scaling, mask=None):
+        out, lse = kernels._cpu_flash(q, k, v, causal, scaling, mask)
+        return out, lse + 1.0
+
+    def ignores_mask(q, k, v, causal, scaling, mask=None):
+        return kernels._cpu_flash(q, k, v, causal, scaling)
+
+    for kernel, unmasked, masked in ((wrong_lse, None, None), (ignores_mask, ignores_mask, None),
+                                     (kernels._cpu_flash, kernels._cpu_flash, kernels._cpu_flash)):
+        monkeypatch.setattr(kernels, "_CANDIDATES", {"cpu": [kernel]})
+        monkeypatch.setattr(kernels, "_TAKES_MASK", (kernel,))
+        monkeypatch.setattr(kernels, "_LSE_KERNELS", {})
+        assert kernels.lse_kernel(cpu, torch.float32, 16) is unmasked
+        assert kernels.lse_kernel(cpu, torch.float32, 16, True) is masked
 
 
 @pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
@@ -366,28 +432,28 @@ def test_causal_suffix_attention_equals_the_masked_call(dtype, lq, lk, monkeypat
     """A prefill after a context (queries = the last lq keys) as two unmasked fused parts (the CUDA route)
     equals the masked call, with grouped KV heads and a batch; with more than one query it does run as parts,
     and on the CPU, where the masked call is the faster, only there."""
-    from mukv.cache import attention
+    from mukv.cache import kernels
 
     calls = []
-    monkeypatch.setattr(attention, "SUFFIX_PARTS_DEVICES", {"cuda", "cpu"})  # the CUDA route, run on the CPU
-    kernel = attention.lse_kernel(torch.device("cpu"), dtype, 16)
+    monkeypatch.setattr(kernels, "SUFFIX_PARTS_DEVICES", {"cuda", "cpu"})  # the CUDA route, run on the CPU
+    kernel = kernels.lse_kernel(torch.device("cpu"), dtype, 16)
     assert kernel is not None  # this torch has the CPU kernel: the test exercises the parts
-    monkeypatch.setattr(attention, "lse_kernel", lambda *a: lambda *b: calls.append(b[3]) or kernel(*b))
+    monkeypatch.setattr(kernels, "lse_kernel", lambda *a: lambda *b: calls.append(b[3]) or kernel(*b))
     g = torch.Generator().manual_seed(lq + lk)
     q = torch.randn(3, 6, lq, 16, generator=g).to(dtype)
     k, v = (torch.randn(3, 2, lk, 16, generator=g).to(dtype) for _ in range(2))
-    got = attention.causal_suffix_attention(q, k, v, 0.25)
-    want = attention.grouped_sdpa(q, k, v, 0.25, attention.prefix_causal_mask(lq, lk, q.device))
+    got = kernels.causal_suffix_attention(q, k, v, 0.25)
+    want = kernels.grouped_sdpa(q, k, v, 0.25, kernels.prefix_causal_mask(lq, lk, q.device))
     assert calls == ([] if lq == 1 else [True] + ([False] if lk > lq else []))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     k2 = k.clone()
     k2[..., -1, :] += 1.0  # the last key only matters to the last query: a changed key shows there alone
-    moved = (attention.causal_suffix_attention(q, k2, v, 0.25) - got).float().abs().amax(dim=(0, 1, 3))
+    moved = (kernels.causal_suffix_attention(q, k2, v, 0.25) - got).float().abs().amax(dim=(0, 1, 3))
     assert moved[-1] > 1e-3 and (lq == 1 or moved[:-1].max() == 0)
-    monkeypatch.setattr(attention, "SUFFIX_PARTS_DEVICES", {"cuda"})
+    monkeypatch.setattr(kernels, "SUFFIX_PARTS_DEVICES", {"cuda"})
     calls.clear()
-    attention.causal_suffix_attention(q, k, v, 0.25)
+    kernels.causal_suffix_attention(q, k, v, 0.25)
     assert calls == []
 
 

@@ -1,5 +1,6 @@
 """Experiments: multiruns (joblib and submitit local launchers), sharding and merging, W&B grouping, dataset
-truncation, sweep presets and W&B sweep specs, `make reproduce-table` and its missing-input report."""
+truncation, sweep presets and the W&B sweep specs generated from them, `make reproduce-table` and its
+missing-input report, the nano benchmark (`make run`) through the entry point."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from wandb_reader import read_records, summary_and_config
 
-from mukv.cache.base import CACHE_METHODS
+from mukv.cache import ordered_methods
 from mukv.config import register_configs
 from mukv.train_eval import build_dataset, shard
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_RVS = ROOT.parent / "shared" / "data" / "rvs"
 register_configs()
-METHODS = {m for m in CACHE_METHODS if (CONF / "cache" / f"{m}.yaml").is_file()}
+METHODS = set(ordered_methods())
 TIMING = ["encode_s", "recall_s", "ttft_s", "latency_s"]
 SMALL = ("model=tiny", "experiment=smoke", "dataset.synthetic.num_videos=2", "engine.max_new_tokens=2")
 
@@ -217,28 +218,53 @@ def test_granularity_mixes_compose(mix):
     assert len(cfg.cache.granularities) == len(cfg.cache.top_k) == len(cfg.cache.keep_ratio) == len(cfg.cache.alpha)
 
 
-@pytest.mark.parametrize("spec_path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
-def test_wandb_sweep_specs_drive_the_entry_point(spec_path):
+SWEEP_PRESETS = sorted(p.stem for p in (CONF / "experiment" / "sweep").glob("*.yaml"))
+SPEC_COMMANDS = [[f"experiment=sweep/{p}", "model=llava_ov_0.5b", "dataset=rvs_ego", "judge=openai"] for p in SWEEP_PRESETS]
+SPEC_COMMANDS.append(["experiment=smoke", "model=tiny", "cache=full,sliding_window,uniform", "engine.max_new_tokens=2,4"])
+
+
+def test_sweeps_folder_holds_no_copy_of_a_grid():
+    """One copy of each grid: the Hydra presets; W&B specs are generated (mukv.sweeps), not kept in sweeps/."""
+    assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == ["README.md"]
+    assert "python -m mukv.sweeps wandb" in (ROOT / "sweeps" / "README.md").read_text()
+
+
+def test_sweep_presets_take_their_methods_from_the_registry():
+    """video_length runs every method of the registry and budget every method with a budget, each point with
+    budget_frames mapped through the method's budget_knobs."""
+    from mukv.cache import budget_knobs
+    from mukv.sweeps import sweep_grid
+
+    _, grid = sweep_grid(["experiment=sweep/video_length"])
+    assert grid["cache"] == ordered_methods() and grid["dataset.max_minutes"] == [5, 10, 20, 40, 60]
+    _, grid = sweep_grid(["experiment=sweep/budget"])
+    assert grid["cache"] == [m for m in ordered_methods() if budget_knobs(m, 1, 1)] and "full" not in grid["cache"]
+    assert grid["budget_frames"] == [8, 16, 32, 64]
+    fixed, grid = sweep_grid(["experiment=sweep/budget", "cache=rekv", "budget_frames=16,32"])  # command line narrows
+    assert fixed == ["experiment=sweep/budget", "cache=rekv"] and grid == {"budget_frames": [16, 32]}
+
+
+@pytest.mark.parametrize("args", SPEC_COMMANDS, ids=lambda a: a[0].split("=")[1])
+def test_wandb_sweep_specs_drive_the_entry_point(args, tmp_path):
+    """The generated spec of every preset: its command runs mukv.run with the fixed overrides, and each point
+    passed by a W&B agent (args_no_hyphens) composes to the point's values."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-    spec = yaml.safe_load(spec_path.read_text())
+    from mukv.sweeps import main as sweeps_main
+    from mukv.sweeps import wandb_spec
+
+    spec = wandb_spec(args)
     assert spec["method"] in ("grid", "random", "bayes") and spec["metric"]["name"] == "accuracy"
     command = spec["command"]
     assert command[:4] == ["${env}", "${interpreter}", "-m", "mukv.run"] and command[-1] == "${args_no_hyphens}"
     fixed = [c for c in command[4:-1]]
-    assert "logger=wandb" in fixed
-    preset = next((c.split("=", 1)[1] for c in fixed if c.startswith("experiment=")), None)
-    needs = needed_methods((CONF / "experiment" / f"{preset}.yaml").read_text()) if preset else set()
+    assert "logger=wandb" in fixed and [a for a in args if "," not in a] == fixed[:len(fixed) - 2]
     keys = list(spec["parameters"])
     composed = 0
     for values in itertools.product(*(spec["parameters"][k]["values"] for k in keys)):
         point = dict(zip(keys, values, strict=True))
-        wanted = needs | ({point["cache"]} if "cache" in point else set())
-        wanted |= {"mukv"} if any(k.startswith("+experiment/mukv_mix") for k in point) else set()
-        if wanted - METHODS:
-            continue
-        args = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})["args_no_hyphens"]
-        cfg = compose_cfg(*fixed, *args)
+        sweep_args = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})["args_no_hyphens"]
+        cfg = compose_cfg(*fixed, *sweep_args)
         for k, v in point.items():
             if not k.startswith("+") and k != "cache":
                 got = cfg
@@ -246,7 +272,10 @@ def test_wandb_sweep_specs_drive_the_entry_point(spec_path):
                     got = got[part]
                 assert (list(got) if isinstance(v, list) else got) == v, k
         composed += 1
-    assert composed or needs - METHODS, "no point of the sweep composed"
+    assert composed == len(list(itertools.product(*(spec["parameters"][k]["values"] for k in keys))))
+    out = tmp_path / "spec.yaml"
+    assert sweeps_main(["wandb", *args, "--out", str(out)]) == 0  # the file `wandb sweep` reads
+    assert yaml.safe_load(out.read_text()) == spec
 
 
 def test_wandb_dashboard_spec_builds_offline():
@@ -265,7 +294,7 @@ def test_make_reproduce_table_renders_table_and_figures(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
         "name": "test", "title": "Test grid", "experiment": "smoke", "model": "tiny", "datasets": ["synthetic"],
-        "methods": {"full": {}, "sliding_window": {"budget": {"cache.n_local": [40]}}}}))
+        "methods": ["full", "sliding_window"], "budget_frames": [2]}))
     out = tmp_path / "out"
     proc = subprocess.run(["make", "-o", ".venv/.installed-dev", "reproduce-table", f"OUT={out}",
                            f"ARGS=--grid {grid} engine.max_new_tokens=2"], cwd=ROOT, env=env(), capture_output=True,
@@ -273,14 +302,45 @@ def test_make_reproduce_table_renders_table_and_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = pd.read_csv(out / "results.csv", keep_default_na=False)
     assert list(zip(table.method, table.role, strict=True)) == [("full", "main"), ("sliding_window", "main"),
-                                                   ("sliding_window", "budget")]
-    assert (table.questions == 2).all() and table.setting.iloc[2] == "n_local=40"
+                                                   ("sliding_window", "budget")]  # full has no budget: main only
+    metrics = json.loads((Path(table.run_dir.iloc[2]) / "metrics.json").read_text())
+    n_local = metrics["budget_knobs"]["n_local"]  # budget_frames=2 through sliding_window's budget_knobs: 2 frames
+    assert metrics["budget_frames"] == 2 and list(metrics["budget_knobs"]) == ["n_local"] and n_local % 2 == 0
+    assert 0 < n_local < 15000
+    assert (table.questions == 2).all() and table.setting.iloc[2] == f"budget_frames=2, n_local={n_local}"
     md = (out / "results.md").read_text()
-    assert "# Test grid" in md and "| sliding_window | n_local=40 |" in md
+    assert "# Test grid" in md and f"| sliding_window | budget_frames=2, n_local={n_local} |" in md
     for name in ("accuracy_vs_online_tokens", "accuracy_vs_question_age", "memory_latency_vs_length"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
     assert "3 of 3 run(s) finished" in proc.stdout
+
+
+def test_shipped_grids_name_the_registry_and_budgets_in_frames(tmp_path):
+    """Both grids run every method of the registry; the synthetic one adds one run per budget in frames for each
+    method that has a budget (full: main only)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import reproduce_table as rt
+    finally:
+        sys.path.pop(0)
+    from mukv.cache import budget_knobs
+
+    for data in ("synthetic", "rvs"):
+        grid = rt.load_grid(rt.GRIDS / f"{data}.yaml")
+        assert grid["methods"] == "all" and rt.grid_methods(grid)[:len(METHODS)] == ordered_methods()
+    grid = rt.load_grid(rt.GRIDS / "synthetic.yaml")
+    points = rt.grid_points(grid, ordered_methods())
+    assert [(p.method, p.budget_frames) for p in points if p.role == "main"] == [(m, None) for m in ordered_methods()]
+    budgeted = [m for m in ordered_methods() if budget_knobs(m, 1, 1)]
+    assert [(p.method, p.budget_frames) for p in points if p.role == "budget"] == [
+        (m, b) for m in budgeted for b in grid["budget_frames"]]
+    assert "budget_frames: 4\n" in next(p for p in points if p.budget_frames == 4).config()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiment": "smoke", "datasets": ["synthetic"], "methods": "all",
+                                   "budget_frames": [0]}))
+    with pytest.raises(rt.GridError, match="budget_frames"):
+        rt.load_grid(bad)
 
 
 def test_reproduce_rvs_says_exactly_what_is_missing(tmp_path):
@@ -313,11 +373,22 @@ def _nano_benchmark():
 
 
 def test_nano_benchmark_quick_preset_runs_every_method(tmp_path):
-    """`make run` (no arguments) is this preset: every registered method streams and answers with the nano model."""
+    """`make run` (no arguments) is this preset: every method of the registry streams and answers with the nano
+    model, each point one run of the entry point (train_eval) in its own run folder, budgets through
+    budget_frames; ReKV's encoding window is the preset's one nano-specific override."""
     df = _nano_benchmark().main(["--preset", "quick", "--videos", "1", "--lengths", "60", "--out", str(tmp_path)])
-    assert set(df.method) == set(CACHE_METHODS) and (df.questions == 5).all()
-    assert (tmp_path / "results.md").read_text().count("\n| 60 |") == len(CACHE_METHODS)
+    assert list(df.method) == ordered_methods() and (df.questions == 5).all()
+    assert (tmp_path / "results.md").read_text().count("\n| 60 |") == len(METHODS)
     assert df.set_index("method").loc["sliding_window", "online_tokens"] < df.set_index("method").loc["full", "online_tokens"]
+    runs = {p.name: p for p in (tmp_path / "runs").iterdir()}
+    assert set(runs) == {f"{m}_{'all' if m == 'full' else 'b16'}_L60" for m in ordered_methods()}
+    rekv = json.loads((runs["rekv_b16_L60"] / "metrics.json").read_text())
+    assert rekv["budget_frames"] == 16 and rekv["budget_knobs"] == {"retrieve_size": 16}
+    cache = yaml.safe_load((runs["rekv_b16_L60"] / "resolved_config.yaml").read_text())["cache"]
+    assert cache["n_local"] == 512 and cache["retrieve_size"] == 16 and "block_size" not in cache
+    assert json.loads(df.set_index("method").loc["rekv", "knobs"]) == {"n_local": 512, "retrieve_size": 16}
+    full = json.loads((runs["full_all_L60"] / "metrics.json").read_text())
+    assert full["budget_frames"] is None and df.set_index("method").loc["full", "budget"] == "all"
 
 
 def test_nano_benchmark_quant_preset_shrinks_the_store(tmp_path):
@@ -343,15 +414,23 @@ def test_nano_benchmark_each_type_preset_asks_one_type_per_stream(tmp_path):
     assert set(preds.qtype) == {"count"}
 
 
-def test_nano_benchmark_set_parses_json_and_keeps_words_as_strings():
-    """`--set mukv.assembly=time_ordered` once crashed with a JSONDecodeError (a word starting with "t")."""
-    parse = _nano_benchmark().parse_sets
-    got = parse(["mukv.assembly=time_ordered", "mukv.keep_ratio=[1.0,1.0,1.0]", "mukv.rerank=false",
-                 "rekv.n_local=512", "mukv.query_vector=mean_query", "mukv.n_local=null"])
-    assert got == {"mukv": {"assembly": "time_ordered", "keep_ratio": [1.0, 1.0, 1.0], "rerank": False,
-                            "query_vector": "mean_query", "n_local": None}, "rekv": {"n_local": 512}}
-    with pytest.raises(SystemExit, match="method.knob=value"):
-        parse(["rerank=false"])
+def test_nano_benchmark_takes_hydra_overrides(tmp_path):
+    """One override syntax: a method with its own overrides is one word ("rekv cache.scoring=cosine"), overrides
+    after the options apply to every run; the preset's ReKV window and the budget still apply, and a user
+    override of the same key wins. Unknown options and keys fail before anything runs, in one line."""
+    nb = _nano_benchmark()
+    df = nb.main(["--preset", "quick", "--videos", "1", "--lengths", "20", "--out", str(tmp_path), "--methods",
+                  "rekv cache.scoring=cosine", "rekv_shared", "--", "cache.n_local=64", "engine.max_new_tokens=2"])
+    assert list(df.method) == ["rekv cache.scoring=cosine", "rekv_shared"] and list(df.budget) == [16, 16]
+    for folder in ("rekv+scoring=cosine_b16_L20", "rekv_shared_b16_L20"):
+        cfg = yaml.safe_load((tmp_path / "runs" / folder / "resolved_config.yaml").read_text())
+        assert cfg["cache"]["n_local"] == 64 and cfg["cache"]["retrieve_size"] == 16 and cfg["engine"]["max_new_tokens"] == 2
+    assert cfg["cache"]["per_layer"] is False and json.loads(df.knobs.iloc[0])["scoring"] == "cosine"
+    with pytest.raises(SystemExit):
+        nb.main(["--methods", "nope", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="cache.nope"):
+        nb.main(["--methods", "full", "--videos", "1", "--lengths", "20", "--out", str(tmp_path / "y"), "--",
+                 "cache.nope=1"])
 
 
 def test_nano_current_pilot_runs_every_option():

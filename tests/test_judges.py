@@ -287,12 +287,13 @@ def test_judgment_cache_is_safe_for_concurrent_processes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ config
-def judge_cfg(**kw):
+def judge_cfg(name: str = "openai", **kw):
+    """A judge config as the judge group's schema of that name builds it (typed, typos refused)."""
     from omegaconf import OmegaConf
 
-    from mukv.config import JudgeConfig
+    from mukv.config import HFJudgeConfig, OpenAIJudgeConfig
 
-    cfg = OmegaConf.structured(JudgeConfig)
+    cfg = OmegaConf.structured({"openai": OpenAIJudgeConfig, "hf": HFJudgeConfig}[name])
     for k, v in kw.items():
         cfg[k] = v
     return cfg
@@ -317,10 +318,13 @@ def test_a_missing_api_key_is_a_config_error_before_anything_runs(monkeypatch, t
     ({"name": "openai", "prompt_version": "v0"}, "judge.prompt_version"),
     ({"name": "openai", "max_retries": -1}, "judge.max_retries"),
     ({"name": "hf", "model": "x", "cache": True, "cache_path": None}, "judge.cache_path"),
-    ({"name": "oracle"}, "judge.name"),
+    ({"name": "openai", "_target_": "mukv.judge.oracle.OracleJudge"}, "judge._target_"),
 ])
 def test_bad_judge_settings_name_the_field(override, field):
-    cfg = judge_cfg(**{"model": "m", "api_key_env": None, "cache": False, **override})
+    options = {"model": "m", "cache": False, **override}
+    if options["name"] == "openai":
+        options.setdefault("api_key_env", None)
+    cfg = judge_cfg(**options)
     with pytest.raises(ConfigError) as err:
         validate_judge_config(cfg)
     assert err.value.field == field

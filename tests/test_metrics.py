@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mukv.report.evidence import evidence_recalled
 from mukv.report.metrics import question_age_s, summarize, truth, wilson_interval
 from mukv.report.outputs import CsvAppender
 
@@ -133,3 +134,16 @@ def test_wilson_interval_matches_the_closed_form_and_stays_in_range():
     narrow, wide = wilson_interval(80, 160), wilson_interval(5, 10)
     assert narrow[1] - narrow[0] < wide[1] - wide[0]  # more questions, a narrower interval
     assert all(x != x for x in wilson_interval(0, 0))  # no questions: nan
+
+
+def test_evidence_recalled_counts_cells_tokens_or_frames():
+    """Evidence cells ([frame, cell] on a grid x grid raster) against what a context holds: token by token when
+    the model has one token per cell, frame by frame otherwise, or whole recalled frames; None without
+    evidence or without a report."""
+    meta = {"evidence_cells": [[2, 5], [3, 6]], "grid": 4}
+    assert evidence_recalled(meta, [2 * 16 + 5], 16) == 0.5
+    assert evidence_recalled(meta, [2 * 16 + 4, 3 * 16 + 6], 16) == 0.5  # the other cell of frame 2 is not it
+    assert evidence_recalled(meta, range(2 * 16 + 5, 3 * 16 + 7), 16) == 1.0  # a window
+    assert evidence_recalled(meta, [2 * 196 + 100], 196) == 0.5  # 196 tokens per frame: counted by frame
+    assert evidence_recalled(meta, None, 16, frames=[3, 9]) == 0.5  # methods that recall whole frames
+    assert evidence_recalled(meta, None, 16) is None and evidence_recalled({}, [1], 16) is None

@@ -72,7 +72,7 @@ def test_online_tokens_of_a_real_recall_equal_the_formula(llm, frames, knobs):
     budget = method.budget()
     assert context.online_tokens + n_prompt == budget.online_tokens(n_init, n_prompt)
     assert context.next_position == context.online_tokens  # published: the prompt follows at cache length
-    per_gran = context.info["online_tokens_per_granularity"]
+    per_gran = context.detail.online_tokens_per_granularity
     assert list(per_gran.values()) == [k * n for k, n in zip(budget.top_k, budget.kept_per_block, strict=True)]
     stats = method.stats()
     assert stats.kv_tokens == n_init + 2 * budget.stored_tokens(4 * 16)  # two chunks of 4 frames
@@ -97,44 +97,44 @@ def test_batched_block_prefill_equals_one_at_a_time_and_a_stock_forward(llm, fra
     method.start_video(llm.init_prompt_ids())
     visual = llm.encode_frames(frames[:3]).reshape(3, 16, -1)  # three frame blocks
     batched = method.prefill_blocks(visual)
-    n0 = method.n_init
+    n0 = method.video.n_init
     pos = torch.arange(n0, n0 + 16)
     for b in range(3):
         single = method.prefill_blocks(visual[b:b + 1])
         for name in ("keys", "values", "last_keys_rot"):
-            torch.testing.assert_close(batched[name][b], single[name][0], atol=1e-5, rtol=1e-5)
-        for (rb, wb), (rs, ws) in zip(batched["received"], single["received"], strict=True):
+            torch.testing.assert_close(getattr(batched, name)[b], getattr(single, name)[0], atol=1e-5, rtol=1e-5)
+        for (rb, wb), (rs, ws) in zip(batched.received, single.received, strict=True):
             assert wb == ws
             torch.testing.assert_close(rb[b], rs[0], atol=1e-5, rtol=1e-5)
         ref = reference_block_kv(llm, visual[b])
         for layer, (k_ref, v_ref) in enumerate(ref):
-            torch.testing.assert_close(llm.rope.rotate(batched["keys"][b, layer], pos), k_ref[0], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(batched["values"][b, layer], v_ref[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(llm.rope.rotate(batched.keys[b, layer], pos), k_ref[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(batched.values[b, layer], v_ref[0], atol=1e-4, rtol=1e-4)
     # the blocks differ, so a mix-up between them would show
-    assert (batched["keys"][0] - batched["keys"][1]).abs().max() > 1e-3
+    assert (batched.keys[0] - batched.keys[1]).abs().max() > 1e-3
 
 
 def test_kept_tokens_are_the_top_scores_sorted_and_the_same_in_every_layer(llm, frames):
     method = MuKVCache(**SMALL)
     stream(llm, method, frames[:4])
     visual = llm.encode_frames(frames[:4]).reshape(-1, llm.geometry.hidden_size)
-    n0 = method.n_init
-    for gi, g in enumerate(method.sizes):
-        assert len(method.block_ids[gi]) == 64 // g
+    n0 = method.video.n_init
+    for gi, g in enumerate(method.plan.sizes):
+        assert len(method.video.block_ids[gi]) == 64 // g
         for b in range(64 // g):
             block = method.block(gi, b)
             full = method.prefill_blocks(visual[b * g:(b + 1) * g][None])
-            keys_mean = full["last_keys_rot"].float().mean(dim=1)
-            scores = signals.token_scores(full["received"], keys_mean, method.alpha[gi], method.scoring_method,
+            keys_mean = full.last_keys_rot.float().mean(dim=1)
+            scores = signals.token_scores(full.received, keys_mean, method.alpha[gi], method.scoring_method,
                                           method.frequency)[0]
-            expected = sorted(scores.topk(method.kept[gi]).indices.tolist())
+            expected = sorted(scores.topk(method.plan.kept[gi]).indices.tolist())
             idx = (block.positions - n0).tolist()
             assert idx == expected and idx == sorted(set(idx))
             for layer in range(llm.geometry.num_layers):
-                torch.testing.assert_close(block.k[layer], full["keys"][0, layer][:, idx])
-                torch.testing.assert_close(block.v[layer], full["values"][0, layer][:, idx])
+                torch.testing.assert_close(block.k[layer], full.keys[0, layer][:, idx])
+                torch.testing.assert_close(block.v[layer], full.values[0, layer][:, idx])
             # representative: mean of the kept tokens' last-layer keys (with RoPE), heads concatenated
-            rep = full["last_keys_rot"][0][:, idx].mean(dim=1).reshape(-1)
+            rep = full.last_keys_rot[0][:, idx].mean(dim=1).reshape(-1)
             torch.testing.assert_close(method.representatives(gi)[b], rep)
 
 
@@ -143,16 +143,16 @@ def test_published_assembly_is_score_order_at_encoding_positions(llm, frames):
     method = MuKVCache(**SMALL)
     engine = stream(llm, method, frames)
     ctx = method.recall(QUESTION)
-    n0 = method.n_init
-    blocks = list(ctx.info["blocks"].values())
+    n0 = method.video.n_init
+    blocks = list(ctx.detail.blocks.values())
     off = n0
     for layer in range(llm.geometry.num_layers):
-        torch.testing.assert_close(ctx.keys[layer][..., :n0, :], llm.rope.rotate_range(method.init_k[layer], 0))
+        torch.testing.assert_close(ctx.keys[layer][..., :n0, :], llm.rope.rotate_range(method.video.init_k[layer], 0))
     for gi, chosen in enumerate(blocks):
         for b in chosen:
             block = method.block(gi, b)
             n = block.tokens
-            assert int(block.positions.max()) < n0 + method.sizes[gi]  # every block starts again at n0
+            assert int(block.positions.max()) < n0 + method.plan.sizes[gi]  # every block starts again at n0
             for layer in range(llm.geometry.num_layers):
                 expected = llm.rope.rotate(block.k[layer], block.positions)
                 torch.testing.assert_close(ctx.keys[layer][0, :, off:off + n], expected)
@@ -160,7 +160,7 @@ def test_published_assembly_is_score_order_at_encoding_positions(llm, frames):
             off += n
     assert off == ctx.online_tokens == ctx.next_position
     # the rerank reorders frame blocks by score, which is not time order here
-    scores = list(ctx.info["block_scores"].values())
+    scores = list(ctx.detail.block_scores.values())
     assert all(s == sorted(s, reverse=True) for s in scores)
     del engine
 
@@ -169,10 +169,10 @@ def test_time_ordered_assembly_is_stream_order_with_contiguous_positions(llm, fr
     method = MuKVCache(assembly="time_ordered", **SMALL)
     stream(llm, method, frames)
     ctx = method.recall(QUESTION)
-    picks = [(gi, b) for gi, chosen in enumerate(ctx.info["blocks"].values()) for b in chosen]
+    picks = [(gi, b) for gi, chosen in enumerate(ctx.detail.blocks.values()) for b in chosen]
     picks.sort(key=lambda p: (method.block(*p).first_frame, p[0]))
     assert len({method.block(*p).first_frame for p in picks}) > 1
-    k = torch.cat([method.init_k[0]] + [method.block(gi, b).k[0][None] for gi, b in picks], dim=-2)
+    k = torch.cat([method.video.init_k[0]] + [method.block(gi, b).k[0][None] for gi, b in picks], dim=-2)
     torch.testing.assert_close(ctx.keys[0], llm.rope.rotate_range(k, 0))
     assert ctx.next_position == ctx.online_tokens
 
@@ -199,7 +199,7 @@ def test_shared_context_blocks_carry_the_stream_kv(llm, frames):
     stream(llm, method, frames)
     full = FullCache()
     stream(llm, full, frames)
-    n0 = method.n_init
+    n0 = method.video.n_init
     for b in range(8):
         for layer in range(llm.geometry.num_layers):
             torch.testing.assert_close(method.block(0, b).k[layer],
@@ -213,36 +213,36 @@ def test_shared_prefixes_store_the_same_blocks_with_fewer_forwards(llm, frames, 
     block (kept tokens, positions, KV) and the recalled context are those of separate prefills, and the
     language model runs fewer tokens (raster: one in four patch and frame blocks shared; quadrant: patch
     blocks are quadrants, not prefixes of a frame, so only frame blocks are shared)."""
-    from mukv.cache.attention import OpCounter
+    from mukv.cache.instrumentation import OpCounter
 
     methods = {}
     for share in (False, True):
         OpCounter.reset()
         methods[share] = stream(llm, MuKVCache(share_prefixes=share, patch_layout=layout, **SMALL), frames).method
-        methods[share].tokens = OpCounter.llm_tokens - methods[share].n_init  # the init prompt runs once
+        methods[share].tokens = OpCounter.llm_tokens - methods[share].video.n_init  # the init prompt runs once
     alone, shared = methods[False], methods[True]
     # the signal of a prefix cut from a coarse prefill is the prefix's own (its queries only)
     visual = llm.encode_frames(frames[:4]).reshape(1, 64, -1)
     coarse = alone.prefill_blocks(visual, prefix_lengths=[4, 16])
     for n in (4, 16):
         own = alone.prefill_blocks(visual[:, :n])
-        assert len(own["received"]) == len(coarse["received_prefix"][n]) > 0
-        for (r_own, w_own), (r_cut, w_cut) in zip(own["received"], coarse["received_prefix"][n], strict=True):
+        assert len(own.received) == len(coarse.received_prefix[n]) > 0
+        for (r_own, w_own), (r_cut, w_cut) in zip(own.received, coarse.received_prefix[n], strict=True):
             assert w_own == w_cut
             torch.testing.assert_close(r_cut, r_own, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(coarse["keys"][..., :n, :], own["keys"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(coarse.keys[..., :n, :], own.keys, atol=1e-5, rtol=1e-5)
     assert alone.tokens == 3 * 16 * len(frames)  # 4 + 16 + 64-token blocks each cover every token once
     assert shared.tokens == tokens_per_4_frames * len(frames) // 4
     for gi in range(3):
-        assert len(alone.block_ids[gi]) == len(shared.block_ids[gi]) > 0
-        for b in range(len(alone.block_ids[gi])):
+        assert len(alone.video.block_ids[gi]) == len(shared.video.block_ids[gi]) > 0
+        for b in range(len(alone.video.block_ids[gi])):
             x, y = alone.block(gi, b), shared.block(gi, b)
             assert x.positions.tolist() == y.positions.tolist() and x.first_frame == y.first_frame
             torch.testing.assert_close(x.k, y.k, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(x.v, y.v, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone.representatives(gi), shared.representatives(gi), atol=1e-5, rtol=1e-5)
     a, b = alone.recall(QUESTION), shared.recall(QUESTION)
-    assert a.info["blocks"] == b.info["blocks"]
+    assert a.detail.blocks == b.detail.blocks
 
 
 def test_blocks_spilled_to_disk_give_the_same_context(llm, frames, tmp_path):
@@ -252,7 +252,7 @@ def test_blocks_spilled_to_disk_give_the_same_context(llm, frames, tmp_path):
     stream(llm, spilled, frames)
     assert spilled.store.disk_bytes > 0 and any(tmp_path.iterdir())
     a, b = in_ram.recall(QUESTION), spilled.recall(QUESTION)
-    assert a.info["blocks"] == b.info["blocks"]
+    assert a.detail.blocks == b.detail.blocks
     for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True):
         torch.testing.assert_close(x, y)
     assert spilled.stats().kv_bytes == in_ram.stats().kv_bytes
@@ -323,8 +323,8 @@ def test_degenerate_mukv_retrieves_the_same_blocks_as_rekv(llm, frames, n_local_
     picked = set()
     for i, question in enumerate((QUESTION, "x", "zzzz qqq 123 !!")):
         ref, got = rekv.recall(question), contexts["shared"][i]
-        assert sorted(got.info["blocks"]["g1.0"]) == ref.info["blocks"]
-        picked.add(tuple(ref.info["blocks"]))
+        assert sorted(got.detail.blocks["g1.0"]) == ref.detail.blocks
+        picked.add(tuple(ref.detail.blocks))
         assert got.online_tokens == ref.online_tokens == len(llm.init_prompt_ids()) + k * t
         assert got.next_position == ref.next_position
         for x, y in zip(got.keys + got.values, ref.keys + ref.values, strict=True):
@@ -332,7 +332,7 @@ def test_degenerate_mukv_retrieves_the_same_blocks_as_rekv(llm, frames, n_local_
         # the published independent blocks: other KV in the second layer (so the comparison can fail)
         other = contexts["independent"][i]
         assert not torch.allclose(other.values[1], ref.values[1], atol=1e-3) or \
-            other.info["blocks"] != got.info["blocks"]
+            other.detail.blocks != got.detail.blocks
     assert len(picked) > 1  # different questions retrieve different blocks
 
 
@@ -349,7 +349,7 @@ def test_degenerate_mukv_equals_a_direct_rekv_style_retrieval(llm, frames):
     stream(llm, mukv, frames)
     full = FullCache()
     stream(llm, full, frames)
-    n0, last = mukv.n_init, llm.geometry.num_layers - 1
+    n0, last = mukv.video.n_init, llm.geometry.num_layers - 1
     groups = llm.geometry.num_heads // llm.geometry.num_kv_heads
     ids = llm.tokenize(QUESTION)
     captured = {}
@@ -372,7 +372,7 @@ def test_degenerate_mukv_equals_a_direct_rekv_style_retrieval(llm, frames):
     sims = torch.nn.functional.cosine_similarity(query[None], reprs, dim=-1)
     chosen = sorted(sims.topk(k).indices.tolist())
     ctx = mukv.recall(QUESTION)
-    assert sorted(ctx.info["blocks"]["g1.0"]) == chosen
+    assert sorted(ctx.detail.blocks["g1.0"]) == chosen
     for layer, L in enumerate(full.layers):
         kv = torch.cat([L.k[..., :n0, :]] + [L.k[..., n0 + b * t:n0 + (b + 1) * t, :] for b in chosen], -2)
         torch.testing.assert_close(ctx.keys[layer], llm.rope.rotate_range(kv, 0), atol=1e-5, rtol=1e-5)
@@ -392,15 +392,15 @@ def test_a_keep_count_below_one_keeps_the_whole_block_as_published(llm, frames):
     published.validate(llm.geometry)
     assert published.budget(llm.geometry).kept_per_block == [4, 1, 51]
     stream(llm, published, frames[:4])
-    n0 = published.n_init
-    for b in range(len(published.block_ids[0])):
+    n0 = published.video.n_init
+    for b in range(len(published.video.block_ids[0])):
         block = published.block(0, b)
         assert (block.positions - n0).tolist() == [0, 1, 2, 3]  # every token, in order, untouched
     one = MuKVCache(top_k=[2, 2, 1], keep_floor="one")
     assert one.budget(llm.geometry).kept_per_block == [1, 1, 51]
     stream(llm, one, frames[:4])
-    assert all(one.block(0, b).tokens == 1 for b in range(len(one.block_ids[0])))
-    assert published.stats().kv_tokens - one.stats().kv_tokens == 3 * len(one.block_ids[0])
+    assert all(one.block(0, b).tokens == 1 for b in range(len(one.video.block_ids[0])))
+    assert published.stats().kv_tokens - one.stats().kv_tokens == 3 * len(one.video.block_ids[0])
 
 
 def test_tied_scores_keep_the_published_candidates(llm, frames):
@@ -409,7 +409,7 @@ def test_tied_scores_keep_the_published_candidates(llm, frames):
     method = MuKVCache(top_k=[2, 2, 1], keep_ratio=[0.5, 0.5, 0.5], scoring_method="fft_only",
                        frequency="spectral_entropy")
     stream(llm, method, frames[:4])
-    n0 = method.n_init
+    n0 = method.video.n_init
     block = method.block(2, 0)  # one 64-token segment block, 32 kept
     tied = torch.zeros(64)
     published = sorted(tied.topk(int(32 * 1.2)).indices[:32].tolist())
@@ -437,12 +437,12 @@ def test_unified_layer_takes_frequency_keys_and_query_key_at_the_attention_layer
     unified = MuKVCache(use_unified_layer=True, **knobs)
     stream(llm, unified, frames[:4])
     layer = n_layers - 2
-    assert unified.signal_layer == layer
+    assert unified.plan.signal_layer == layer
     visual = llm.encode_frames(frames[:4]).reshape(-1, llm.geometry.hidden_size)
     keys = stock_keys(llm, [], prefix=visual[:16])  # the first frame block
     expected = signals.select_top(signals.frequency_signal(keys[layer][0].float().mean(dim=0), "diff"), 8)
     block = unified.block(1, 0)
-    assert (block.positions - unified.n_init).tolist() == expected.tolist()
+    assert (block.positions - unified.video.n_init).tolist() == expected.tolist()
     plain_expected = signals.select_top(signals.frequency_signal(keys[-1][0].float().mean(dim=0), "diff"), 8)
     assert expected.tolist() != plain_expected.tolist()  # the layer choice shows here
     rep = keys[-1][0][:, expected].float().mean(dim=1).reshape(-1)
@@ -461,8 +461,8 @@ def test_rerank_reverse_keeps_the_lowest_reranked_candidates(llm, frames):
     forward = MuKVCache(**SMALL)
     stream(llm, forward, frames)
     ref = forward.recall(QUESTION)
-    assert ctx.info["blocks"] != ref.info["blocks"]
-    for scores in ctx.info["block_scores"].values():
+    assert ctx.detail.blocks != ref.detail.blocks
+    for scores in ctx.detail.block_scores.values():
         assert scores == sorted(scores)  # worst first, as the reversed published list
     with pytest.raises(ConfigError, match="cache.rerank_reverse"):
         MuKVCache(rerank_reverse=True, rerank=False, **SMALL).validate(llm.geometry)

@@ -9,8 +9,8 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from mukv.cache import FullCache, ReKVCache
 from mukv.cache import rekv as rekv_module
-from mukv.cache.attention import grouped_sdpa
 from mukv.cache.block_store import BlockStore
+from mukv.cache.kernels import grouped_sdpa
 from mukv.cache.retrieval import score_blocks, select_top_blocks
 from mukv.models.adapter import KVGeometry
 from mukv.models.loading import llava_ov_config
@@ -23,7 +23,7 @@ def test_rekv_with_everything_in_window_and_retrieved_answers_exactly_as_full(ti
     rekv, context, _ = stream(tiny_llm, method, frames, 3).answer("what colour was the star?")
     torch.testing.assert_close(rekv.first_token_logits, full.first_token_logits, atol=1e-5, rtol=1e-5)
     assert rekv.token_ids == full.token_ids
-    assert context.info["blocks"] == list(range(8)) and len(method.store) == 8
+    assert context.detail.blocks == list(range(8)) and len(method.store) == 8
 
 
 def test_window_and_budget_bound_the_answer_context(tiny_llm):
@@ -31,7 +31,7 @@ def test_window_and_budget_bound_the_answer_context(tiny_llm):
     _, context, _ = stream(tiny_llm, method, random_frames(8), 3).answer("q")
     n_init, t = len(tiny_llm.init_prompt_ids()), tiny_llm.geometry.tokens_per_frame
     assert context.online_tokens == n_init + 3 * t and context.next_position == n_init + 3 * t
-    assert context.info["blocks"] == sorted(context.info["blocks"]) and len(context.info["blocks"]) == 3
+    assert context.detail.blocks == sorted(context.detail.blocks) and len(context.detail.blocks) == 3
 
 
 def test_select_top_blocks_keeps_time_order_and_chunks():
@@ -69,29 +69,29 @@ def test_a_planted_block_is_retrieved_in_time_order(tiny_llm, monkeypatch):
     method = ReKVCache(n_local=40, retrieve_size=3)
     engine = stream(tiny_llm, method, random_frames(10), 4)
     vectors = _question_vectors(monkeypatch, method, "where is the star?")
-    method.reprs[0, 7] = 50 * vectors[0]  # layer 0's queries do not depend on what was retrieved
+    method.video.reprs[0, 7] = 50 * vectors[0]  # layer 0's queries do not depend on what was retrieved
     _, context, _ = engine.answer("where is the star?")
-    assert 7 in context.info["blocks"] and context.info["blocks"] == sorted(context.info["blocks"])
+    assert 7 in context.detail.blocks and context.detail.blocks == sorted(context.detail.blocks)
     shared = ReKVCache(n_local=40, retrieve_size=3, per_layer=False, scoring="cosine")
     engine = stream(tiny_llm, shared, random_frames(10), 4)
     vectors = _question_vectors(monkeypatch, shared, "where is the star?")
-    shared.reprs[-1, 2] = vectors[-1]
+    shared.video.reprs[-1, 2] = vectors[-1]
     _, context, _ = engine.answer("where is the star?")
-    assert 2 in context.info["blocks"] and not context.info["layers_differ"]
+    assert 2 in context.detail.blocks and not context.detail.layers_differ
 
 
 def test_shared_retrieval_uses_one_block_set_in_every_layer(tiny_llm):
     method = ReKVCache(n_local=40, retrieve_size=2, per_layer=False)
     engine = stream(tiny_llm, method, random_frames(6), 3)
     context = method.recall("q")
-    blocks = context.info["blocks"]
+    blocks = context.detail.blocks
     n_init = len(tiny_llm.init_prompt_ids())
     for layer, keys in enumerate(context.keys):
         k, _ = method.store.layer_kv(blocks, layer, "cpu")
         expected = tiny_llm.rope.rotate_range(torch.cat((method.layers[layer].init_k, k), -2), 0)
         torch.testing.assert_close(keys, expected)
         assert keys.shape[-2] == n_init + 2 * tiny_llm.geometry.tokens_per_frame
-    assert engine.answer("q")[1].info["blocks"] == blocks
+    assert engine.answer("q")[1].detail.blocks == blocks
 
 
 def test_rerotation_equals_keys_encoded_at_those_positions(tiny_llm):

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mukv.config import register_configs
 from mukv.data.rvs import load_rvs_annotations
 from mukv.errors import ConfigError, DataError, MukvError
-from mukv.models.loading import model_geometry
+from mukv.models.loading import model_geometry, model_loader
 from mukv.train_eval import build_method, train_eval, validate_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -67,7 +67,8 @@ def test_annotation_loader_rejects_bytes_that_are_not_json(tmp_path):
 # --------------------------------------------------------------------------------- config fuzzing
 FIELDS = ["dataset.sample_fps", "engine.max_new_tokens", "engine.encode_chunk_size", "dataset.limit_videos",
           "dataset.synthetic.num_videos", "dataset.synthetic.duration_s", "cache.n_local", "cache.num_frames",
-          "model.dtype", "model.device", "logger.mode", "judge.name", "mode", "dataset.kind", "cache.query_block"]
+          "model.dtype", "model.device", "logger.mode", "judge.name", "judge._target_", "model._target_", "dataset._target_", "budget_frames",
+          "cache.query_block"]
 override_value = st.one_of(st.integers(-3, 5), st.floats(-2, 3, allow_nan=False), st.sampled_from(
     ["null", "abc", "true", "[1,2]", "{a: 1}", "''", "1e309", "nan", "-inf", "cuda:7", "fp8"]))
 
@@ -86,7 +87,7 @@ def test_config_fuzz_fails_only_with_config_errors(cache, overrides):
     try:
         validate_config(cfg)
         method = build_method(cfg.cache)
-        method.validate(model_geometry(cfg.model.kind, cfg.model.path, cfg.model.device, cfg.model.dtype))
+        method.validate(model_loader(cfg.model).geometry(cfg.model))
     except MukvError as err:
         assert isinstance(err, ConfigError) and err.field in str(err)
 

@@ -356,7 +356,8 @@ def test_a_dataset_that_selects_nothing_exits_2(tmp_path, case):
         args, expected = ["dataset=rvs_ego", f"dataset.annotation={ann}", f"dataset.data_root={tmp_path}"], str(ann)
     else:
         args, expected = ["dataset.video_ids=[syn-s0-v9999]"], "config field 'dataset.video_ids'"
-    proc = run_cli("experiment=smoke", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}", *args)
+    smoke = [] if case == "empty_annotation" else ["experiment=smoke"]  # smoke sizes a synthetic stream
+    proc = run_cli(*smoke, "model=tiny", f"hydra.run.dir={tmp_path / 'run'}", *args)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "loading model" not in proc.stdout and not (tmp_path / "run" / "predictions.csv").exists()

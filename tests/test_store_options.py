@@ -90,7 +90,7 @@ def test_published_0_5b_store_per_hour_of_video():
 
 
 def contexts_equal(a, b) -> None:
-    assert a.info["blocks"] == b.info["blocks"] and a.next_position == b.next_position
+    assert a.detail.blocks == b.detail.blocks and a.next_position == b.next_position
     for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True):
         assert torch.equal(x, y)
 
@@ -178,7 +178,7 @@ def test_quantized_store_keeps_the_recalled_context_close(tiny_llm, make):
         quant = stream(tiny_llm, make(kv_quant=mode, kv_quant_group_size=16), frames, 3)
         qctx = quant.method.recall(QUESTION)
         assert quant.method.stats().kv_bytes < exact.method.stats().kv_bytes
-        if ctx.info["blocks"] != qctx.info["blocks"]:  # retrieval runs on full-precision representatives
+        if ctx.detail.blocks != qctx.detail.blocks:  # retrieval runs on full-precision representatives
             pytest.fail("quantization changed which blocks were recalled")
         for x, y in zip(ctx.values, qctx.values, strict=True):
             assert (x - y).abs().max() <= x.abs().amax() * step * 1.01

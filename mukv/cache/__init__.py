@@ -12,6 +12,7 @@ from mukv.cache.base import (
     AnswerContext,
     CacheMethod,
     CacheStats,
+    Recalled,
     budget_knobs,
     method_rank,
     ordered_methods,
@@ -27,6 +28,6 @@ from mukv.cache.rekv import ReKVCache  # noqa: E402
 from mukv.cache.sliding_window import SlidingWindowCache  # noqa: E402
 from mukv.cache.uniform import UniformSampling  # noqa: E402
 
-__all__ = ["CACHE_METHODS", "AnswerContext", "CacheMethod", "CacheStats", "register_cache", "ordered_methods",
-           "method_rank", "budget_knobs", "FullCache", "MuKVCache", "SlidingWindowCache", "UniformSampling",
-           "ReKVCache"]
+__all__ = ["CACHE_METHODS", "AnswerContext", "CacheMethod", "CacheStats", "Recalled", "register_cache",
+           "ordered_methods", "method_rank", "budget_knobs", "FullCache", "MuKVCache", "SlidingWindowCache",
+           "UniformSampling", "ReKVCache"]

@@ -2,7 +2,9 @@
 
 A method sees the video as visual tokens (frames x tokens_per_frame x hidden), keeps whatever KV it wants
 while the stream plays (``ingest``), and when a question comes hands back the context the answer attends
-to (``recall``). The engine then decodes over that context with the shared ``ContextKV`` mechanics.
+to (``recall``): an ``AnswerContext`` with the per-layer keys and values, what of the video they hold
+(``Recalled``, for recall diagnostics) and the method's own typed details. The engine then decodes over that
+context with the shared ``ContextKV`` mechanics (``mukv.engine.decode_attention``).
 A new method is one subclass here (a dataclass of its knobs) registered with ``@register_cache`` plus one
 YAML file in ``conf/cache/``.
 """
@@ -11,14 +13,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-from mukv.cache.attention import SINK_DISTANCES, SINK_HANDOVERS, ContextKV, SinkWindowKV
+from mukv.cache.attention import SinkDistance, SinkHandover, SinkWindowKV
+from mukv.cache.options import check_options
 from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry, VideoLLM
 
@@ -67,14 +70,28 @@ def budget_knobs(method: str, frames: int | None, tokens_per_frame: int) -> dict
     return knobs
 
 
+@dataclass(frozen=True)
+class Recalled:
+    """What of the video an answer context holds, for recall diagnostics (``mukv.report.evidence``); never
+    used to answer. A method reports whole ``frames`` (indices from 0) or single video ``tokens``
+    (``frame * tokens_per_frame + index in the frame``; a ``range`` for a window); ``None``: not reported."""
+
+    tokens: range | Sequence[int] | None = None
+    frames: Sequence[int] | None = None
+
+
+D = TypeVar("D")  # a method's own details of a recall (e.g. ``ReKVRecall``, ``MuKVRecall``)
+
+
 @dataclass
-class AnswerContext:
+class AnswerContext(Generic[D]):
     """The recalled context of one question: per-layer rotated keys and values, in attention order."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     next_position: int  # position of the first prompt token
-    info: dict[str, Any] = field(default_factory=dict)
+    recalled: Recalled = field(default_factory=Recalled)
+    detail: D | None = None  # what the method chose and why (tests, diagnostics); its own dataclass
 
     @property
     def online_tokens(self) -> int:
@@ -109,16 +126,31 @@ class CacheMethod(abc.ABC):
         sweep). ``{}``: the method has no budget (it keeps everything) and tools run it once."""
         return {}
 
+    # The (geometry, knobs) ``validate`` last passed, so that ``bind`` checks only what was not checked yet.
+    _validated: tuple[KVGeometry, tuple] | None = None
+
     def validate(self, geometry: KVGeometry) -> None:
         """Raise ``ConfigError`` (naming the ``cache.<field>``) for knobs that do not fit the model.
 
-        Called by the pipeline with the geometry read from the model config, before any weights load.
+        Called by the pipeline with the geometry read from the model config, before any weights load; a
+        method built by hand (tests, benchmarks) is validated by ``bind`` instead. Methods put their checks
+        in ``check_knobs``.
         """
+        self.check_knobs(geometry)
+        self._validated = self._knob_state(geometry)
+
+    def check_knobs(self, geometry: KVGeometry) -> None:
+        """Hook of ``validate``: raise ``ConfigError`` naming ``cache.<field>`` for a knob that does not fit."""
         return None
 
+    def _knob_state(self, geometry: KVGeometry) -> tuple[KVGeometry, tuple]:
+        return geometry, dataclasses.astuple(self) if dataclasses.is_dataclass(self) else ()
+
     def bind(self, llm: VideoLLM) -> None:
-        """Attach the model; called once before the first video."""
-        self.validate(llm.geometry)
+        """Attach the model; called once before the first video. Validates the knobs unless ``validate``
+        already passed them on this geometry (validation runs once)."""
+        if self._validated != self._knob_state(llm.geometry):
+            self.validate(llm.geometry)
         self.llm = llm
         self.geometry = llm.geometry
 
@@ -155,17 +187,14 @@ class SinkWindowOptions:
 
     # published: once the window is full, every query sees the sinks at relative distance n_local - 1 (ReKV's
     # code: its one-angle RoPE helper reads cos[n_local - 1]) | n_local: at distance n_local
-    sink_distance: str = "published"
+    sink_distance: SinkDistance = SinkDistance.published
     # per_block: init tokens join the sink once per frame block (tokens_per_frame), when they leave the window
     # of the block's last query, and the whole block sees them as sinks, so a query whose window still holds
     # them sees them twice (ReKV's code) | exact: a query sees an init token as a sink iff it left its window
-    sink_handover: str = "per_block"
+    sink_handover: SinkHandover = SinkHandover.per_block
 
     def validate_sink_window(self) -> None:
-        for name, allowed in (("sink_distance", SINK_DISTANCES), ("sink_handover", SINK_HANDOVERS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"cache.{name}", f"unknown value '{getattr(self, name)}'; choose one of "
-                                                   f"{', '.join(allowed)}")
+        check_options(self, sink_distance=SinkDistance, sink_handover=SinkHandover)
 
     def sink_window(self, n_local: int | None, query_block: int, geometry: KVGeometry) -> SinkWindowKV:
         """One layer's streaming KV with these options; handover blocks are the model's frames."""
@@ -226,7 +255,7 @@ class WindowStreamingCache(CacheMethod):
         held = first.k.shape[-2] - (self.n_init if first.start == 0 else 0)  # video tokens in the window
         n_video = self.frames_seen * self.geometry.tokens_per_frame
         return AnswerContext(keys, values, next_position=int(keys[0].shape[-2]),
-                             info={"recalled_tokens": range(n_video - held, n_video)})
+                             recalled=Recalled(tokens=range(n_video - held, n_video)))
 
     def window_stats(self) -> CacheStats:
         layer_bytes = [tensor_bytes(L.k, L.v) + (tensor_bytes(L.init_k, L.init_v) if L.start else 0)
@@ -234,12 +263,3 @@ class WindowStreamingCache(CacheMethod):
         tokens = self.layers[0].k.shape[-2] + (self.layers[0].n_init if self.layers[0].start else 0)
         return CacheStats(kv_tokens=int(tokens), kv_bytes=sum(layer_bytes), device_kv_bytes=sum(layer_bytes))
 
-
-def decode_attention(context: AnswerContext, llm: VideoLLM, reserve: int) -> Callable:
-    """The attention callable the engine decodes with: each layer appends to its ``ContextKV``."""
-    layers = [ContextKV(k, v, context.next_position, reserve) for k, v in zip(context.keys, context.values, strict=True)]
-
-    def attend(idx: int, q, k, v, scaling):
-        return layers[idx].attend_and_append(q, k, v, scaling, llm.rope)
-
-    return attend

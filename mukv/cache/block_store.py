@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mukv.cache.quant import QUANT_MODES, QuantizedTensor, check_quant, dequantize, quantize
+from mukv.cache.quant import QUANT_MODES, KVQuant, QuantizedTensor, check_quant, dequantize, quantize
 from mukv.errors import ConfigError
 
 log = logging.getLogger("mukv")
@@ -329,7 +329,7 @@ class StoreOptions:
     pin_memory: bool = True  # pinned host memory for offloaded blocks when on CUDA
     ram_budget_gb: Optional[float] = None  # spill blocks to disk beyond this much host memory
     spill_dir: Optional[str] = None
-    kv_quant: str = "none"  # none (published) | int8 | int4: stored blocks quantized, see mukv.cache.quant
+    kv_quant: KVQuant = KVQuant.none  # none (published) | int8 | int4: stored blocks quantized, see mukv.cache.quant
     kv_quant_group_size: int = 64  # values per float16 scale (along the head dimension)
     prefetch: bool = False  # prepare layer l+1's recalled blocks while layer l is used
 

@@ -64,20 +64,66 @@ import torch
 
 from mukv.cache import rerank as rr
 from mukv.cache import signals
-from mukv.cache.attention import SinkWindowKV, attention_weights, causal_suffix_attention, prefix_causal_mask
-from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, SinkWindowOptions, register_cache, tensor_bytes
-from mukv.cache.block_store import Block, StoreOptions
+from mukv.cache.attention import SinkWindowKV
+from mukv.cache.base import (
+    AnswerContext,
+    CacheMethod,
+    CacheStats,
+    Recalled,
+    SinkWindowOptions,
+    register_cache,
+    tensor_bytes,
+)
+from mukv.cache.block_store import Block, BlockStore, StoreOptions
+from mukv.cache.kernels import attention_weights, causal_suffix_attention, prefix_causal_mask
+from mukv.cache.options import StrOption, check_options
+from mukv.cache.signals import AttentionLayer, FrequencyMethod, ScoringMethod
 from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry
 
 log = logging.getLogger(__name__)
 
-QUERY_VECTORS = ("last_key", "mean_query")
-RETRIEVAL_KEYS = ("rotated", "unrotated")
-ASSEMBLIES = ("published", "time_ordered")
-PATCH_LAYOUTS = ("raster", "quadrant")
-BLOCK_CONTEXTS = ("independent", "shared")
-KEEP_FLOORS = ("published", "one")
+
+class KeepFloor(StrOption):
+    """``keep_floor``: what a block keeps where ``int(g * keep_ratio)`` is 0."""
+
+    published = "published"  # the whole block (the published trimming returns it untouched)
+    one = "one"  # one token (this project's rule before 2026-12-02)
+
+
+class QueryVector(StrOption):
+    """``query_vector``: the question's retrieval vector."""
+
+    last_key = "last_key"  # the code: the last question token's key
+    mean_query = "mean_query"  # the paper: queries averaged over tokens
+
+
+class RetrievalKeys(StrOption):
+    """``retrieval_keys``: the keys behind the query vector and the representatives."""
+
+    rotated = "rotated"  # the code (transformers' cache holds rotated keys)
+    unrotated = "unrotated"  # ReKV's definition
+
+
+class Assembly(StrOption):
+    """``assembly``: the answer context's layout."""
+
+    published = "published"  # [init | patch | frame | segment] in score order at the encoding positions
+    time_ordered = "time_ordered"  # stream order, contiguous re-rotated positions
+
+
+class PatchLayout(StrOption):
+    """``patch_layout``: what a sub-frame block is."""
+
+    raster = "raster"  # the code: consecutive raster tokens
+    quadrant = "quadrant"  # the paper's figure: a quadrant of the frame grid
+
+
+class BlockContext(StrOption):
+    """``block_context``: how blocks are encoded."""
+
+    independent = "independent"  # the code: each block after the init prompt alone
+    shared = "shared"  # ablation: one streaming encoding (sink + window), blocks cut from it
 
 
 # ----------------------------------------------------------------------------------------- budgets
@@ -98,7 +144,7 @@ def block_sizes(granularities: list[float], tokens_per_frame: int) -> list[int]:
     return sizes
 
 
-def kept_per_block(size: int, keep_ratio: float, keep_floor: str = "published") -> int:
+def kept_per_block(size: int, keep_ratio: float, keep_floor: KeepFloor | str = KeepFloor.published) -> int:
     """Tokens a block keeps: ``int(g * keep_ratio)``; where that is 0, the whole block (``published``: the
     published trimming returns such a block untouched) or one token (``one``)."""
     n = signals.keep_count(size, keep_ratio)
@@ -137,20 +183,81 @@ def mukv_budget(geometry: KVGeometry, cfg: Any) -> MuKVBudget:
     return MuKVBudget(sizes, kept, [int(k) for k in cfg.top_k])
 
 
-# ------------------------------------------------------------------------------------------ method
-def _prefix_view(kv: dict[str, Any], n: int, rows: list[int] | None) -> dict[str, Any]:
-    """The first ``n`` tokens of the prefilled blocks ``rows`` (None: all; views, no copy) with the
-    attention those tokens received as a block of their own."""
-    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
-    return {"keys": pick(kv["keys"][:, :, :, :n]), "values": pick(kv["values"][:, :, :, :n]),
-            "last_keys_rot": pick(kv["last_keys_rot"][:, :, :n]),
-            "signal_keys_rot": pick(kv["signal_keys_rot"][:, :, :n]),
-            "received": [(pick(r), w) for r, w in kv["received_prefix"][n]]}
+# ----------------------------------------------------------------------------------- method state
+Received = list[tuple[torch.Tensor, float]]  # per attention-signal layer: (attention received (B, g), weight)
 
 
-# A trimmed block ready for the store: kept keys and values (layers, H_kv, n, d), their positions, the
-# block's retrieval representative, and the kept tokens' offsets in the block.
-Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # k, v, pos, repr, kept offsets
+@dataclass
+class BlockPrefill:
+    """A batch of B prefilled blocks of g tokens: what trimming reads (``prefill_blocks``, or cut from the
+    shared stream encoding)."""
+
+    keys: torch.Tensor  # (B, layers, H_kv, g, d), un-rotated
+    values: torch.Tensor  # (B, layers, H_kv, g, d)
+    last_keys_rot: torch.Tensor  # (B, H_kv, g, d): the last layer's keys rotated at the block positions
+    signal_keys_rot: torch.Tensor  # the same at the frequency signal's layer (the last unless use_unified_layer)
+    received: Received  # empty for scoring_method=fft_only
+    # per prefix length n: ``received`` of the blocks' first n tokens taken alone (their queries over init + those
+    # n keys: causal rows, so the same softmax); only the lengths asked of ``prefill_blocks``
+    received_prefix: dict[int, Received] = field(default_factory=dict)
+
+    def prefix(self, n: int, rows: list[int] | None) -> BlockPrefill:
+        """The first ``n`` tokens of blocks ``rows`` (None: all; views, no copy) with the attention those tokens
+        received as a block of their own (``n`` must be one of ``received_prefix``)."""
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        return BlockPrefill(keys=pick(self.keys[:, :, :, :n]), values=pick(self.values[:, :, :, :n]),
+                            last_keys_rot=pick(self.last_keys_rot[:, :, :n]),
+                            signal_keys_rot=pick(self.signal_keys_rot[:, :, :n]),
+                            received=[(pick(r), w) for r, w in self.received_prefix[n]])
+
+
+@dataclass
+class TrimmedBlock:
+    """A block after trimming, ready for the store."""
+
+    keys: torch.Tensor  # (layers, H_kv, n, d) kept keys, un-rotated
+    values: torch.Tensor  # (layers, H_kv, n, d)
+    positions: torch.Tensor  # (n,) the positions the kept tokens were encoded at
+    representative: torch.Tensor  # (heads * d,) fp32, the block's retrieval vector
+    kept: torch.Tensor  # (n,) the kept tokens' offsets in the block
+
+
+@dataclass(frozen=True)
+class MuKVPlan:
+    """What the knobs mean on the bound model (``bind``), the same for every video."""
+
+    sizes: list[int]  # block size per granularity, in tokens
+    kept: list[int]  # tokens a block of each granularity keeps
+    last_layer: int
+    signal_layer: int  # the frequency signal's keys and the query key (use_unified_layer: the attention's)
+    att_layers: list[tuple[int, float]]  # (layer, weight) whose attention scores tokens; [] for fft_only
+    prob_layers: frozenset[int]  # their indices: attention probabilities are materialised there only
+
+
+@dataclass
+class MuKVVideoState:
+    """What MuKV keeps of the current video (made by ``start_video``)."""
+
+    n_init: int  # init prompt tokens
+    init_k: list[torch.Tensor]  # per layer (1, H_kv, n_init, d), un-rotated
+    init_v: list[torch.Tensor]
+    init_k_rot: list[torch.Tensor]  # init_k rotated at 0..n_init-1
+    store: BlockStore  # every trimmed block, all granularities
+    block_ids: list[list[int]]  # per granularity: store ids, in storage order
+    reprs: list[torch.Tensor]  # per granularity: (blocks, width) representatives stacked so far, on the device
+    pending: list[list[torch.Tensor]]  # per granularity: representatives added since the last stack
+    stream: list[SinkWindowKV] | None  # block_context=shared: the stream encoding's layers
+    tokens_seen: int = 0
+
+
+@dataclass(frozen=True)
+class MuKVRecall:
+    """MuKV's details of one recall (``AnswerContext.detail``), per granularity (``g<frames>``)."""
+
+    blocks: dict[str, list[int]]  # chosen blocks in assembly-score order (storage indices)
+    block_scores: dict[str, list[float]]  # their final scores
+    online_tokens_per_granularity: dict[str, int]
+    reranked: bool  # whether the segment-guided rerank ran (three granularities and rerank=true)
 
 
 @register_cache("mukv")
@@ -163,11 +270,11 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
     granularities: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # in frames
     top_k: list[int] = field(default_factory=lambda: [20, 32, 12])
     keep_ratio: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.8])
-    keep_floor: str = "published"  # where int(g * keep_ratio) is 0: published (whole block) | one (one token)
+    keep_floor: KeepFloor = KeepFloor.published  # where int(g * keep_ratio) is 0: the whole block | one token
     alpha: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])  # attention weight per granularity
-    frequency: str = "fft"  # fft | diff | spectral_entropy
-    attention_layer: str = "last"  # last | second_last | last_5 | middle
-    scoring_method: str = "attention_fft_weighted"  # | attention_only | fft_only
+    frequency: FrequencyMethod = FrequencyMethod.fft  # fft | diff | spectral_entropy
+    attention_layer: AttentionLayer = AttentionLayer.last  # last | second_last | last_5 | middle
+    scoring_method: ScoringMethod = ScoringMethod.attention_fft_weighted  # | attention_only | fft_only
     use_unified_layer: bool = False  # published option: frequency keys and query key at the attention layer
     dedup: bool = False
     dedup_threshold: float = 0.9
@@ -176,11 +283,11 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
     rerank_beta: float = 0.3  # patch (fine) candidates
     rerank_top_n: int = 5
     rerank_reverse: bool = False  # published ablation: keep the lowest-scored candidates (needs rerank)
-    query_vector: str = "last_key"  # code | mean_query (paper)
-    retrieval_keys: str = "rotated"  # code | unrotated
-    assembly: str = "published"  # | time_ordered
-    patch_layout: str = "raster"  # code | quadrant (paper figure)
-    block_context: str = "independent"  # code | shared (ablation)
+    query_vector: QueryVector = QueryVector.last_key  # code | mean_query (paper)
+    retrieval_keys: RetrievalKeys = RetrievalKeys.rotated  # code | unrotated
+    assembly: Assembly = Assembly.published  # | time_ordered
+    patch_layout: PatchLayout = PatchLayout.raster  # code | quadrant (paper figure)
+    block_context: BlockContext = BlockContext.independent  # code | shared (ablation)
     n_local: Optional[int] = 15000  # encoding window of block_context=shared (as ReKV; its sink options too)
     batch_blocks: int = 64  # independent blocks prefilled in one batched forward (a 16-frame chunk: one per granularity)
     share_prefixes: bool = True  # a finer block that starts where a coarser one does reuses its prefill (exact)
@@ -193,7 +300,7 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         return {"top_k": [max(1, round(k * scale)) for k in (20, 32, 12)]}
 
     # ------------------------------------------------------------------------------- validation
-    def validate(self, geometry: KVGeometry) -> None:
+    def check_knobs(self, geometry: KVGeometry) -> None:
         n = len(self.granularities)
         if n == 0:
             raise ConfigError("cache.granularities", "at least one granularity is required")
@@ -214,14 +321,9 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         for a in self.alpha:
             if not 0 <= float(a) <= 1:
                 raise ConfigError("cache.alpha", f"must be in [0, 1], got {list(self.alpha)}")
-        enums = {"frequency": signals.FREQUENCY_METHODS, "attention_layer": signals.ATTENTION_LAYER_STRATEGIES,
-                 "scoring_method": signals.SCORING_METHODS, "query_vector": QUERY_VECTORS,
-                 "retrieval_keys": RETRIEVAL_KEYS, "assembly": ASSEMBLIES, "patch_layout": PATCH_LAYOUTS,
-                 "block_context": BLOCK_CONTEXTS, "keep_floor": KEEP_FLOORS}
-        for name, allowed in enums.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"cache.{name}", f"unknown value '{getattr(self, name)}'; choose one of "
-                                                   f"{', '.join(allowed)}")
+        check_options(self, frequency=FrequencyMethod, attention_layer=AttentionLayer, scoring_method=ScoringMethod,
+                      query_vector=QueryVector, retrieval_keys=RetrievalKeys, assembly=Assembly,
+                      patch_layout=PatchLayout, block_context=BlockContext, keep_floor=KeepFloor)
         if not -1 <= self.dedup_threshold <= 1:
             raise ConfigError("cache.dedup_threshold", f"a cosine similarity in [-1, 1], got {self.dedup_threshold}")
         for name in ("rerank_alpha", "rerank_beta"):
@@ -250,47 +352,72 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         return mukv_budget(geometry or self.geometry, self)
 
     # ---------------------------------------------------------------------------------- binding
+    def __post_init__(self) -> None:
+        self._plan: MuKVPlan | None = None  # made by bind
+        self._video: MuKVVideoState | None = None  # made by start_video
+        self._warned_large = False  # a chunk held no complete block of some granularity (warned once)
+
+    @property
+    def plan(self) -> MuKVPlan:
+        """The knobs on the bound model (``bind`` makes it)."""
+        if self._plan is None:
+            raise RuntimeError("MuKV: bind() to a model first")
+        return self._plan
+
+    @property
+    def video(self) -> MuKVVideoState:
+        """The current video's state (``start_video`` makes it)."""
+        if self._video is None:
+            raise RuntimeError("MuKV: start_video() before ingesting or recalling")
+        return self._video
+
+    @property
+    def store(self) -> BlockStore:
+        """The current video's block store."""
+        return self.video.store
+
     def bind(self, llm) -> None:
         super().bind(llm)
-        self.sizes = block_sizes(list(self.granularities), self.geometry.tokens_per_frame)
-        self.kept = [kept_per_block(g, r, self.keep_floor) for g, r in zip(self.sizes, self.keep_ratio, strict=True)]
+        sizes = block_sizes(list(self.granularities), self.geometry.tokens_per_frame)
         n_layers = self.geometry.num_layers
-        self.last_layer = n_layers - 1
-        # the layer of the frequency signal's keys and of the query key (use_unified_layer: the attention's)
-        self.signal_layer = (signals.unified_layer(self.attention_layer, n_layers) if self.use_unified_layer
-                             else self.last_layer)
-        self.att_layers = (signals.attention_layers(self.attention_layer, n_layers)
-                           if self.scoring_method != "fft_only" else [])
-        self.prob_layers = {i for i, _ in self.att_layers}
+        att_layers = (signals.attention_layers(self.attention_layer, n_layers)
+                      if self.scoring_method != "fft_only" else [])
+        self._plan = MuKVPlan(
+            sizes=sizes,
+            kept=[kept_per_block(g, r, self.keep_floor) for g, r in zip(sizes, self.keep_ratio, strict=True)],
+            last_layer=n_layers - 1,
+            signal_layer=(signals.unified_layer(self.attention_layer, n_layers) if self.use_unified_layer
+                          else n_layers - 1),
+            att_layers=att_layers, prob_layers=frozenset(i for i, _ in att_layers))
         self._warned_large = False
 
     # ----------------------------------------------------------------------------------- stream
     def start_video(self, init_ids: list[int]) -> None:
-        n_layers = self.geometry.num_layers
+        n_layers, plan = self.geometry.num_layers, self.plan
         layers = [SinkWindowKV(None) for _ in range(n_layers)]
 
         def attend(idx, q, k, v, scaling):
             return layers[idx].attend_and_append(q, k, v, scaling, self.llm.rope)
 
         self.llm.forward(self.llm.embed_ids(init_ids), attend)
-        self.n_init = len(init_ids)
-        self.init_k = [L.k for L in layers]  # (1, H_kv, n_init, d) un-rotated
-        self.init_v = [L.v for L in layers]
-        self.init_k_rot = [self.llm.rope.rotate_range(k, 0) for k in self.init_k]
-        if getattr(self, "store", None) is not None:
-            self.store.clear()
-        self.store = self.new_store(self.llm.device)
-        self.block_ids: list[list[int]] = [[] for _ in self.sizes]  # store ids, per granularity
+        init_k = [L.k for L in layers]  # (1, H_kv, n_init, d) un-rotated
+        init_v = [L.v for L in layers]
+        if self._video is not None:
+            self._video.store.clear()  # the previous video's spill files go now
         width = self.geometry.num_kv_heads * self.geometry.head_dim
-        self._reprs = [torch.zeros(0, width, device=self.llm.device) for _ in self.sizes]  # (blocks, H_kv*d)
-        self._pending: list[list[torch.Tensor]] = [[] for _ in self.sizes]  # added since the last stack
-        self.tokens_seen = 0
-        self.stream = None
+        stream = None
         if self.block_context == "shared":
-            self.stream = [self.sink_window(self.n_local, self.query_block, self.geometry) for _ in range(n_layers)]
-            for layer, k, v in zip(self.stream, self.init_k, self.init_v, strict=True):
+            stream = [self.sink_window(self.n_local, self.query_block, self.geometry) for _ in range(n_layers)]
+            for layer, k, v in zip(stream, init_k, init_v, strict=True):
                 layer.k, layer.v = k, v
                 layer.set_init(k, v)
+        self._video = MuKVVideoState(
+            n_init=len(init_ids), init_k=init_k, init_v=init_v,
+            init_k_rot=[self.llm.rope.rotate_range(k, 0) for k in init_k],
+            store=self.new_store(self.llm.device),
+            block_ids=[[] for _ in plan.sizes],
+            reprs=[torch.zeros(0, width, device=self.llm.device) for _ in plan.sizes],
+            pending=[[] for _ in plan.sizes], stream=stream)
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
         t = self.geometry.tokens_per_frame
@@ -301,8 +428,9 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
             self._ingest_shared(flat, start)
         else:
             self._ingest_independent(visual, start)
-        self.tokens_seen = (first_frame + n_frames) * t
-        self.store.flush()  # the chunk's blocks leave the device in one copy
+        video = self.video
+        video.tokens_seen = (first_frame + n_frames) * t
+        video.store.flush()  # the chunk's blocks leave the device in one copy
 
     def _shares_prefix(self, fine: int, coarse: int) -> bool:
         """Whether a ``fine``-token block starting where a ``coarse``-token block starts is that block's first
@@ -319,28 +447,29 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         per frame). Blocks are then trimmed and stored in stream order, as without sharing."""
         n_frames = visual.shape[0]
         t = visual.shape[1]
-        # per granularity: block index -> its trimmed selection (from its own prefill or a coarser one's)
-        chosen: list[dict[int, Selection]] = [{} for _ in self.sizes]
-        for gi in reversed(range(len(self.sizes))):
-            g = self.sizes[gi]
+        sizes = self.plan.sizes
+        # per granularity: block index -> the block trimmed (from its own prefill or a coarser one's)
+        chosen: list[dict[int, TrimmedBlock]] = [{} for _ in sizes]
+        for gi in reversed(range(len(sizes))):
+            g = sizes[gi]
             tokens = self._layout(visual, g)
             n_blocks = tokens.shape[0] // g
             if n_blocks == 0:
                 self._warn_large(g, n_frames)
                 continue
             blocks = tokens[: n_blocks * g].reshape(n_blocks, g, -1)
-            finer = [fi for fi in range(gi) if self._shares_prefix(self.sizes[fi], g)]
+            finer = [fi for fi in range(gi) if self._shares_prefix(sizes[fi], g)]
             fresh = [b for b in range(n_blocks) if b not in chosen[gi]]
-            positions = self.n_init + torch.arange(g, device=visual.device)
+            positions = self.video.n_init + torch.arange(g, device=visual.device)
             for a in range(0, len(fresh), self.batch_blocks):
                 ids = fresh[a:a + self.batch_blocks]
-                kv = self.prefill_blocks(blocks[ids], prefix_lengths=[self.sizes[fi] for fi in finer])
+                kv = self.prefill_blocks(blocks[ids], prefix_lengths=[sizes[fi] for fi in finer])
                 chosen[gi].update(zip(ids, self._select(gi, kv, positions.expand(len(ids), g)), strict=True))
                 for fi in finer:  # blocks of a finer granularity that start where these start
-                    gf = self.sizes[fi]
+                    gf = sizes[fi]
                     rows = [j for j, b in enumerate(ids) if (b * g) % gf == 0 and (b * g) // gf not in chosen[fi]]
                     if rows:
-                        part = _prefix_view(kv, gf, None if len(rows) == len(ids) else rows)
+                        part = kv.prefix(gf, None if len(rows) == len(ids) else rows)
                         pos = positions[:gf].expand(len(rows), gf)  # a prefix sits at the block's first positions
                         chosen[fi].update(zip([ids[j] * g // gf for j in rows], self._select(fi, part, pos),
                                               strict=True))
@@ -367,64 +496,61 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
 
     # ------------------------------------------------------------------------- block prefill
     @torch.inference_mode()
-    def prefill_blocks(self, blocks: torch.Tensor, prefix_lengths: list[int] = ()) -> dict[str, Any]:
-        """Prefill a batch of independent blocks (B, g, hidden), each after the init prompt only.
-
-        Returns un-rotated ``keys``/``values`` (B, layers, H_kv, g, d), the last layer's keys rotated at the
-        block positions (``last_keys_rot``, (B, H_kv, g, d)), the same for the frequency signal's layer
-        (``signal_keys_rot``; the last layer unless ``use_unified_layer``) and ``received``: per attention-signal layer,
-        (attention received (B, g), weight); ``received_prefix[n]`` is the same for the blocks' first ``n``
-        tokens taken alone (their queries over init + those ``n`` keys: causal rows, so the same softmax).
-        """
+    def prefill_blocks(self, blocks: torch.Tensor, prefix_lengths: list[int] = ()) -> BlockPrefill:
+        """Prefill a batch of independent blocks (B, g, hidden), each after the init prompt only, at positions
+        ``n_init ..``; ``received_prefix`` holds the attention signal of the blocks' first ``n`` tokens for each
+        ``n`` in ``prefix_lengths`` (see ``BlockPrefill``)."""
         bsz, g, _ = blocks.shape
-        n0 = self.n_init
+        plan, video = self.plan, self.video
+        n0 = video.n_init
         rope = self.llm.rope
         mask = prefix_causal_mask(g, n0 + g, blocks.device)
         ks, vs = [None] * self.geometry.num_layers, [None] * self.geometry.num_layers
-        out: dict[str, Any] = {"received": [], "received_prefix": {n: [] for n in prefix_lengths}}
+        rotated: dict[int, torch.Tensor] = {}  # the last and the signal layer's keys, rotated
+        received: Received = []
+        received_prefix: dict[int, Received] = {n: [] for n in prefix_lengths}
 
         def attend(idx, q, k, v, scaling):
             ks[idx], vs[idx] = k, v
             q_rot, k_rot = rope.rotate_range(q, n0), rope.rotate_range(k, n0)
-            if idx == self.last_layer:
-                out["last_keys_rot"] = k_rot
-            if idx == self.signal_layer:
-                out["signal_keys_rot"] = k_rot
-            keys = torch.cat((self.init_k_rot[idx].expand(bsz, -1, -1, -1), k_rot), dim=-2)
-            vals = torch.cat((self.init_v[idx].expand(bsz, -1, -1, -1), v), dim=-2)
-            if idx not in self.prob_layers:
+            if idx in (plan.last_layer, plan.signal_layer):
+                rotated[idx] = k_rot
+            keys = torch.cat((video.init_k_rot[idx].expand(bsz, -1, -1, -1), k_rot), dim=-2)
+            vals = torch.cat((video.init_v[idx].expand(bsz, -1, -1, -1), v), dim=-2)
+            if idx not in plan.prob_layers:
                 return causal_suffix_attention(q_rot, keys, vals, scaling)
             probs = attention_weights(q_rot, keys, scaling, mask)  # (B, Hq, g, n0 + g) fp32
-            weight = dict(self.att_layers)[idx]
-            out["received"].append((signals.attention_received(probs, n0, per_block=True), weight))
+            weight = dict(plan.att_layers)[idx]
+            received.append((signals.attention_received(probs, n0, per_block=True), weight))
             for n in prefix_lengths:
                 sub = probs[:, :, :n, : n0 + n]
-                out["received_prefix"][n].append((signals.attention_received(sub, n0, per_block=True), weight))
+                received_prefix[n].append((signals.attention_received(sub, n0, per_block=True), weight))
             groups = q.shape[1] // vals.shape[1]
             return torch.matmul(probs, vals.float().repeat_interleave(groups, dim=1)).to(q.dtype)
 
         self.llm.forward(blocks, attend)
-        out["keys"] = torch.stack(ks, dim=1)
-        out["values"] = torch.stack(vs, dim=1)
-        return out
+        return BlockPrefill(keys=torch.stack(ks, dim=1), values=torch.stack(vs, dim=1),
+                            last_keys_rot=rotated[plan.last_layer], signal_keys_rot=rotated[plan.signal_layer],
+                            received=received, received_prefix=received_prefix)
 
     def _ingest_shared(self, flat: torch.Tensor, start: int) -> None:
         """block_context=shared: one stream forward of the chunk (sink + window), blocks cut from its KV."""
         ks, vs, qs, scale = {}, {}, {}, {}
+        plan, video = self.plan, self.video
 
         def attend(idx, q, k, v, scaling):
             ks[idx], vs[idx] = k[0], v[0]
-            if idx in self.prob_layers:
+            if idx in plan.prob_layers:
                 qs[idx], scale[idx] = q[0], scaling
-            return self.stream[idx].attend_and_append(q, k, v, scaling, self.llm.rope)
+            return video.stream[idx].attend_and_append(q, k, v, scaling, self.llm.rope)
 
         self.llm.forward(flat[None], attend)
         n_layers = self.geometry.num_layers
         keys = torch.stack([ks[i] for i in range(n_layers)])  # (layers, H_kv, N, d) un-rotated
         values = torch.stack([vs[i] for i in range(n_layers)])
-        n0, rope = self.n_init, self.llm.rope
+        n0, rope = video.n_init, self.llm.rope
         t = self.geometry.tokens_per_frame
-        for gi, g in enumerate(self.sizes):
+        for gi, g in enumerate(plan.sizes):
             order = self._layout(torch.arange(flat.shape[0], device=flat.device).view(-1, t, 1), g).view(-1)
             n_blocks = order.numel() // g
             if n_blocks == 0:
@@ -438,68 +564,69 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
                 bsz = idx.shape[0]
                 kb = keys[:, :, idx].permute(2, 0, 1, 3, 4)  # (B, layers, H_kv, g, d)
                 vb = values[:, :, idx].permute(2, 0, 1, 3, 4)
-                received = []
-                for li, w in self.att_layers:
+                received: Received = []
+                for li, w in plan.att_layers:
                     # The block's own queries over init + block (as in the independent case).
                     q_rot = rope.rotate_range(qs[li][:, idx].transpose(0, 1), n0)  # (B, Hq, g, d)
-                    k_all = torch.cat((self.init_k_rot[li].expand(bsz, -1, -1, -1), rope.rotate_range(kb[:, li], n0)),
+                    k_all = torch.cat((video.init_k_rot[li].expand(bsz, -1, -1, -1), rope.rotate_range(kb[:, li], n0)),
                                       -2)
                     probs = attention_weights(q_rot, k_all, scale[li], mask)
                     received.append((signals.attention_received(probs, n0, per_block=True), w))
-                kv = {"keys": kb, "values": vb, "received": received,
-                      "last_keys_rot": rope.rotate_range(kb[:, self.last_layer], n0),
-                      "signal_keys_rot": rope.rotate_range(kb[:, self.signal_layer], n0)}
-                for j, (sel, b) in enumerate(zip(self._select(gi, kv, n0 + start + idx), idx, strict=True)):
-                    self._store(gi, sel, start + firsts[a + j], start + b)
+                kv = BlockPrefill(keys=kb, values=vb, received=received,
+                                  last_keys_rot=rope.rotate_range(kb[:, plan.last_layer], n0),
+                                  signal_keys_rot=rope.rotate_range(kb[:, plan.signal_layer], n0))
+                for j, (trimmed, b) in enumerate(zip(self._select(gi, kv, n0 + start + idx), idx, strict=True)):
+                    self._store(gi, trimmed, start + firsts[a + j], start + b)
 
     # ------------------------------------------------------------------------------ trimming
-    def _select(self, gi: int, kv: dict[str, Any], positions: torch.Tensor) -> list[Selection]:
+    def _select(self, gi: int, kv: BlockPrefill, positions: torch.Tensor) -> list[TrimmedBlock]:
         """Score and trim a batch of blocks of granularity ``gi`` (positions (B, g)); only the kept tokens
         are gathered (the batch itself may be a view into a larger prefill)."""
-        g, keep = self.sizes[gi], self.kept[gi]
+        g, keep = self.plan.sizes[gi], self.plan.kept[gi]
         if keep >= g:  # untouched (keep ratio 1, or a keep count of 0 with keep_floor=published): no scoring
             return self._gather_kept(kv, positions, torch.arange(g, device=positions.device).expand(len(positions), g))
-        keys_mean = kv["signal_keys_rot"].float().mean(dim=1)  # (B, g, d), KV-head mean, with RoPE
-        scores = signals.token_scores(kv["received"] or None, keys_mean, float(self.alpha[gi]), self.scoring_method,
+        keys_mean = kv.signal_keys_rot.float().mean(dim=1)  # (B, g, d), KV-head mean, with RoPE
+        scores = signals.token_scores(kv.received or None, keys_mean, float(self.alpha[gi]), self.scoring_method,
                                       self.frequency)
         if self.dedup:
-            dedup_keys = kv["last_keys_rot"].float().mean(dim=1)  # the last layer's, as published
+            dedup_keys = kv.last_keys_rot.float().mean(dim=1)  # the last layer's, as published
             chosen = [signals.select_with_dedup(scores[b], dedup_keys[b], keep, self.dedup_threshold)
                       for b in range(scores.shape[0])]
         else:
             return self._gather_kept(kv, positions, signals.select_top(scores, keep))
         out = []
         for b, idx in enumerate(chosen):
-            k = kv["keys"][b][:, :, idx]  # (layers, H_kv, n, d)
-            v = kv["values"][b][:, :, idx]
-            last = kv["last_keys_rot"][b][:, idx] if self.retrieval_keys == "rotated" else k[self.last_layer]
-            out.append((k, v, positions[b][idx], last.float().mean(dim=1).reshape(-1), idx))  # heads concatenated
+            k = kv.keys[b][:, :, idx]  # (layers, H_kv, n, d)
+            v = kv.values[b][:, :, idx]
+            last = kv.last_keys_rot[b][:, idx] if self.retrieval_keys == "rotated" else k[self.plan.last_layer]
+            reprs = last.float().mean(dim=1).reshape(-1)  # heads concatenated
+            out.append(TrimmedBlock(k, v, positions[b][idx], reprs, idx))
         return out
 
-    def _gather_kept(self, kv: dict[str, Any], positions: torch.Tensor, top: torch.Tensor) -> list[Selection]:
+    def _gather_kept(self, kv: BlockPrefill, positions: torch.Tensor, top: torch.Tensor) -> list[TrimmedBlock]:
         """``_select``'s gather for a whole batch at once, when every block keeps the same number of tokens
         (``top``: (B, n)): a few operations per batch instead of per block (on a GPU each is a launch)."""
-        keys, values = kv["keys"], kv["values"]  # (B, layers, H_kv, g, d)
+        keys, values = kv.keys, kv.values  # (B, layers, H_kv, g, d)
         idx = top[:, None, None, :, None].expand(-1, keys.shape[1], keys.shape[2], -1, keys.shape[-1])
         k, v = keys.gather(3, idx), values.gather(3, idx)
         if self.retrieval_keys == "rotated":
-            last_keys = kv["last_keys_rot"]  # (B, H_kv, g, d)
+            last_keys = kv.last_keys_rot  # (B, H_kv, g, d)
             last = last_keys.gather(2, top[:, None, :, None].expand(-1, last_keys.shape[1], -1, last_keys.shape[-1]))
         else:
-            last = k[:, self.last_layer]
+            last = k[:, self.plan.last_layer]
         reprs = last.float().mean(dim=2).reshape(top.shape[0], -1)  # heads concatenated
         pos = positions.gather(1, top)
-        return [(k[b], v[b], pos[b], reprs[b], top[b]) for b in range(top.shape[0])]
+        return [TrimmedBlock(k[b], v[b], pos[b], reprs[b], top[b]) for b in range(top.shape[0])]
 
-    def _store(self, gi: int, sel: Selection, start: int, tokens: torch.Tensor) -> None:
+    def _store(self, gi: int, block: TrimmedBlock, start: int, tokens: torch.Tensor) -> None:
         """Add a trimmed block (starting at video token ``start``; ``tokens``: the video token index of each of
         its tokens, in block order) to the store and its representative."""
-        k, v, pos, repr_vec, kept = sel
-        t = self.geometry.tokens_per_frame
-        bid = self.store.add(k, v, pos, first_frame=start / t, num_frames=self.sizes[gi] / t,
-                             meta={"granularity": gi, "video_tokens": tokens[kept.to(tokens.device)]})
-        self.block_ids[gi].append(bid)
-        self._pending[gi].append(repr_vec)
+        t, video = self.geometry.tokens_per_frame, self.video
+        bid = video.store.add(block.keys, block.values, block.positions, first_frame=start / t,
+                              num_frames=self.plan.sizes[gi] / t,
+                              meta={"granularity": gi, "video_tokens": tokens[block.kept.to(tokens.device)]})
+        video.block_ids[gi].append(bid)
+        video.pending[gi].append(block.representative)
 
     # ---------------------------------------------------------------------------------- recall
     @torch.inference_mode()
@@ -507,20 +634,20 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         """The query vector: the raw question prefilled after the init prompt; the last layer's key of the
         last question token (``last_key``) or its queries averaged over tokens (``mean_query``)."""
         ids = self.llm.tokenize(question)
-        n0, n = self.n_init, len(ids)
+        n0, n = self.video.n_init, len(ids)
         if n == 0:  # no question tokens, no query: every block scores 0 (the earliest are taken)
             heads = self.geometry.num_kv_heads if self.query_vector == "last_key" else self.geometry.num_heads
             return torch.zeros(heads * self.geometry.head_dim, device=self.llm.device)
-        rope = self.llm.rope
+        rope, plan, video = self.llm.rope, self.plan, self.video
         got: dict[str, torch.Tensor] = {}
 
         def attend(idx, q, k, v, scaling):
             q_rot, k_rot = rope.rotate_range(q, n0), rope.rotate_range(k, n0)
-            if idx == self.signal_layer:
+            if idx == plan.signal_layer:
                 rotated = self.retrieval_keys == "rotated"
                 got["k"], got["q"] = (k_rot, q_rot) if rotated else (k, q)
-            keys = torch.cat((self.init_k_rot[idx], k_rot), dim=-2)
-            vals = torch.cat((self.init_v[idx], v), dim=-2)
+            keys = torch.cat((video.init_k_rot[idx], k_rot), dim=-2)
+            vals = torch.cat((video.init_v[idx], v), dim=-2)
             return causal_suffix_attention(q_rot, keys, vals, scaling)
 
         self.llm.forward(self.llm.embed_ids(ids), attend)
@@ -530,14 +657,15 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
 
     def block(self, gi: int, b: int) -> Block:
         """Block ``b`` (in storage order) of granularity ``gi``."""
-        return self.store.blocks[self.block_ids[gi][b]]
+        return self.video.store.blocks[self.video.block_ids[gi][b]]
 
     def representatives(self, gi: int) -> torch.Tensor:
         """(blocks, H_kv * d) representatives of granularity ``gi``, in storage order, on the device."""
-        if self._pending[gi]:
-            self._reprs[gi] = torch.cat((self._reprs[gi], torch.stack(self._pending[gi])))
-            self._pending[gi] = []
-        return self._reprs[gi]
+        video = self.video
+        if video.pending[gi]:
+            video.reprs[gi] = torch.cat((video.reprs[gi], torch.stack(video.pending[gi])))
+            video.pending[gi] = []
+        return video.reprs[gi]
 
     def _retrieval_reprs(self, gi: int) -> torch.Tensor:
         reprs = self.representatives(gi)
@@ -548,52 +676,53 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         return reprs.view(n, self.geometry.num_kv_heads, -1).repeat_interleave(groups, dim=1).reshape(n, -1)
 
     @torch.inference_mode()
-    def recall(self, question: str) -> AnswerContext:
+    def recall(self, question: str) -> AnswerContext[MuKVRecall]:
         qv = self.query(question)
-        reprs = [self._retrieval_reprs(gi) for gi in range(len(self.sizes))]
-        reranked = self.rerank and len(self.sizes) == 3
+        video = self.video
+        reprs = [self._retrieval_reprs(gi) for gi in range(len(self.plan.sizes))]
+        reranked = self.rerank and len(self.plan.sizes) == 3
         chosen = rr.select_blocks(qv, reprs, list(self.top_k), rerank=reranked, alpha=self.rerank_alpha,
                                   beta=self.rerank_beta, top_n=self.rerank_top_n, reverse=self.rerank_reverse)
         # [patch | frame | segment], each in score order (published), or everything in stream order
         picks = [(gi, int(b)) for gi, sel in enumerate(chosen) for b in sel.indices.tolist()]
         if self.assembly == "time_ordered":
             picks.sort(key=lambda p: (self.block(*p).first_frame, p[0]))
-        ids = [self.block_ids[gi][b] for gi, b in picks]
+        ids = [video.block_ids[gi][b] for gi, b in picks]
         device, rope = self.llm.device, self.llm.rope
-        positions = torch.cat((torch.arange(self.n_init), self.store.positions(ids))).to(device)
+        positions = torch.cat((torch.arange(video.n_init), video.store.positions(ids))).to(device)
         length = int(positions.numel())
         if self.assembly == "time_ordered":
             positions = torch.arange(length, device=device)
         out_k, out_v = [], []
         n_layers = self.geometry.num_layers
-        loaded = self.store.layers_kv(ids, n_layers, device, self.init_k[0].dtype) if ids else [None] * n_layers
+        loaded = video.store.layers_kv(ids, n_layers, device, video.init_k[0].dtype) if ids else [None] * n_layers
         for layer, blocks_kv in enumerate(loaded):
-            k, v = self.init_k[layer], self.init_v[layer]
+            k, v = video.init_k[layer], video.init_v[layer]
             if blocks_kv is not None:
                 k, v = torch.cat((k, blocks_kv[0]), dim=-2), torch.cat((v, blocks_kv[1]), dim=-2)
             out_k.append(rope.rotate(k, positions))
             out_v.append(v)
         names = [f"g{x}" for x in self.granularities]
-        info = {
-            "blocks": {n: sel.indices.tolist() for n, sel in zip(names, chosen, strict=True)},
-            "block_scores": {n: sel.scores.tolist() for n, sel in zip(names, chosen, strict=True)},
-            "online_tokens_per_granularity": {
+        detail = MuKVRecall(
+            blocks={n: sel.indices.tolist() for n, sel in zip(names, chosen, strict=True)},
+            block_scores={n: sel.scores.tolist() for n, sel in zip(names, chosen, strict=True)},
+            online_tokens_per_granularity={
                 n: sum(self.block(gi, b).tokens for b in sel.indices.tolist())
                 for gi, (n, sel) in enumerate(zip(names, chosen, strict=True))},
-            "reranked": reranked,
-            # the video tokens (frame * tokens_per_frame + index in frame) the answer sees, for recall diagnostics
-            "recalled_tokens": sorted(t for i in ids for t in self.store.blocks[i].meta["video_tokens"]),
-        }
-        return AnswerContext(out_k, out_v, next_position=length, info=info)
+            reranked=reranked)
+        # the video tokens (frame * tokens_per_frame + index in frame) the answer sees
+        tokens = sorted(t for i in ids for t in video.store.blocks[i].meta["video_tokens"])
+        return AnswerContext(out_k, out_v, next_position=length, recalled=Recalled(tokens=tokens), detail=detail)
 
     # ----------------------------------------------------------------------------------- stats
     def stats(self) -> CacheStats:
         """kv: init + the stored blocks (host / disk); device: init, representatives, the shared stream's
         window (block_context=shared)."""
-        init = tensor_bytes(*self.init_k, *self.init_v)
-        reprs = sum(self.representatives(gi).numel() * 4 for gi in range(len(self.sizes)))  # fp32
+        video = self.video
+        init = tensor_bytes(*video.init_k, *video.init_v)
+        reprs = sum(self.representatives(gi).numel() * 4 for gi in range(len(self.plan.sizes)))  # fp32
         device = init + reprs
-        if self.stream is not None:
-            device += sum(tensor_bytes(L.k, L.v) for L in self.stream)
-        return CacheStats(kv_tokens=self.store.tokens + self.n_init, kv_bytes=self.store.nbytes + init,
+        if video.stream is not None:
+            device += sum(tensor_bytes(L.k, L.v) for L in video.stream)
+        return CacheStats(kv_tokens=video.store.tokens + video.n_init, kv_bytes=video.store.nbytes + init,
                           device_kv_bytes=device, aux_bytes=reprs)

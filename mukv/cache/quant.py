@@ -17,7 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-QUANT_MODES = ("none", "int8", "int4")
+from mukv.cache.options import StrOption
+
+
+class KVQuant(StrOption):
+    """``kv_quant``: how stored blocks are kept (``none``: as the model computed them, the published way)."""
+
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+QUANT_MODES = KVQuant.values()
 _QMAX = {"int8": 127, "int4": 7}
 
 

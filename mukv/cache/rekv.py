@@ -11,22 +11,47 @@ question's KV is dropped; the answer context of each layer is init + its retriev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from mukv.cache.attention import causal_suffix_attention
 from mukv.cache.base import (
     AnswerContext,
     CacheStats,
+    Recalled,
     SinkWindowOptions,
     WindowStreamingCache,
     register_cache,
     tensor_bytes,
 )
-from mukv.cache.block_store import StoreOptions
-from mukv.cache.retrieval import block_representatives, question_vector, score_blocks, select_top_blocks
+from mukv.cache.block_store import BlockStore, StoreOptions
+from mukv.cache.kernels import causal_suffix_attention
+from mukv.cache.retrieval import (
+    BlockScoring,
+    block_representatives,
+    question_vector,
+    score_blocks,
+    select_top_blocks,
+)
 from mukv.errors import ConfigError
+
+
+@dataclass
+class ReKVVideoState:
+    """What ReKV keeps of the current video beside its window (made by ``start_video``)."""
+
+    store: BlockStore  # every completed frame block, all layers, offloaded
+    reprs: torch.Tensor  # (layers, blocks, H * d) representative keys, on the device
+    # per layer, the un-rotated KV of the frames being ingested (filled while the chunk runs, then stored)
+    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReKVRecall:
+    """ReKV's details of one recall (``AnswerContext.detail``)."""
+
+    blocks: list[int]  # the first layer's retrieved blocks (frames), in time order
+    layers_differ: bool  # whether some layer retrieved other blocks
 
 
 @register_cache("rekv")
@@ -40,7 +65,7 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     # SinkWindowOptions; the defaults are the published code's)
     retrieve_size: int = 64  # blocks (frames) recalled per layer
     retrieve_chunk_size: int = 1  # score and take consecutive blocks in groups of this size
-    scoring: str = "dot"  # dot (published code) | cosine (paper)
+    scoring: BlockScoring = BlockScoring.dot  # dot (published code) | cosine (paper)
     per_layer: bool = True  # per-layer retrieval (code) | one block set for all layers (see recall)
     query_block: int = 1024
 
@@ -48,14 +73,29 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
         return {"retrieve_size": frames}  # frame blocks recalled per layer (the window is not the budget)
 
-    def validate(self, geometry) -> None:
+    def __post_init__(self) -> None:
+        self._video: ReKVVideoState | None = None  # made by start_video
+
+    @property
+    def video(self) -> ReKVVideoState:
+        """The current video's state (``start_video`` makes it)."""
+        if self._video is None:
+            raise RuntimeError("ReKV: start_video() before ingesting or recalling")
+        return self._video
+
+    @property
+    def store(self) -> BlockStore:
+        """The current video's block store."""
+        return self.video.store
+
+    def check_knobs(self, geometry) -> None:
         for name in ("n_local", "retrieve_size", "retrieve_chunk_size", "query_block"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name}", f"must be at least 1, got {getattr(self, name)}")
         if self.retrieve_size % self.retrieve_chunk_size:
             raise ConfigError("cache.retrieve_chunk_size",
                               f"must divide retrieve_size ({self.retrieve_size}), got {self.retrieve_chunk_size}")
-        if self.scoring not in ("dot", "cosine"):
+        if self.scoring not in BlockScoring.values():
             raise ConfigError("cache.scoring", f"unknown scoring '{self.scoring}'; choose dot or cosine")
         self.validate_sink_window()
         self.validate_store(geometry.head_dim)
@@ -63,33 +103,32 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     # ---------------------------------------------------------------------------------- streaming
     def start_video(self, init_ids: list[int]) -> None:
         super().start_video(init_ids)
-        if getattr(self, "store", None) is not None:
-            self.store.clear()
-        self.store = self.new_store(self.llm.device)
-        self.reprs = torch.empty(self.geometry.num_layers, 0, self.geometry.num_heads * self.geometry.head_dim,
-                                 device=self.llm.device)
-        self._new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self._video is not None:
+            self._video.store.clear()  # the previous video's spill files go now
+        reprs = torch.empty(self.geometry.num_layers, 0, self.geometry.num_heads * self.geometry.head_dim,
+                            device=self.llm.device)
+        self._video = ReKVVideoState(store=self.new_store(self.llm.device), reprs=reprs)
 
     def capture_new_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._new_kv[layer_idx] = (k, v)
+        self.video.new_kv[layer_idx] = (k, v)
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
         super().ingest(visual, first_frame)
         frames, t = visual.shape[0], self.geometry.tokens_per_frame
-        layers = range(self.geometry.num_layers)
-        k = torch.cat([self._new_kv[i][0] for i in layers])  # (layers, kv_heads, F*T, d)
-        v = torch.cat([self._new_kv[i][1] for i in layers])
-        self._new_kv.clear()
+        layers, video = range(self.geometry.num_layers), self.video
+        k = torch.cat([video.new_kv[i][0] for i in layers])  # (layers, kv_heads, F*T, d)
+        v = torch.cat([video.new_kv[i][1] for i in layers])
+        video.new_kv.clear()
         kb = k.unflatten(2, (frames, t))  # (layers, kv_heads, F, T, d)
         vb = v.unflatten(2, (frames, t))
         for f in range(frames):
             start = self.n_init + (first_frame + f) * t
-            self.store.add(kb[:, :, f], vb[:, :, f], torch.arange(start, start + t), first_frame + f, 1)
-        self.reprs = torch.cat((self.reprs, block_representatives(kb, self.geometry.num_heads)), dim=1)
-        self.store.flush()  # the chunk's blocks leave the device in one copy
+            video.store.add(kb[:, :, f], vb[:, :, f], torch.arange(start, start + t), first_frame + f, 1)
+        video.reprs = torch.cat((video.reprs, block_representatives(kb, self.geometry.num_heads)), dim=1)
+        video.store.flush()  # the chunk's blocks leave the device in one copy
 
     # ---------------------------------------------------------------------------------- recall
-    def recall(self, question: str) -> AnswerContext:
+    def recall(self, question: str) -> AnswerContext[ReKVRecall]:
         """Per layer: init + retrieved blocks (time order), positions 0..L-1.
 
         ``per_layer=False`` (an option, not in the published code): the question runs over the init prompt
@@ -102,7 +141,7 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
 
         def retrieve(idx: int, q, k, v, scaling):
             picked = [] if self.per_layer is False and idx < self.geometry.num_layers - 1 else \
-                select_top_blocks(score_blocks(self.reprs[idx], question_vector(q), self.scoring),
+                select_top_blocks(score_blocks(self.video.reprs[idx], question_vector(q), self.scoring),
                                   self.retrieve_size, self.retrieve_chunk_size)
             chosen[idx] = picked
             ctx_k, ctx_v = self._layer_context(idx, picked)
@@ -119,9 +158,8 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
             contexts = self._all_layer_contexts(shared)
         keys = [rope.rotate_range(k, 0) for k, _ in contexts]
         return AnswerContext(keys, [v for _, v in contexts], next_position=int(keys[0].shape[-2]),
-                             info={"blocks": chosen[0], "layers_differ": any(c != chosen[0] for c in chosen),
-                                   # recall diagnostics: the frames (blocks) in some layer's context
-                                   "recalled_frames": sorted(set().union(*chosen))})
+                             recalled=Recalled(frames=sorted(set().union(*chosen))),  # in some layer's context
+                             detail=ReKVRecall(blocks=chosen[0], layers_differ=any(c != chosen[0] for c in chosen)))
 
     def _layer_context(self, layer: int, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-rotated init + blocks for one layer."""
@@ -145,5 +183,5 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         window = self.window_stats()
         return CacheStats(kv_tokens=self.store.tokens + window.kv_tokens,
                           kv_bytes=self.store.nbytes + window.kv_bytes,
-                          device_kv_bytes=window.device_kv_bytes + tensor_bytes(self.reprs),
-                          aux_bytes=tensor_bytes(self.reprs))
+                          device_kv_bytes=window.device_kv_bytes + tensor_bytes(self.video.reprs),
+                          aux_bytes=tensor_bytes(self.video.reprs))

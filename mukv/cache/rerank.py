@@ -13,8 +13,8 @@ Given a query vector and, per granularity, the representative vectors of the sto
    the ``2 x top_k`` candidates are kept (coarse ones by their stage-1 scores).
 
 Reranking needs exactly three granularities ordered fine, medium, coarse (as the published code, which
-silently skips reranking otherwise; so does the MuKV cache, which records it as ``reranked`` in the
-answer info).
+silently skips reranking otherwise; so does the MuKV cache, which records it as ``MuKVRecall.reranked`` in
+the answer context's details).
 """
 
 from __future__ import annotations

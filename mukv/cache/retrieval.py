@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mukv.cache.kernels import expand_kv_heads
+from mukv.cache.options import StrOption
 
-def expand_kv_heads(x: torch.Tensor, num_heads: int, head_dim: int = 1) -> torch.Tensor:
-    """(..., kv_heads, n, d) -> (..., num_heads, n, d), each KV head repeated for its query group."""
-    groups = num_heads // x.shape[head_dim]
-    return x.repeat_interleave(groups, dim=head_dim) if groups > 1 else x
+
+class BlockScoring(StrOption):
+    """``scoring`` of ReKV's retrieval: how a block's representative is compared with the question."""
+
+    dot = "dot"  # the published code
+    cosine = "cosine"  # the paper's description
 
 
 def block_representatives(k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -29,7 +33,7 @@ def question_vector(q: torch.Tensor) -> torch.Tensor:
     return q.float().mean(dim=2).reshape(-1)
 
 
-def score_blocks(reprs: torch.Tensor, query: torch.Tensor, scoring: str) -> torch.Tensor:
+def score_blocks(reprs: torch.Tensor, query: torch.Tensor, scoring: BlockScoring | str) -> torch.Tensor:
     """Dot product (published code) or cosine similarity (the paper) of each block with the query."""
     if scoring == "cosine":
         return F.normalize(reprs.float(), dim=-1) @ F.normalize(query.float(), dim=0)

@@ -21,9 +21,37 @@ from __future__ import annotations
 
 import torch
 
-ATTENTION_LAYER_STRATEGIES = ("last", "second_last", "last_5", "middle")
-FREQUENCY_METHODS = ("fft", "diff", "spectral_entropy")
-SCORING_METHODS = ("attention_fft_weighted", "attention_only", "fft_only")
+from mukv.cache.options import StrOption
+
+
+class AttentionLayer(StrOption):
+    """``attention_layer``: whose attention probabilities score the tokens (``attention_layers``)."""
+
+    last = "last"
+    second_last = "second_last"
+    last_5 = "last_5"
+    middle = "middle"
+
+
+class FrequencyMethod(StrOption):
+    """``frequency``: the frequency signal on the keys (``frequency_signal``)."""
+
+    fft = "fft"
+    diff = "diff"
+    spectral_entropy = "spectral_entropy"
+
+
+class ScoringMethod(StrOption):
+    """``scoring_method``: which signals make the token score (``combine``)."""
+
+    attention_fft_weighted = "attention_fft_weighted"
+    attention_only = "attention_only"
+    fft_only = "fft_only"
+
+
+ATTENTION_LAYER_STRATEGIES = AttentionLayer.values()
+FREQUENCY_METHODS = FrequencyMethod.values()
+SCORING_METHODS = ScoringMethod.values()
 LAST_5_WEIGHTS = (0.1, 0.15, 0.2, 0.25, 0.3)
 
 

@@ -24,7 +24,7 @@ class SlidingWindowCache(WindowStreamingCache, SinkWindowOptions):
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
         return {"n_local": frames * tokens_per_frame}  # the window holds the last `frames` frames
 
-    def validate(self, geometry) -> None:
+    def check_knobs(self, geometry) -> None:
         if self.n_local < 1:
             raise ConfigError("cache.n_local", f"must be a positive number of tokens, got {self.n_local}")
         self.validate_sink_window()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mukv.cache.attention import SinkWindowKV
-from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, register_cache, tensor_bytes
+from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, Recalled, register_cache, tensor_bytes
 from mukv.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ class UniformSampling(CacheMethod):
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
         return {"num_frames": frames}
 
-    def validate(self, geometry) -> None:
+    def check_knobs(self, geometry) -> None:
         if self.num_frames < 1:
             raise ConfigError("cache.num_frames", f"must be at least 1, got {self.num_frames}")
 
@@ -58,7 +58,7 @@ class UniformSampling(CacheMethod):
         self.run_layers(embeds, attend)
         keys = [self.llm.rope.rotate_range(L.k, 0) for L in layers]
         return AnswerContext(keys, [L.v for L in layers], next_position=int(keys[0].shape[-2]),
-                             info={"frames": picked, "recalled_frames": picked})
+                             recalled=Recalled(frames=picked))
 
     def stats(self) -> CacheStats:
         return CacheStats(kv_tokens=0, kv_bytes=0, device_kv_bytes=0, aux_bytes=tensor_bytes(*self.features))

@@ -15,7 +15,20 @@ class Verdict:
 
 
 class Judge(abc.ABC):
+    """A judge is named by ``judge._target_`` (conf/judge/*.yaml): ``check_config`` checks its options before
+    anything loads (no network, no weights), ``from_config`` builds it."""
+
     name: str = "judge"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ``ConfigError`` naming ``judge.<field>`` for a bad option. Default: nothing to check."""
+        return None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Judge:
+        """The judge of a composed ``judge`` config (checked). Default: no options."""
+        return cls()
 
     @abc.abstractmethod
     def judge(self, question: str, reference: str, prediction: str) -> Verdict: ...

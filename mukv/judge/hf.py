@@ -25,6 +25,11 @@ class HFJudge(LLMJudge):
         self.lm: Any = None
         self.tokenizer: Any = None
 
+    @classmethod
+    def from_config(cls, cfg) -> HFJudge:
+        return cls(cfg.model, cfg.prompt_version, device=cfg.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens,
+                   cache=cls.cache_of(cfg), max_consecutive_failures=cfg.max_consecutive_failures)
+
     def prepare(self) -> None:
         if self.lm is not None:
             return

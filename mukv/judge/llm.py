@@ -57,6 +57,29 @@ class LLMJudge(Judge):
         self._last_failure = ""
         self.secrets: tuple[str, ...] = ()  # never written anywhere (see ``redact``)
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """The options every LLM judge has (``LLMJudgeConfig``)."""
+        from mukv.errors import ConfigError
+        from mukv.judge.prompt import PROMPTS
+
+        if cfg.prompt_version not in PROMPTS:
+            raise ConfigError("judge.prompt_version",
+                              f"unknown prompt version '{cfg.prompt_version}'; known: {', '.join(PROMPTS)}")
+        if not cfg.model:
+            raise ConfigError("judge.model", f"the {cfg.name} judge needs a model "
+                                             "(openai: the model name at the endpoint; hf: a Hub id or local folder)")
+        if cfg.max_tokens is None or cfg.max_tokens <= 0:
+            raise ConfigError("judge.max_tokens", f"must be a positive integer, got {cfg.max_tokens!r}")
+        if cfg.cache and not cfg.cache_path:
+            raise ConfigError("judge.cache_path", "a path is required when judge.cache=true")
+        if cfg.max_consecutive_failures is not None and cfg.max_consecutive_failures < 0:
+            raise ConfigError("judge.max_consecutive_failures", "must be >= 0 (0 or null: never stop calling)")
+
+    @staticmethod
+    def cache_of(cfg: Any) -> JudgmentCache | None:
+        return JudgmentCache(cfg.cache_path) if cfg.cache else None
+
     @property
     def judge_id(self) -> str:
         """What the cache key calls this judge (the model and where it is served)."""

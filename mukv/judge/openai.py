@@ -53,6 +53,34 @@ class OpenAIJudge(LLMJudge):
         self.max_retries, self.backoff_s, self.backoff_max_s = max_retries, backoff_s, backoff_max_s
         self.sleep = time.sleep  # tests may replace it
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        import math
+
+        from mukv.errors import ConfigError
+
+        super().check_config(cfg)
+        if not str(cfg.base_url).startswith(("http://", "https://")):
+            raise ConfigError("judge.base_url", f"must start with http:// or https://, got {cfg.base_url!r}")
+        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+            raise ConfigError("judge.api_key_env",
+                              f"the environment variable {cfg.api_key_env} (the judge's API key) is not set; "
+                              f"export {cfg.api_key_env}=... or set judge.api_key_env=null for an endpoint "
+                              "without authentication")
+        for key in ("timeout_s", "backoff_s", "backoff_max_s"):
+            value = cfg[key]
+            if value is None or not math.isfinite(value) or value < 0 or (key == "timeout_s" and value == 0):
+                raise ConfigError(f"judge.{key}", f"must be a positive number, got {value!r}")
+        if cfg.max_retries is None or cfg.max_retries < 0:
+            raise ConfigError("judge.max_retries", f"must be >= 0, got {cfg.max_retries!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> OpenAIJudge:
+        return cls(cfg.model, cfg.base_url, api_key_from_env(cfg.api_key_env), cfg.prompt_version,
+                   temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout_s=cfg.timeout_s,
+                   max_retries=cfg.max_retries, backoff_s=cfg.backoff_s, backoff_max_s=cfg.backoff_max_s,
+                   cache=cls.cache_of(cfg), max_consecutive_failures=cfg.max_consecutive_failures)
+
     @property
     def judge_id(self) -> str:
         return f"openai:{self.model}@{self.base_url}"

@@ -148,7 +148,7 @@ class VideoLLM:
     def forward(self, embeds: torch.Tensor, attention: LayerAttention) -> torch.Tensor:
         """Run the language model over ``embeds`` (1, L, D) with ``attention`` owning every layer's
         attention and cache; returns the final normed hidden states (1, L, D)."""
-        from mukv.cache.attention import OpCounter
+        from mukv.cache.instrumentation import OpCounter
 
         OpCounter.llm_tokens += embeds.shape[0] * embeds.shape[1]
         pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)

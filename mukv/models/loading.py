@@ -8,6 +8,7 @@ import socket
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import torch
@@ -237,7 +238,7 @@ def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_im
 
 def load_nano(path: str | None, device: torch.device, dtype: torch.dtype,
               resize: FrameResize | str = FrameResize.pil_uint8) -> VideoLLM:
-    """The shipped nano checkpoint (``mukv/assets/nano``) or a nano folder written by ``mode=train``."""
+    """The shipped nano checkpoint (``mukv/assets/nano``) or a nano folder written by ``python -m mukv_nano.train``."""
     from mukv.models.nano import load_nano_checkpoint, nano_dir, read_meta
 
     model, tokenizer = load_nano_checkpoint(path, dtype)
@@ -294,3 +295,62 @@ def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str
         config = _from_pretrained(LlavaOnevisionConfig.from_pretrained, path, "LLaVA-OneVision config")
         return KVGeometry.from_config(config, dt)
     raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")
+
+
+def _value(choice: Any) -> Any:
+    """A config enum member as its plain string (what transformers and the dtype tables expect)."""
+    return getattr(choice, "value", choice)
+
+
+class ModelLoader:
+    """A model a config can name (``model._target_``): its KV geometry from the config alone (validating cache
+    knobs before any weights load) and the loaded ``VideoLLM``."""
+
+    kind: ClassVar[str] = "model"  # the label in fingerprints and messages
+
+    @classmethod
+    def dims(cls, m: Any) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def geometry(cls, m: Any):
+        return model_geometry(cls.kind, m.path, m.device, _value(m.dtype), **cls.dims(m))
+
+    @classmethod
+    def load(cls, m: Any) -> VideoLLM:
+        return load_video_llm(cls.kind, m.path, m.device, _value(m.dtype), _value(m.attn_implementation), m.seed,
+                              m.resize, **cls.dims(m))
+
+
+class TinyModel(ModelLoader):
+    """A random-initialised LLaVA-OneVision of ``model.tiny`` dimensions (mechanics only)."""
+
+    kind = "tiny"
+
+    @classmethod
+    def dims(cls, m: Any) -> dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(m.tiny, resolve=True)
+
+
+class NanoModel(ModelLoader):
+    """The nano checkpoint shipped in mukv/assets/nano, or a nano folder (``model.path``)."""
+
+    kind = "nano"
+
+
+class PretrainedModel(ModelLoader):
+    """LLaVA-OneVision weights from a Hub id or a local folder (``model.path``)."""
+
+    kind = "pretrained"
+
+
+def model_loader(m: Any) -> type[ModelLoader]:
+    """The loader class ``model._target_`` names."""
+    from mukv.components import component_class
+
+    cls = component_class(m, "model")
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, ModelLoader)):
+        raise ConfigError("model._target_", f"must name a mukv.models.loading.ModelLoader class, got {m.get('_target_')!r}")
+    return cls

@@ -7,8 +7,8 @@ tokenizer is word level over the benchmark's words plus the Qwen2 chat tokens (u
 ``[UNK]``), built here, no download.
 
 The trained checkpoint lives in ``mukv/assets/nano/`` (``model.safetensors``, ``config.json``, tokenizer
-files, ``mukv_nano.json`` with the image statistics and the training record). ``python -m mukv.run
-mode=train model=nano`` retrains it (see :mod:`mukv.train`).
+files, ``mukv_nano.json`` with the image statistics and the training record). ``make train-nano``
+(``python -m mukv_nano.train``, the recipe in the ``mukv_nano`` package) retrains it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from mukv.report.tables import METHOD_ORDER, RunInfo, results_frame  # noqa: E402
+from mukv.cache import method_rank  # noqa: E402
+from mukv.report.tables import RunInfo, results_frame  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,9 @@ def _style(method: str) -> dict[str, Any]:
     return {"color": COLORS.get(method), "marker": MARKERS.get(method, "o")}
 
 
-def _method_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99, method)
-
-
 def _methods(names: Sequence[str]) -> list[str]:
-    return sorted(set(names), key=_method_key)
+    """Methods in the registry's display order (``mukv.cache.method_rank``), unregistered names last."""
+    return sorted(set(names), key=method_rank)
 
 
 def _panels(n: int, rows: int = 1, width: float = 5.2, height: float = 3.8):
@@ -134,7 +132,7 @@ def accuracy_vs_question_age(runs: Sequence[RunInfo], path: Path) -> Path:
     fig, axes = _panels(len(datasets))
     for ax, dataset in zip(axes[0], datasets, strict=True):
         plotted = False
-        mine = sorted((r for r in main if r.dataset == dataset), key=lambda r: _method_key(r.method))
+        mine = sorted((r for r in main if r.dataset == dataset), key=lambda r: method_rank(r.method))
         oldest = max((v.get("mean_age_s") or 0.0 for r in mine for v in (r.metrics.get("by_age") or {}).values()),
                      default=0.0)
         scale, unit = (60.0, "minutes") if oldest >= 120 else (1.0, "seconds")
@@ -200,7 +198,7 @@ def memory_latency_vs_length(runs: Sequence[RunInfo], path: Path) -> Path:
     fig, axes = _panels(2, rows=len(datasets))
     for row, dataset in enumerate(datasets):
         series = [(r.method, r.method, _read_predictions(r.predictions))
-                  for r in sorted((r for r in main if r.dataset == dataset), key=lambda r: _method_key(r.method))]
+                  for r in sorted((r for r in main if r.dataset == dataset), key=lambda r: method_rank(r.method))]
         _plot_stream(axes[row][0], axes[row][1], series)
         axes[row][0].set_title(f"{dataset}: memory")
         axes[row][1].set_title(f"{dataset}: latency")

@@ -31,10 +31,10 @@ from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, write_json_atomic
 
 def judge_config(run_config: dict[str, Any], overrides: Sequence[str]):
     """The run's judge config with ``overrides`` (``judge=<option>`` selects conf/judge/<option>.yaml)."""
-    from mukv.config import JudgeConfig
+    from mukv.config import judge_schema_of
 
-    base = OmegaConf.structured(JudgeConfig)
-    cfg = OmegaConf.merge(base, run_config.get("judge") or {})
+    run_judge = run_config.get("judge") or {}
+    cfg = OmegaConf.merge(OmegaConf.structured(judge_schema_of(run_judge)), run_judge)
     conf = Path(__file__).resolve().parents[2] / "conf" / "judge"
     root = (run_config.get("paths") or {}).get("root_dir") or os.getcwd()
     for ov in overrides:
@@ -45,10 +45,11 @@ def judge_config(run_config: dict[str, Any], overrides: Sequence[str]):
                 raise MukvError(f"unknown judge option '{value}' (conf/judge/: "
                                 f"{', '.join(sorted(p.stem for p in conf.glob('*.yaml')))})")
             data = yaml.safe_load(option.read_text()) or {}
+            schema = judge_schema_of(data)
             data.pop("defaults", None)
             if isinstance(data.get("cache_path"), str):
                 data["cache_path"] = data["cache_path"].replace("${paths.root_dir}", str(root))
-            cfg = OmegaConf.merge(base, data)
+            cfg = OmegaConf.merge(OmegaConf.structured(schema), data)
         elif key.startswith("judge."):
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key[len('judge.'):]}={value}"]))
         else:

@@ -19,9 +19,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mukv.cache import method_rank
 from mukv.report.metrics import wilson_interval
 
-METHOD_ORDER = ("full", "sliding_window", "uniform", "rekv", "mukv")
 RUN_FIELDS = ("dataset", "method", "setting", "model", "role", "max_minutes", "shards")
 METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
     ("questions", "questions"),
@@ -83,6 +83,8 @@ def load_run(path: str | Path) -> RunInfo | None:
             config = yaml.safe_load((path / name).read_text()) or {}
             break
     knobs = {k: v for k, v in (config.get("cache") or {}).items() if k != "_target_"}
+    if config.get("budget_frames") is not None:  # a budget run's label names its budget beside the knobs it set
+        knobs["budget_frames"] = config["budget_frames"]
     return RunInfo(path, metrics, config, knobs)
 
 
@@ -117,15 +119,11 @@ def settings(runs: Sequence[RunInfo]) -> dict[Path, str]:
         keys = sorted({k for r in group for k in r.knobs})
         varying = [k for k in keys if len({json.dumps(r.knobs.get(k), sort_keys=True) for r in group}) > 1]
         for r in group:
-            parts = [f"{k}={_fmt_value(r.knobs.get(k))}" for k in varying]
+            parts = [f"{k}={_fmt_value(r.knobs[k])}" for k in varying if k in r.knobs]  # a main run has no budget_frames
             if r.metrics.get("max_minutes") is not None:
                 parts.append(f"{_fmt_value(r.metrics['max_minutes'])} min")
             out[r.path] = ", ".join(parts) or "default"
     return out
-
-
-def _order(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
 def results_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
@@ -154,7 +152,7 @@ def results_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
         })
     df = pd.DataFrame(rows)
     if len(df):
-        df["_o"] = df["method"].map(_order)
+        df["_o"] = df["method"].map(lambda m: method_rank(m)[0])  # the registry's display order
         df["_main"] = df["role"].ne("main")  # a method's main run first, then its sweep by budget
         df = df.sort_values(["dataset", "_o", "method", "_main", "mean_online_tokens", "setting"], kind="stable")
         df = df.drop(columns=["_o", "_main"]).reset_index(drop=True)
@@ -209,8 +207,10 @@ def accuracy_pivot(df: pd.DataFrame) -> pd.DataFrame:
                        cell=[accuracy_text(r.accuracy_pct, r.accuracy_lo_pct, r.accuracy_hi_pct, r.judged)
                              for r in main.itertuples()])
     pivot = main.pivot_table(index="row", columns="dataset", values="cell", aggfunc="first", dropna=False)
-    order = main.drop_duplicates("row").assign(_o=lambda d: d["method"].map(_order)).sort_values("_o")["row"]
-    return pivot.reindex(list(order))
+    rows = main.drop_duplicates("row")
+    # the registry's order; rows of one method keep their order (sorted is stable)
+    order = sorted(zip(rows["method"], rows["row"], strict=True), key=lambda mr: method_rank(mr[0])[0])
+    return pivot.reindex([row for _, row in order])
 
 
 def render_markdown(df: pd.DataFrame, title: str = "Results", notes: Sequence[str] = ()) -> str:

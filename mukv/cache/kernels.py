@@ -1,0 +1,266 @@
+"""The attention kernels of every cache method, and the choice of them per device, dtype and head size.
+
+Layouts (:mod:`mukv.cache.attention`) decide which keys a query sees at which position; this module only
+computes attention over tensors it is handed (keys and values (B, H_kv, L, d), grouped KV heads):
+
+* ``grouped_sdpa``: torch's SDPA with an optional boolean mask (never cuDNN on CUDA, see ``_NO_CUDNN``);
+* ``attention_weights``: the fp32 probabilities, for methods that score tokens with them;
+* the fused log-sum-exp mechanism: ``lse_kernel`` picks, once per device, dtype and head size, the fastest
+  fused kernel that returns each row's log-sum-exp and agrees with the one-softmax reference (``_agrees``);
+  attention split into parts, each run by that kernel, is merged exactly by ``merge_parts``. It serves
+  ``causal_suffix_attention`` (a prefill after a context), ``two_part_attention`` (window + sinks with
+  masks) and the layouts' own unmasked parts. One kernel wrapper per aten op, with or without a mask.
+
+Anything run under autograd takes the masked one-softmax path (``needs_grad``): the fused kernels give no
+gradient through their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mukv.cache.instrumentation import count_attention
+
+# (q, k, v, causal, scaling, mask) -> (output (B, H, Lq, d), log-sum-exp (B, H, Lq) fp32); k and v have q's
+# heads; ``mask`` (boolean (Lq, Lk), True where allowed) only for the kernels in ``_TAKES_MASK``.
+LseKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def expand_kv_heads(x: torch.Tensor, num_heads: int, head_dim: int = 1) -> torch.Tensor:
+    """(..., kv_heads, n, d) -> (..., num_heads, n, d), each KV head repeated for its query group."""
+    groups = num_heads // x.shape[head_dim]
+    return x.repeat_interleave(groups, dim=head_dim) if groups > 1 else x
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will differentiate through these. The fused kernels give no gradient through their
+    log-sum-exp output, so a merge by log-sum-exp would get the queries' and keys' gradients wrong: training
+    takes the masked one-softmax path (the same values)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ------------------------------------------------------------------------------------- plain SDPA
+# cuDNN's attention builds an execution plan for every new shape, about 2 ms of host time on an H200. A
+# stream changes the key length at every chunk and every decoded token, so there it cost more than the
+# attention itself (40 ms per answer token for the 0.5B); the other fused kernels have no such step.
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with grouped KV heads; ``mask`` is boolean (Lq, Lk), True where attention is allowed."""
+    count_attention(q, k)
+    with sdpa_kernel(_NO_CUDNN) if q.device.type == "cuda" else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
+    """Queries are the last ``lq`` of ``lk`` keys: every earlier key visible, causal among the new ones."""
+    if lq == 1:
+        return None
+    i = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them."""
+    count_attention(q, k)
+    kk = expand_kv_heads(k, q.shape[1])
+    logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+# ------------------------------------------------------------------------ fused log-sum-exp kernels
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _cpu_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
+    """torch's CPU flash kernel; a mask goes in as an additive bias (-inf where not allowed)."""
+    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~mask, float("-inf"))
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
+    return out, lse.float()
+
+
+def _lse_rows(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A CUDA kernel's log-sum-exp as (B, H, Lq) fp32 (cuDNN adds a trailing 1, memory-efficient pads Lq)."""
+    return lse.reshape(*q.shape[:2], -1)[..., :q.shape[-2]].float()
+
+
+def _no_mask(name: str, mask: torch.Tensor | None) -> None:
+    if mask is not None:
+        raise ValueError(f"{name} takes no mask (it is not in _TAKES_MASK)")
+
+
+def _cuda_cudnn(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
+    _no_mask("_cuda_cudnn", mask)
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scaling)
+    return r[0], _lse_rows(r[1], q)
+
+
+def _cuda_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
+    _no_mask("_cuda_flash", mask)
+    r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scaling)
+    return r[0], _lse_rows(r[1], q)
+
+
+def _cuda_efficient(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
+    """The memory-efficient kernel; a mask goes in as a bias whose rows are 16-element aligned (the kernel's
+    constraint), expanded over batch and heads."""
+    bias = None
+    if mask is not None:
+        lq, lk = mask.shape
+        bias = torch.zeros(lq, lk + (-lk) % 16, dtype=q.dtype, device=q.device)[:, :lk]
+        bias.masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(q.shape[0], q.shape[1], lq, lk)
+    r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scaling)
+    return r[0], _lse_rows(r[1], q)
+
+
+_CANDIDATES: dict[str, list[LseKernel]] = {
+    "cpu": [_cpu_flash] if _FLASH_CPU is not None else [],
+    # flash, then memory-efficient, then cuDNN (last: it plans each new shape, see _NO_CUDNN)
+    "cuda": [_cuda_flash, _cuda_efficient, _cuda_cudnn],
+}
+_TAKES_MASK = (_cpu_flash, _cuda_efficient)
+_LSE_KERNELS: dict[tuple, LseKernel | None] = {}
+
+
+def lse_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool = False) -> LseKernel | None:
+    """The fastest fused attention of this device that returns the log-sum-exp and agrees with the one-softmax
+    reference on a small problem (square causal and unmasked, and with a mask when ``masked``; checked once per
+    device, dtype, head size and ``masked``). ``masked``: one that takes a mask (CPU flash; CUDA
+    memory-efficient). None: none does (callers then take the reference path)."""
+    key = (device.type, device.index, dtype, head_dim, masked)
+    if key not in _LSE_KERNELS:
+        candidates = [c for c in _CANDIDATES.get(device.type, []) if not masked or c in _TAKES_MASK]
+        _LSE_KERNELS[key] = next((c for c in candidates if _agrees(c, device, dtype, head_dim, masked)), None)
+    return _LSE_KERNELS[key]
+
+
+def _agrees(kernel: LseKernel, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool) -> bool:
+    """Whether ``kernel``'s output and log-sum-exp match one softmax over the same scores."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, head_dim, generator=g).to(device, dtype) for n in (37, 53, 53))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    causal_mask = torch.ones(37, 37, dtype=torch.bool, device=device).tril()
+    cases = [(True, k[..., :37, :], v[..., :37, :], None), (False, k, v, None)]
+    if masked:  # a band with some keys of every row hidden (no row without a visible key)
+        i, j = torch.arange(37, device=device)[:, None] + 16, torch.arange(53, device=device)[None, :]
+        cases.append((False, k, v, (j <= i) & (i - j < 24)))
+    try:
+        for causal, kk, vv, mask in cases:
+            out, lse = kernel(q, kk, vv, causal, 0.125, mask)
+            s = (q.float() @ kk.float().transpose(-1, -2)) * 0.125
+            allowed = causal_mask if causal else mask
+            if allowed is not None:
+                s = s.masked_fill(~allowed, float("-inf"))
+            want_lse = s.logsumexp(-1)
+            want = s.softmax(-1) @ vv.float()
+            if lse.shape != want_lse.shape or not torch.allclose(lse, want_lse, atol=tol, rtol=tol) or \
+                    not torch.allclose(out.float(), want, atol=tol, rtol=tol):
+                return False
+    except (RuntimeError, TypeError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """Softmax attention over the union of the parts' keys, from each part's output and log-sum-exp."""
+    m = torch.stack([lse for _, lse in parts]).amax(dim=0)
+    num = den = 0
+    for out, lse in parts:
+        w = (lse - m).exp()
+        num = num + out.float() * w[..., None]
+        den = den + w
+    return (num / den[..., None]).to(dtype)
+
+
+# ------------------------------------------------------------------------ attention built on them
+SUFFIX_PARTS_DEVICES = {"cuda"}  # where causal_suffix_attention splits into unmasked parts
+
+
+def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention where the ``lq`` queries are the last ``lq`` of the keys: every earlier key visible, causal
+    among the new ones (``prefix_causal_mask``). That is every prefill after a context: a block after the init
+    prompt, a question after the init prompt or a recalled context.
+
+    On CUDA it runs as two parts that need no mask, the earlier keys and the square causal triangle of the
+    new ones, each in the fused kernel that returns its log-sum-exp (``lse_kernel``), merged exactly
+    (``merge_parts``). There the masked call took torch's unfused math path (grouped heads and a mask):
+    half of MuKV's kernel time per chunk on an H200. On the CPU the masked call is torch's flash kernel,
+    which takes both, and it was faster than the parts at block and question shapes (BENCHMARKS.md 7a); it
+    stays there, and under autograd."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if lq == 1:
+        return grouped_sdpa(q, k, v, scaling, None)
+    split = q.device.type in SUFFIX_PARTS_DEVICES and 0 < lq <= lk and not needs_grad(q, k, v)
+    kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if split else None
+    if kernel is not None:
+        hq, new = q.shape[1], slice(lk - lq, lk)
+        try:
+            parts = [kernel(q, expand_kv_heads(k[..., new, :], hq), expand_kv_heads(v[..., new, :], hq), True, scaling)]
+            if lk > lq:
+                old = slice(0, lk - lq)
+                parts.append(kernel(q, expand_kv_heads(k[..., old, :], hq), expand_kv_heads(v[..., old, :], hq),
+                                    False, scaling))
+            count_attention(q, k)
+            return parts[0][0] if len(parts) == 1 else merge_parts(parts, q.dtype)
+        except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
+            pass
+    return grouped_sdpa(q, k, v, scaling, prefix_causal_mask(lq, lk, q.device))
+
+
+def _masked_attention_lse(kernel: LseKernel, q, k, v, mask: torch.Tensor, scaling: float):
+    """(output, log-sum-exp) of masked attention with grouped KV heads from a mask-taking ``kernel``; a row
+    with no visible key gets log-sum-exp -inf (the kernels report 0), so that it weighs nothing."""
+    k, v = expand_kv_heads(k, q.shape[1]).to(q.dtype), expand_kv_heads(v, q.shape[1]).to(q.dtype)
+    out, lse = kernel(q, k, v, False, scaling, mask)
+    return out, lse.masked_fill(~mask.any(-1), float("-inf"))
+
+
+def two_part_attention(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
+    """Softmax over two key sets whose queries are rotated differently (window part and sink part).
+
+    Each part is attended on its own by the mask-taking fused kernel (``lse_kernel(..., masked)``) and the
+    two are merged by their log-sum-exp, so the large window part has no (Lq, Lk) score matrix in memory;
+    where no kernel agrees, or under autograd, both parts take the reference path, one softmax over the
+    concatenated scores. The two are equal to float rounding (tested on CPU; checked on an H200)."""
+    count_attention(qa, ka)
+    count_attention(qb, kb)
+    kernel = None if needs_grad(qa, ka, va, qb, kb, vb) else lse_kernel(qa.device, qa.dtype, qa.shape[-1], True)
+    if kernel is not None:
+        try:
+            out_a, lse_a = _masked_attention_lse(kernel, qa, ka, va, mask_a, scaling)
+            out_b, lse_b = _masked_attention_lse(kernel, qb, kb, vb, mask_b, scaling)
+        except RuntimeError:  # a kernel constraint (alignment, dtype) not met: the reference path is exact
+            return two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling)
+        # A row is never masked in both parts (its own token is in the window); a part with no visible key for
+        # a row has log-sum-exp -inf, so it weighs 0, and its undefined output is zeroed.
+        return merge_parts([(torch.nan_to_num(out_a), lse_a), (torch.nan_to_num(out_b), lse_b)], qa.dtype)
+    return two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling)
+
+
+def two_part_attention_reference(qa, ka, va, mask_a, qb, kb, vb, mask_b, scaling):
+    """One softmax over the concatenated scores of both parts (the (Lq, Lk) scores are materialised)."""
+    groups = qa.shape[1] // ka.shape[1]
+    b, hq, lq, d = qa.shape
+    hk = ka.shape[1]
+
+    def logits(q, k, mask):
+        qg = q.reshape(b, hk, groups * lq, d)
+        s = torch.matmul(qg, k.transpose(-1, -2)).view(b, hk, groups, lq, -1).float() * scaling
+        return s.masked_fill(~mask, float("-inf"))
+
+    s = torch.cat((logits(qa, ka, mask_a), logits(qb, kb, mask_b)), dim=-1).softmax(dim=-1)
+    vals = torch.cat((va, vb), dim=-2).float()
+    out = torch.matmul(s.view(b, hk, groups * lq, -1), vals).view(b, hq, lq, d)
+    return out.to(qa.dtype)
