@@ -132,3 +132,40 @@ def test_sweeps_run_the_new_method(repo):
         assert re.findall(r"dry run .*: .*\bcache=(\w+)", proc.stdout) == expected
     spec = yaml.safe_load(run(repo, sys.executable, "-m", "mukv.sweeps", "wandb", "experiment=sweep/video_length").stdout)
     assert spec["parameters"]["cache"]["values"] == ORDER
+
+
+def readme_worked_example() -> tuple[str, str]:
+    """The Python file and the YAML of README.md's worked example, as printed there."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Worked example", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    config = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    return code, config
+
+
+def test_the_readme_worked_example_runs_as_printed(tmp_path_factory):
+    """The README's new method, copied verbatim into a fresh copy: it runs, takes its budget, refuses a bad knob."""
+    code, config = readme_worked_example()
+    name = re.search(r'@register_cache\("(\w+)"\)', code).group(1)
+    copy = tmp_path_factory.mktemp("readme_repo")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file() and not (ROOT / rel).is_symlink():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, copy / rel)
+    (copy / "mukv" / "cache" / f"{name}.py").write_text(code)
+    (copy / "conf" / "cache" / f"{name}.yaml").write_text(config)
+    out = copy / "outputs" / "example"
+    run(copy, sys.executable, "-m", "mukv.run", f"cache={name}", "experiment=smoke", "cache.stride=4", "budget_frames=2",
+        f"hydra.run.dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == name and metrics["budget_knobs"] == {"n_local": 2 * 16}
+    rows = pd.read_csv(out / "predictions.csv")
+    # the nano model's 11 init tokens + the window of 2 kept frames of 16 tokens (the streams show 15 and 19 frames)
+    assert (rows.frames_seen > 8).all() and (rows.online_tokens == 11 + 2 * 16).all()
+    env = {k: v for k, v in os.environ.items() if k != "MUKV_OUTPUTS"}
+    bad = subprocess.run([sys.executable, "-m", "mukv.run", f"cache={name}", "cache.stride=0"], cwd=copy,
+                         env={**env, "PYTHONPATH": str(copy), "MUKV_OUTPUTS": str(copy / "outputs")},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "cache.stride" in bad.stderr, bad.stderr[-2000:]
