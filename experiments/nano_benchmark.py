@@ -17,7 +17,11 @@ Methods are the registry's (``mukv.cache.ordered_methods``: every method with a 
 so a new method is benchmarked by existing); ``--methods`` takes ``conf/cache`` options, each optionally
 followed by Hydra overrides for it alone (``--methods mukv mukv cache.rerank=false``: two rows, as
 ``mukv.bench``). Budgets are in frames and reach each method through ``budget_frames=`` (the method's
-``budget_knobs``); a method without a budget runs once (budget ``all``). Hydra overrides after ``--`` (or
+``budget_knobs``); with ``--budget-unit tokens`` they are video tokens (the init prompt aside) and reach it
+through ``budget_tokens=`` (the largest frame budget whose answer context holds at most that many: the
+method's ``video_tokens``), so every method answers from about the same number of tokens. The table shows
+each run's ``budget_video_tokens`` (what its knobs let the answer hold) beside the measured mean
+``online_tokens`` (init prompt included). A method without a budget runs once (budget ``all``). Hydra overrides after ``--`` (or
 after the options when ``--methods`` is not given) apply to every run. Writes ``results.csv``,
 ``results.md`` and one ``predictions_<point>.csv`` per run into ``--out``, one run folder per row in
 ``--out/runs/``.
@@ -46,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 from mukv.bench import MethodSpec, compose_config, parse_method_specs, registered_name  # noqa: E402
 from mukv.cache import budget_knobs, ordered_methods  # noqa: E402
-from mukv.data.synthetic import CHANCE, QUESTION_TYPES  # noqa: E402
-from mukv.report.metrics import wilson_interval  # noqa: E402
+from mukv.data.synthetic import CHANCE, QUESTION_CATEGORIES, QUESTION_TYPES  # noqa: E402
+from mukv.report.compare import compare  # noqa: E402
+from mukv.report.metrics import truth, wilson_interval  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `make run`: 5x the training length, one budget, two videos (one question of each type each)
@@ -62,6 +67,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # each type on streams of its own (a count-only stream shows rings but no needles or balls), within range
     "each_type": dict(lengths=[60.0], videos=40, budgets=[16], seed=700, methods=["full"],
                       types=[[t] for t in QUESTION_TYPES]),
+    # the evidence protocol (issue #31): every method answers from the same 256 video tokens (16 nano frames),
+    # three held-out seeds of 67 streams (201 questions of each type per cell), the position-bounded full cache
+    # beside the full one; within range and at 10x / 20x. Long: shard it (--shard I/N, then --render-only)
+    "evidence": dict(lengths=[60.0, 640.0, 1280.0], videos=67, budgets=[256], budget_unit="tokens",
+                     seeds=[918273, 555555, 424242], extra_methods=["full_bounded"]),
 }
 # The one nano-specific setting of every preset, as Hydra overrides per registered method: ReKV's encoding
 # window stays within the nano model's trained span of 32 frames (32 x 16 = 512 tokens; the published 15,000
@@ -84,6 +94,16 @@ def summarise(rows: pd.DataFrame, mem: pd.DataFrame) -> dict[str, Any]:
     for t in QUESTION_TYPES:
         sub = df[df.qtype == t]
         out[t] = float(sub.judge_correct.mean()) if len(sub) else float("nan")
+    # what each kind of question measures (memory / recency / cross-frame reasoning), with its interval
+    for cat, types in QUESTION_CATEGORIES.items():
+        sub = df[df.qtype.isin(types)]
+        n, yes = len(sub), int(sub.judge_correct.sum())
+        out[cat] = yes / n if n else float("nan")
+        out[f"{cat}_lo"], out[f"{cat}_hi"] = wilson_interval(yes, n)
+        out[f"{cat}_n"] = n
+    # answers whose context reaches past the model's trained positions (extrapolation, not only memory)
+    beyond = truth(df["beyond_trained"]) if "beyond_trained" in df else pd.Series(dtype=object)
+    out["beyond_trained"] = float(beyond.eq(True).mean()) if beyond.notna().any() else float("nan")
     # recall diagnostic: share of the detail needles the recalled context holds (methods that report it)
     rec = df[df.qtype == "detail"].evidence_recalled.dropna() if "evidence_recalled" in df else pd.Series(dtype=float)
     out["detail_recall"] = float(rec.mean()) if len(rec) else float("nan")
@@ -92,16 +112,43 @@ def summarise(rows: pd.DataFrame, mem: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def paired_with_full(results: list[dict[str, Any]], predictions: dict[str, pd.DataFrame]) -> None:
+    """Each row against the full cache on the same streams (same length and types): the accuracy difference
+    with its paired bootstrap interval and McNemar's exact p-value (``vs_full_*``), paired by question id."""
+    full = {(r["length_s"], r["streams"]): r["tag"] for r in results if r["method"] == "full"}
+    for r in results:
+        ref = full.get((r["length_s"], r["streams"]))
+        if ref is None or r["tag"] == ref:
+            continue
+        c = compare(predictions[r["tag"]], predictions[ref])
+        r.update(vs_full_diff=c.diff, vs_full_lo=c.diff_lo, vs_full_hi=c.diff_hi, vs_full_p=c.p_value)
+
+
 def markdown(results: pd.DataFrame) -> str:
-    cols = ["length_s", "frames", "streams", "method", "budget", "kv_quant", "questions", "accuracy", *QUESTION_TYPES,
-            "detail_recall", "online_tokens", "kv_mib", "latency_ms"]
+    cols = ["length_s", "frames", "streams", "method", "budget", "budget_video_tokens", "kv_quant", "questions",
+            "accuracy", "per_seed",
+            *QUESTION_CATEGORIES, "vs_full", *QUESTION_TYPES, "detail_recall", "beyond_trained", "online_tokens",
+            "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
     for _, r in results.iterrows():
         cells = []
         for c in cols:
-            v = r[c]
-            if c == "accuracy" and "accuracy_lo" in r and not pd.isna(v):  # with its 95% Wilson interval
+            v = r.get(c, float("nan"))
+            if c == "per_seed":  # the range of the seeds' own accuracies (pooled cells only)
+                several = " " in str(r.get("seeds", ""))
+                cells.append(f"{100 * r['seed_lo']:.0f}-{100 * r['seed_hi']:.0f}" if several else "-")
+            elif c == "vs_full":  # accuracy difference to the full cache, its interval, * where McNemar p < 0.05
+                d = r.get("vs_full_diff", float("nan"))
+                cells.append("-" if pd.isna(d) else f"{100 * d:+.0f} ({100 * r['vs_full_lo']:+.0f} to "
+                                                   f"{100 * r['vs_full_hi']:+.0f}){'*' if r['vs_full_p'] < 0.05 else ''}")
+            elif c in QUESTION_CATEGORIES:  # with its 95% Wilson interval
+                cells.append("-" if pd.isna(v) else f"{100 * v:.0f} ({100 * r[c + '_lo']:.0f}-{100 * r[c + '_hi']:.0f})")
+            elif c == "beyond_trained":
+                cells.append("-" if pd.isna(v) else f"{100 * v:.0f}")
+            elif c == "budget_video_tokens":  # None / NaN: a method without a budget
+                cells.append("-" if v is None or pd.isna(v) else f"{int(v)}")
+            elif c == "accuracy" and "accuracy_lo" in r and not pd.isna(v):  # with its 95% Wilson interval
                 cells.append(f"{100 * v:.0f} ({100 * r['accuracy_lo']:.0f}-{100 * r['accuracy_hi']:.0f})")
             elif c in ("accuracy", "detail_recall", *QUESTION_TYPES):
                 cells.append("-" if pd.isna(v) else f"{100 * v:.0f}")
@@ -111,9 +158,15 @@ def markdown(results: pd.DataFrame) -> str:
                 cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     chance = ", ".join(f"{t} {100 * c:.0f}%" for t, c in CHANCE.items())
-    return head + "\n".join(lines) + (f"\n\nChance per type: {chance}. Accuracy columns in %; accuracy with its 95% "
-                                       "Wilson interval. detail_recall: % of detail needles in the recalled "
-                                       "context (methods that report it).\n")
+    categories = "; ".join(f"{c} = {' + '.join(t)}" for c, t in QUESTION_CATEGORIES.items())
+    return head + "\n".join(lines) + (f"\n\nChance per type: {chance}. Accuracy columns in %; accuracy and the "
+                                       f"categories ({categories}) with their 95% Wilson interval. vs_full: "
+                                       "accuracy minus the full cache's on the same questions, 95% paired bootstrap "
+                                       "interval, * where McNemar's exact test gives p < 0.05. detail_recall: % of "
+                                       "detail needles in the recalled context (methods that report it). per_seed: the range of the "
+                                       "held-out seeds' accuracies (several seeds: the other columns pool them). "
+                                       "beyond_trained: % of answers whose context reaches past the model's trained "
+                                       "positions.\n")
 
 
 def changed_knobs(default: dict[str, Any], used: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +175,8 @@ def changed_knobs(default: dict[str, Any], used: dict[str, Any]) -> dict[str, An
 
 
 def run_point(cfg: DictConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """One run of the entry point into ``folder``; its predictions, memory rows and resolved cache config."""
+    """One run of the entry point into ``folder``; its predictions, memory rows and resolved cache config (with
+    the run's ``budget_video_tokens`` from ``metrics.json`` under that key)."""
     from mukv.train_eval import train_eval
 
     cfg.paths.root_dir = str(ROOT)  # set outside a Hydra job (there the launch folder and the job folder)
@@ -131,7 +185,8 @@ def run_point(cfg: DictConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame
     if not result.ok:
         raise SystemExit(f"error: the run in {folder} failed: {'; '.join(result.failures)}")
     resolved = yaml.safe_load((folder / "resolved_config.yaml").read_text())
-    return pd.read_csv(folder / "predictions.csv"), pd.read_csv(folder / "memory_stats.csv"), resolved["cache"]
+    cache = {**resolved["cache"], "budget_video_tokens": result.metrics.get("budget_video_tokens")}
+    return pd.read_csv(folder / "predictions.csv"), pd.read_csv(folder / "memory_stats.csv"), cache
 
 
 def stream_overrides(length: float, types: list[str], n_videos: int, seed: int, args) -> list[str]:
@@ -153,10 +208,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--lengths", type=float, nargs="+", help="stream lengths in seconds")
     ap.add_argument("--videos", type=int)
-    ap.add_argument("--budgets", type=int, nargs="+", help="context budgets in frames (budget_frames=)")
+    ap.add_argument("--budgets", type=int, nargs="+", help="context budgets in --budget-unit (default: frames)")
+    ap.add_argument("--budget-unit", choices=["frames", "tokens"], default=None,
+                    help="frames: --budgets are budget_frames=; tokens: video tokens of the answer context, "
+                         "budget_tokens= (the method's video_tokens). Default: the preset's (frames but for evidence)")
     ap.add_argument("--methods", nargs="+", help="conf/cache options, each optionally followed by Hydra overrides for "
                                                  "it alone (default: every method of the registry)")
     ap.add_argument("--seed", type=int, help="evaluation dataset seed (held out: < 1,000,000)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="several held-out seeds: each cell runs on each, the table "
+                    "pools them (intervals over all questions) and shows the per-seed spread")
+    ap.add_argument("--shard", default=None, help="I/N: run every N-th point from the I-th (0-based) into --out; "
+                    "after all shards, --render-only --out DIR writes the table")
+    ap.add_argument("--render-only", action="store_true", help="write the table from the runs already in --out")
     ap.add_argument("--model-path", default=None, help="a nano checkpoint folder (default: the shipped one)")
     ap.add_argument("--sample-fps", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=4)
@@ -172,12 +235,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = dict(PRESETS[args.preset])
     lengths = args.lengths or p["lengths"]
     n_videos = args.videos or p["videos"]
+    preset_unit = p.get("budget_unit", "frames")
+    args.budget_unit = args.budget_unit or (preset_unit if not args.budgets else "frames")
+    if args.budget_unit != preset_unit and not args.budgets:
+        ap.error(f"--budget-unit {args.budget_unit} needs --budgets (the preset's budgets are {preset_unit})")
     budgets = args.budgets or p["budgets"]
-    seed = p["seed"] if args.seed is None else args.seed
+    budget_key, budget_tag = ("budget_frames", "b") if args.budget_unit == "frames" else ("budget_tokens", "t")
+    seed = p.get("seed", 0) if args.seed is None else args.seed
     quant_modes = args.kv_quant or p.get("kv_quant") or ["none"]
     type_sets = [args.types] if args.types else p.get("types") or [list(QUESTION_TYPES)]
     try:
-        specs = parse_method_specs(args.methods or p.get("methods") or ordered_methods())
+        specs = parse_method_specs(args.methods or p.get("methods") or [*ordered_methods(), *p.get("extra_methods", [])])
     except ValueError as err:
         ap.error(str(err))
     user = list(args.overrides)
@@ -191,43 +259,81 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         methods.append((spec, registered_name(default), OmegaConf.to_container(default, resolve=True)))
     # every point composed before anything runs: a bad option or key fails at once, in one line
     points = []
-    for length, types in itertools.product(lengths, type_sets):
+    seeds = args.seeds or ([seed] if args.seed is not None or "seeds" not in p else p["seeds"])
+    for length, types, s in itertools.product(lengths, type_sets, seeds):
         streams = "all" if set(types) == set(QUESTION_TYPES) else "+".join(types)
-        base = stream_overrides(length, types, n_videos, seed, args)
+        base = stream_overrides(length, types, n_videos, s, args)
         for spec, name, default in methods:
             for budget in (budgets if has_budget(name) else [None]):
                 for quant in (quant_modes if "kv_quant" in default else ["none"]):
                     quant_set = [] if quant == "none" else [f"cache.kv_quant={quant}",
                                                              f"cache.kv_quant_group_size={QUANT_GROUP_SIZE}"]
-                    overrides = [*base, f"cache={spec.option}", *([f"budget_frames={budget}"] if budget else []),
+                    overrides = [*base, f"cache={spec.option}", *([f"{budget_key}={budget}"] if budget else []),
                                  *METHOD_OVERRIDES.get(name, []), *quant_set, *spec.overrides, *user]
-                    tag = (f"{spec.slug}_{'b' + str(budget) if budget else 'all'}_L{int(length)}"
-                           + ("" if quant == "none" else f"_{quant}") + ("" if streams == "all" else f"_{streams}"))
+                    cell = (f"{spec.slug}_{budget_tag + str(budget) if budget else 'all'}_L{int(length)}"
+                            + ("" if quant == "none" else f"_{quant}") + ("" if streams == "all" else f"_{streams}"))
+                    tag = cell if len(seeds) == 1 else f"{cell}_s{s}"
                     row = {"length_s": length, "frames": int(length * args.sample_fps), "streams": streams,
-                           "method": spec.label, "budget": budget or "all"}
+                           "method": spec.label, "budget": budget or "all", "budget_unit": args.budget_unit,
+                           "cell": cell, "seed": s}
                     points.append((tag, compose_config(overrides), row, default))
-    results = []
+    index, count = (int(x) for x in (args.shard or "0/1").split("/"))
     t_all = time.time()
-    for tag, cfg, row, default in points:
-        t0 = time.time()
-        rows, mem, cache = run_point(cfg, out / "runs" / tag)
-        shutil.copyfile(out / "runs" / tag / "predictions.csv", out / f"predictions_{tag}.csv")
-        res = {**row, "kv_quant": cache.get("kv_quant", "none"), "knobs": json.dumps(changed_knobs(default, cache)),
-               **summarise(rows, mem), "wall_s": time.time() - t0}
-        results.append(res)
-        print(f"  {tag:<28} acc {100 * res['accuracy']:5.1f}% (95% CI {100 * res['accuracy_lo']:.0f}-"
-              f"{100 * res['accuracy_hi']:.0f}%, n={res['questions']})  online {res['online_tokens']:7.0f}  "
-              f"({res['wall_s']:.0f}s)", flush=True)
-    df = pd.DataFrame(results)
-    df.to_csv(out / "results.csv", index=False)
+    if not args.render_only:
+        (out / "points").mkdir(exist_ok=True)
+        for tag, cfg, row, default in points[index::count]:
+            t0 = time.time()
+            rows, mem, cache = run_point(cfg, out / "runs" / tag)
+            shutil.copyfile(out / "runs" / tag / "predictions.csv", out / f"predictions_{tag}.csv")
+            video_tokens = cache.pop("budget_video_tokens")
+            res = {**row, "tag": tag, "budget_video_tokens": video_tokens, "kv_quant": cache.get("kv_quant", "none"),
+                   "knobs": json.dumps(changed_knobs(default, cache)), "wall_s": time.time() - t0}
+            (out / "points" / f"{tag}.json").write_text(json.dumps(res))
+            acc = summarise(rows, mem)
+            print(f"  {tag:<28} acc {100 * acc['accuracy']:5.1f}% (95% CI {100 * acc['accuracy_lo']:.0f}-"
+                  f"{100 * acc['accuracy_hi']:.0f}%, n={acc['questions']})  online {acc['online_tokens']:7.0f}  "
+                  f"({res['wall_s']:.0f}s)", flush=True)
+        if count > 1:
+            print(f"shard {index}/{count} done; after every shard: --render-only --out {out}")
+            return pd.DataFrame()
+    tags = [tag for tag, *_ in points]
+    missing = [t for t in tags if not (out / "points" / f"{t}.json").is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} point(s) not run yet in {out} (first: {missing[0]}); run every shard")
+    df = render([json.loads((out / "points" / f"{t}.json").read_text()) for t in tags], out)
     md = markdown(df)
     info = (f"Command: `python experiments/nano_benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
             f"  \nMachine: {platform.node()} ({platform.machine()}, {torch.get_num_threads()} torch threads), "
             f"date {dt.date.today()}, total {time.time() - t_all:.0f} s  \nHeld-out videos: "
-            f"SyntheticSpec(seed={seed}, num_videos={n_videos}, questions_per_video=5, sample_fps={args.sample_fps})"
-            f", lengths {lengths} s; one run folder per row in {out / 'runs'}\n\n")
+            f"SyntheticSpec(seed={', '.join(map(str, seeds))}, num_videos={n_videos}, questions_per_video=5, "
+            f"sample_fps={args.sample_fps}), lengths {lengths} s; one run folder per point in {out / 'runs'}\n\n")
     (out / "results.md").write_text(info + md)
     print("\n" + md + f"\n-> {out}")
+    return df
+
+
+def render(points: list[dict[str, Any]], out: Path) -> pd.DataFrame:
+    """The table from the points' run folders: one row per cell, its seeds pooled (every interval over all their
+    questions; ``seed_lo`` / ``seed_hi`` the per-seed accuracy range), each paired with the full cache; writes
+    ``results.csv`` (cells) and ``results_by_seed.csv`` (points)."""
+    frames = {p["tag"]: (pd.read_csv(out / "runs" / p["tag"] / "predictions.csv"),
+                         pd.read_csv(out / "runs" / p["tag"] / "memory_stats.csv")) for p in points}
+    by_seed = [{**p, **summarise(*frames[p["tag"]])} for p in points]
+    pd.DataFrame(by_seed).to_csv(out / "results_by_seed.csv", index=False)
+    results, predictions = [], {}
+    for cell in dict.fromkeys(p["cell"] for p in points):
+        group = [p for p in by_seed if p["cell"] == cell]
+        rows = pd.concat([frames[p["tag"]][0] for p in group], ignore_index=True)
+        mem = pd.concat([frames[p["tag"]][1] for p in group], ignore_index=True)
+        first = {k: v for k, v in group[0].items() if k not in ("seed", "tag", "wall_s")}
+        accuracies = [p["accuracy"] for p in group]
+        predictions[cell] = rows
+        results.append({**first, "tag": cell, "seeds": " ".join(str(p["seed"]) for p in group), **summarise(rows, mem),
+                        "seed_lo": min(accuracies), "seed_hi": max(accuracies),
+                        "wall_s": sum(p["wall_s"] for p in group)})
+    paired_with_full(results, predictions)
+    df = pd.DataFrame(results)
+    df.to_csv(out / "results.csv", index=False)
     return df
 
 

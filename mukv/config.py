@@ -278,6 +278,9 @@ class RunConfig:
     # A context budget in frames for any cache method: its knobs come from the method's ``budget_knobs`` (the
     # registry, mukv/cache/base.py) and replace the config's; null: the cache config's own knobs
     budget_frames: Optional[int] = None
+    # A context budget in video tokens (the init prompt aside) for any cache method: the largest frame budget
+    # whose answer context holds at most this many (the method's ``video_tokens``); not with budget_frames
+    budget_tokens: Optional[int] = None
     tags: list[str] = field(default_factory=list)
 
 

@@ -99,6 +99,11 @@ class AnswerRecord:
     # share of the question's evidence in the recalled context (mukv.report.evidence, from the context's
     # ``Recalled``); None where the question names none or the method does not report what it recalled
     evidence_recalled: float | None = None
+    # the position of the first prompt token: where the recalled context ends in RoPE positions
+    answer_position: int | None = None
+    # the context reaches past the positions the model was trained on (VideoLLM.trained_positions): its answer
+    # measures extrapolation as much as memory; None where the model does not say
+    beyond_trained: bool | None = None
 
     def row(self) -> dict[str, Any]:
         """A flat row; ``meta`` (keys vary by question type) stays one JSON column."""
@@ -255,4 +260,7 @@ class StreamingEngine:
             meta=dict(q.meta),
             evidence_recalled=evidence_recalled(q.meta, context.recalled.tokens, self.llm.geometry.tokens_per_frame,
                                                 context.recalled.frames),
+            answer_position=context.next_position,
+            beyond_trained=(None if self.llm.trained_positions is None
+                            else context.next_position > self.llm.trained_positions),
         )

@@ -8,6 +8,7 @@ value says whether anything failed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -70,6 +71,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("resume", f"must be true, false or force, got {cfg.resume!r}")
     if cfg.budget_frames is not None:
         _positive(cfg.budget_frames, "budget_frames")
+    if cfg.get("budget_tokens") is not None:
+        _positive(cfg.budget_tokens, "budget_tokens")
+        if cfg.budget_frames is not None:
+            raise ConfigError("budget_tokens", f"give one budget: budget_frames={cfg.budget_frames} or "
+                                               f"budget_tokens={cfg.budget_tokens}, not both")
     _positive(cfg.engine.encode_chunk_size, "engine.encode_chunk_size")
     _positive(cfg.engine.max_new_tokens, "engine.max_new_tokens")
     ds = cfg.dataset
@@ -101,22 +107,45 @@ def build_method(cache_cfg: DictConfig) -> CacheMethod:
 def apply_budget(cfg: DictConfig, tokens_per_frame: int) -> dict[str, Any]:
     """``budget_frames=N``: write the cache method's budget knobs (``CacheMethod.budget_knobs``, the one
     registry every tool maps budgets through) into ``cfg.cache``, so that the resolved config, the
-    fingerprint and the method all see them; returns the knobs set ({} without a budget)."""
-    if cfg.budget_frames is None:
+    fingerprint and the method all see them; returns the knobs set ({} without a budget).
+    ``budget_tokens=N``: the same with the knobs of the largest frame budget whose answer context holds at
+    most N video tokens (``budget_knobs_for_tokens``: the method's ``video_tokens``)."""
+    tokens = cfg.get("budget_tokens")
+    if cfg.budget_frames is None and tokens is None:
         return {}
+    setting = "budget_frames" if tokens is None else "budget_tokens"
+    if cfg.budget_frames is not None and tokens is not None:
+        raise ConfigError("budget_tokens", "give one budget: budget_frames or budget_tokens, not both")
     from mukv.cache import CACHE_METHODS, budget_knobs
+    from mukv.cache.base import budget_frames_for_tokens
 
     target = str(cfg.cache._target_)
     name = next((n for n, c in CACHE_METHODS.items() if f"{c.__module__}.{c.__qualname__}" == target), None)
     if name is None:
-        raise ConfigError("budget_frames", f"cache._target_ {target} is not a registered cache method")
-    knobs = budget_knobs(name, cfg.budget_frames, tokens_per_frame)
+        raise ConfigError(setting, f"cache._target_ {target} is not a registered cache method")
+    if tokens is None:
+        knobs = budget_knobs(name, cfg.budget_frames, tokens_per_frame)
+    else:
+        own = OmegaConf.to_container(cfg.cache, resolve=True)
+        frames, knobs = budget_frames_for_tokens(name, tokens, tokens_per_frame, own)
+        if knobs:
+            log.info("budget_tokens=%s: cache method %s at its %d-frame budget %s", tokens, name, frames, knobs)
     if not knobs:
-        log.info("budget_frames=%s: cache method %s has no budget (it keeps everything); ignored",
-                 cfg.budget_frames, name)
+        log.info("%s=%s: cache method %s has no budget (it keeps everything); ignored", setting, cfg[setting], name)
     for key, value in knobs.items():
         cfg.cache[key] = value
     return knobs
+
+
+def _budget_video_tokens(method: CacheMethod, tokens_per_frame: int) -> int | None:
+    """The video tokens the run's answer context holds at most (``CacheMethod.video_tokens`` of its knobs);
+    ``None`` for a method without a budget or one that does not say."""
+    from mukv.cache.base import knob_values
+
+    cls = type(method)
+    knobs = knob_values(cls, {f.name: getattr(method, f.name) for f in dataclasses.fields(cls)})
+    n = cls.video_tokens(knobs, int(tokens_per_frame))
+    return None if n is None or n is NotImplemented else int(n)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -221,9 +250,11 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     memory.sync([v.video_id for v in videos])  # a video's last row (failed, then retried), in dataset order
     pred_df = _read(out / PREDICTIONS)
     mem_df = _read(out / MEMORY)
-    metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s))
+    metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s),
+                        categories=dataset_class(cfg.dataset).categories)
     metrics.update(method=method.name, dataset=cfg.dataset.name, model=m.name, wall_s=time.time() - started,
-                   budget_frames=cfg.budget_frames, budget_knobs=applied,
+                   budget_frames=cfg.budget_frames, budget_tokens=cfg.get("budget_tokens"), budget_knobs=applied,
+                   budget_video_tokens=_budget_video_tokens(method, geometry.tokens_per_frame),
                    failed_videos=len(failures), shard_index=cfg.dataset.shard_index,
                    num_shards=cfg.dataset.num_shards, max_minutes=cfg.dataset.max_minutes)
     if judge is not None:
@@ -352,6 +383,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
             lo, hi = wilson_interval(int(metrics.get("correct") or 0), int(metrics["judged"]))
             lines.append(f"  {label:<14} {100 * v:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%, "
                          f"n={metrics['judged']} judged)")
+            for name, cat in (metrics.get("by_category") or {}).items():  # what each kind of question measures
+                if cat.get("judged"):
+                    lines.append(f"    {name:<12} {100 * cat['accuracy']:.1f}% (95% CI {100 * cat['accuracy_lo']:.1f}-"
+                                 f"{100 * cat['accuracy_hi']:.1f}%, n={cat['judged']})")
             continue
         if isinstance(v, dict):
             v = ", ".join(f"{k} {x:.2f}" for k, x in v.items())

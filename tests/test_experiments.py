@@ -391,6 +391,66 @@ def test_nano_benchmark_quick_preset_runs_every_method(tmp_path):
     assert full["budget_frames"] is None and df.set_index("method").loc["full", "budget"] == "all"
 
 
+def test_nano_benchmark_reports_categories_pairs_with_full_and_flags_extrapolation(tmp_path):
+    """Each row: memory / recency / cross-frame accuracy with intervals, the difference to the full cache on the
+    same questions (paired by qid, McNemar p), and the share of answers past the trained positions."""
+    from mukv.report.compare import compare
+
+    df = _nano_benchmark().main(["--preset", "quick", "--videos", "2", "--lengths", "100", "--methods", "full",
+                                 "sliding_window", "--out", str(tmp_path)]).set_index("method")
+    for cat in ("memory", "recency", "cross_frame"):
+        assert ((df[f"{cat}_lo"] <= df[cat]) & (df[cat] <= df[f"{cat}_hi"])).all()
+    assert df[["memory_n", "recency_n", "cross_frame_n"]].sum(axis=1).eq(df.questions).all()
+    assert pd.isna(df.loc["full", "vs_full_diff"])
+    paired = compare(pd.read_csv(tmp_path / "predictions_sliding_window_b16_L100.csv"),
+                     pd.read_csv(tmp_path / "predictions_full_all_L100.csv"))
+    assert df.loc["sliding_window", "vs_full_diff"] == paired.diff
+    assert df.loc["sliding_window", "vs_full_p"] == paired.p_value
+    assert df.loc["full", "beyond_trained"] > 0 and df.loc["sliding_window", "beyond_trained"] == 0  # 50 frames
+    assert "vs_full" in (tmp_path / "results.md").read_text()
+
+
+def test_nano_benchmark_pools_seeds_and_shards_give_the_same_table(tmp_path):
+    """Several held-out seeds pool into one row per cell (intervals over every question, the per-seed range
+    beside it); the same points run as two shards and rendered afterwards give the same table."""
+    nb = _nano_benchmark()
+    args = ["--preset", "quick", "--videos", "1", "--lengths", "40", "--methods", "full", "uniform", "--seeds", "21", "22"]
+    whole = nb.main([*args, "--out", str(tmp_path / "whole")]).set_index("method")
+    assert (whole.questions == 10).all() and (whole.seeds == "21 22").all()
+    by_seed = pd.read_csv(tmp_path / "whole" / "results_by_seed.csv")
+    assert len(by_seed) == 4 and set(by_seed.seed) == {21, 22}
+    for method, g in by_seed.groupby("method"):
+        assert whole.loc[method, "seed_lo"] == g.accuracy.min() and whole.loc[method, "seed_hi"] == g.accuracy.max()
+        assert whole.loc[method, "accuracy"] == pytest.approx((g.accuracy * g.questions).sum() / g.questions.sum())
+    for i in (0, 1):
+        assert nb.main([*args, "--shard", f"{i}/2", "--out", str(tmp_path / "sharded")]).empty
+    sharded = nb.main([*args, "--render-only", "--out", str(tmp_path / "sharded")]).set_index("method")
+    cols = ["questions", "accuracy", "memory", "recency", "cross_frame", "vs_full_diff", "online_tokens", "seed_lo"]
+    pd.testing.assert_frame_equal(whole[cols], sharded[cols])
+    with pytest.raises(SystemExit, match="not run yet"):
+        nb.main([*args, "--render-only", "--out", str(tmp_path / "empty")])
+
+
+def test_nano_benchmark_evidence_preset_is_token_matched(tmp_path):
+    """The evidence protocol: every method with a budget answers from at most the same 256 video tokens
+    (budget_tokens through each method's video_tokens), the position-bounded full cache beside the full one,
+    three held-out seeds by default (here one, on a short stream, to stay cheap)."""
+    nb = _nano_benchmark()
+    assert nb.PRESETS["evidence"]["seeds"] and len(nb.PRESETS["evidence"]["seeds"]) >= 3
+    assert nb.PRESETS["evidence"]["videos"] * 5 * len(nb.PRESETS["evidence"]["seeds"]) / 5 >= 200  # per type
+    df = nb.main(["--preset", "evidence", "--videos", "1", "--lengths", "40", "--seeds", "5", "--out",
+                  str(tmp_path)]).set_index("method")
+    assert list(df.index) == [*ordered_methods(), "full_bounded"] and (df.budget_unit == "tokens").all()
+    budgeted = df[df.budget != "all"]
+    assert (budgeted.budget_video_tokens <= 256).all() and (budgeted.budget_video_tokens >= 256 - 16).all()
+    from mukv.models.loading import load_video_llm
+
+    init = len(load_video_llm("nano", None, device="cpu", dtype="float32").init_prompt_ids())
+    for method in budgeted.index:  # every answer: the init prompt and at most 256 video tokens
+        rows = pd.read_csv(tmp_path / f"predictions_{method}_t256_L40.csv")
+        assert (rows.online_tokens <= init + 256).all(), method
+
+
 def test_nano_benchmark_quant_preset_shrinks_the_store(tmp_path):
     """The quantized store on the nano model (head dim 24: groups of 8, not the default 64)."""
     df = _nano_benchmark().main(["--preset", "quant", "--videos", "1", "--lengths", "40", "--out", str(tmp_path)])
@@ -467,3 +527,22 @@ def test_nano_head_map_finds_the_supervised_encoding_patterns():
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("| layer | " + " | ".join(f"head {h}" for h in range(8)) + " |") == 2
+
+
+def test_nano_benchmark_budgets_in_tokens(tmp_path):
+    """`--budget-unit tokens`: every method answers from at most the budget's video tokens (budget_tokens=, the
+    method's video_tokens), shown beside the measured online tokens; the presets' budgets stay frames."""
+    nb = _nano_benchmark()
+    df = nb.main(["--preset", "quick", "--videos", "1", "--lengths", "40", "--out", str(tmp_path), "--budget-unit",
+                  "tokens", "--budgets", "100", "--methods", "full", "uniform", "mukv", "--", "engine.max_new_tokens=1"])
+    by = df.set_index("method")
+    assert list(df.budget) == ["all", 100, 100] and set(df.budget_unit) == {"tokens"}
+    assert pd.isna(by.loc["full", "budget_video_tokens"])
+    assert by.loc["uniform", "budget_video_tokens"] == 96 and by.loc["mukv", "budget_video_tokens"] == 63
+    assert (by.loc[["uniform", "mukv"], "online_tokens"] <= 100 + 11).all()  # the init prompt's 11 tokens aside
+    metrics = json.loads((tmp_path / "runs" / "mukv_t100_L40" / "metrics.json").read_text())
+    assert metrics["budget_tokens"] == 100 and metrics["budget_frames"] is None
+    assert metrics["budget_knobs"] == {"top_k": [2, 4, 1]} and metrics["budget_video_tokens"] == 63
+    assert "| 100 | 96 |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):  # a preset's budgets are frames: tokens need their own --budgets
+        nb.main(["--budget-unit", "tokens", "--out", str(tmp_path / "x")])

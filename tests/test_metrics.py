@@ -147,3 +147,51 @@ def test_evidence_recalled_counts_cells_tokens_or_frames():
     assert evidence_recalled(meta, [2 * 196 + 100], 196) == 0.5  # 196 tokens per frame: counted by frame
     assert evidence_recalled(meta, None, 16, frames=[3, 9]) == 0.5  # methods that recall whole frames
     assert evidence_recalled(meta, None, 16) is None and evidence_recalled({}, [1], 16) is None
+
+
+# ------------------------------------------------------------------------------ categories, paired tests
+def test_categories_group_the_types_and_count_each_question_once():
+    from mukv.data.synthetic import QUESTION_CATEGORIES, QUESTION_TYPES
+
+    assert sorted(t for types in QUESTION_CATEGORIES.values() for t in types) == sorted(QUESTION_TYPES)
+    rows = [row(0, True, 5, "detail"), row(1, False, 0, "count"), row(2, True, 5, "current"),
+            row(3, True, 5, "order"), row(4, False, 0, "motion"), row(5, True, 5, "motion")]
+    m = summarize(pd.DataFrame(rows), pd.DataFrame(memory_rows()), 0.5, categories=QUESTION_CATEGORIES)
+    cats = m["by_category"]
+    assert {c: (v["correct"], v["judged"]) for c, v in cats.items()} == {
+        "memory": (1, 2), "recency": (1, 1), "cross_frame": (2, 3)}
+    assert cats["cross_frame"]["accuracy_lo"] < 2 / 3 < cats["cross_frame"]["accuracy_hi"]
+    assert "by_category" not in summarize(pd.DataFrame(rows), pd.DataFrame(memory_rows()), 0.5)
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    from mukv.report.compare import mcnemar_exact
+
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 2**12)  # 0.0386
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64) and mcnemar_exact(0, 6) == mcnemar_exact(6, 0)
+
+
+def test_paired_comparison_pairs_by_question_id_not_by_row():
+    from mukv.report.compare import compare
+
+    a = pd.DataFrame({"qid": [f"q{i}" for i in range(40)], "judge_correct": ["True"] * 30 + ["False"] * 10})
+    # b: the same questions in reverse order, right on the first 20 only
+    b = pd.DataFrame({"qid": [f"q{i}" for i in reversed(range(40))],
+                      "judge_correct": [str(i < 20) for i in reversed(range(40))]})
+    c = compare(a, b)
+    assert (c.n, c.a_only, c.b_only) == (40, 10, 0) and c.diff == pytest.approx(0.25)
+    assert c.diff_lo > 0 and c.diff_lo < 0.25 < c.diff_hi and c.significant  # p = 2 / 1024
+    same = compare(a, a)
+    assert same.diff == 0 and same.p_value == 1.0 and not same.significant
+    with pytest.raises(ValueError, match="qid twice"):
+        compare(pd.concat([a, a]), b)
+
+
+def test_the_terminal_summary_shows_each_category_with_its_interval():
+    from mukv.train_eval import format_summary
+
+    text = format_summary({"method": "full", "accuracy": 0.5, "judged": 4, "correct": 2, "by_category": {
+        "memory": {"accuracy": 1.0, "accuracy_lo": 0.34, "accuracy_hi": 1.0, "judged": 2},
+        "recency": {"accuracy": None, "judged": 0}}})
+    assert "    memory       100.0% (95% CI 34.0-100.0%, n=2)" in text and "recency" not in text

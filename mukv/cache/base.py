@@ -54,10 +54,11 @@ def method_rank(name: str) -> tuple[int, str]:
     return (cls.display_order if cls is not None else 10**6, name)
 
 
-def budget_knobs(method: str, frames: int | None, tokens_per_frame: int) -> dict[str, Any]:
+def budget_knobs(method: str, frames: int | None, tokens_per_frame: int,
+                 config_key: str = "budget_frames") -> dict[str, Any]:
     """The knobs giving ``method`` an answer context of about ``frames`` frames (``{}`` for ``None`` or a
     method without a budget); every tool (``budget_frames=``, benchmarks, reproduce-table, sweeps) maps
-    budgets through this one function."""
+    budgets through this one function. ``config_key``: the setting an error names."""
     if frames is None:
         return {}
     cls = CACHE_METHODS[method]
@@ -65,9 +66,66 @@ def budget_knobs(method: str, frames: int | None, tokens_per_frame: int) -> dict
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(knobs) - names)
     if unknown:  # a budget must never be dropped silently
-        raise ConfigError("budget_frames", f"{cls.__name__}.budget_knobs sets {', '.join(unknown)}, which are not "
-                                           f"knobs of cache method '{method}'")
+        raise ConfigError(config_key, f"{cls.__name__}.budget_knobs sets {', '.join(unknown)}, which are not "
+                                      f"knobs of cache method '{method}'")
     return knobs
+
+
+def knob_values(cls: type[CacheMethod], knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every knob of ``cls`` (a dataclass): its defaults, replaced by ``knobs`` (which may name only some)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    out.update({k: v for k, v in (knobs or {}).items() if k != "_target_"})
+    return out
+
+
+def video_tokens(method: str, knobs: dict[str, Any] | None, tokens_per_frame: int) -> int | None:
+    """The video tokens ``method``'s answer context holds at most with ``knobs`` (the others at their
+    defaults): ``CacheMethod.video_tokens``; ``None`` for a method without a budget or one that does not say."""
+    cls = CACHE_METHODS[method]
+    n = cls.video_tokens(knob_values(cls, knobs), int(tokens_per_frame))
+    return None if n is None or n is NotImplemented else int(n)
+
+
+def budget_frames_for_tokens(method: str, tokens: int, tokens_per_frame: int,
+                             knobs: dict[str, Any] | None = None) -> tuple[int | None, dict[str, Any]]:
+    """``budget_knobs_for_tokens`` with the frame budget it chose (``None`` for a method without a budget)."""
+    tokens, tpf = int(tokens), int(tokens_per_frame)
+    cls = CACHE_METHODS[method]
+    if not budget_knobs(method, 1, tpf, config_key="budget_tokens"):
+        return None, {}  # no budget: the method keeps everything
+    best: tuple[int, dict[str, Any]] | None = None
+    # f frames hold at least f video tokens in every method with a budget, so no f above `tokens` can fit
+    for f in range(1, max(tokens, 1) + 1):
+        step = budget_knobs(method, f, tpf, config_key="budget_tokens")
+        n = cls.video_tokens(knob_values(cls, {**(knobs or {}), **step}), tpf)
+        if n is None or n is NotImplemented:
+            raise ConfigError("budget_tokens", f"cache method '{method}' has a frame budget (budget_knobs) but does "
+                                               f"not implement video_tokens, which budget_tokens needs: add the "
+                                               f"classmethod {cls.__name__}.video_tokens(knobs, tokens_per_frame)")
+        if int(n) > tokens:
+            break
+        best = (f, step)
+    if best is None:
+        smallest = video_tokens(method, {**(knobs or {}), **budget_knobs(method, 1, tpf)}, tpf)
+        raise ConfigError("budget_tokens", f"{tokens} video tokens is less than the smallest budget of cache method "
+                                           f"'{method}': {smallest} video tokens at 1 frame of {tpf} tokens")
+    return best
+
+
+def budget_knobs_for_tokens(method: str, tokens: int, tokens_per_frame: int,
+                            knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The knobs of the largest frame budget ``f`` (``budget_knobs(method, f, ...)``, f = 1, 2, ...) whose answer
+    context holds at most ``tokens`` video tokens (``CacheMethod.video_tokens``, with the method's other knobs
+    from ``knobs``, else its defaults): every method then answers from at most ``tokens`` video tokens, as close
+    as its budget's granularity allows (``budget_tokens=``). ``{}`` for a method without a budget; raises
+    ``ConfigError`` naming ``budget_tokens`` when even one frame holds more, or when the method has a frame
+    budget but no ``video_tokens``."""
+    return budget_frames_for_tokens(method, tokens, tokens_per_frame, knobs)[1]
 
 
 @dataclass(frozen=True)
@@ -125,6 +183,14 @@ class CacheMethod(abc.ABC):
         ``tokens_per_frame`` tokens (``budget_frames=`` in a run, the budget axis of every benchmark and
         sweep). ``{}``: the method has no budget (it keeps everything) and tools run it once."""
         return {}
+
+    @classmethod
+    def video_tokens(cls, knobs: dict[str, Any], tokens_per_frame: int) -> int | None:
+        """The video tokens (the init prompt aside) this method's answer context holds at most, once enough
+        video has streamed, with ``knobs`` (every knob of the method: ``knob_values``). ``None``: the method
+        has no budget (it keeps everything). ``budget_tokens=`` maps a budget in tokens onto ``budget_knobs``
+        through this; a method with a budget that does not implement it (``NotImplemented``) cannot take one."""
+        return NotImplemented
 
     # The (geometry, knobs) ``validate`` last passed, so that ``bind`` checks only what was not checked yet.
     _validated: tuple[KVGeometry, tuple] | None = None

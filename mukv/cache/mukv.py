@@ -299,6 +299,14 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         scale = frames / 64
         return {"top_k": [max(1, round(k * scale)) for k in (20, 32, 12)]}
 
+    @classmethod
+    def video_tokens(cls, knobs: dict, tokens_per_frame: int) -> int:
+        # per granularity top_k blocks of kept_per_block tokens (MuKVBudget.retrieved_tokens; dedup can only drop)
+        from types import SimpleNamespace
+
+        geometry = SimpleNamespace(tokens_per_frame=tokens_per_frame)
+        return mukv_budget(geometry, SimpleNamespace(**knobs)).retrieved_tokens  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------------------- validation
     def check_knobs(self, geometry: KVGeometry) -> None:
         n = len(self.granularities)

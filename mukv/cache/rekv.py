@@ -73,6 +73,11 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
         return {"retrieve_size": frames}  # frame blocks recalled per layer (the window is not the budget)
 
+    @classmethod
+    def video_tokens(cls, knobs: dict, tokens_per_frame: int) -> int:
+        # retrieve_size one-frame blocks per layer (retrieve_chunk_size divides it: whole groups); not the window
+        return int(knobs["retrieve_size"]) * tokens_per_frame
+
     def __post_init__(self) -> None:
         self._video: ReKVVideoState | None = None  # made by start_video
 

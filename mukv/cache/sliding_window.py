@@ -24,6 +24,10 @@ class SlidingWindowCache(WindowStreamingCache, SinkWindowOptions):
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
         return {"n_local": frames * tokens_per_frame}  # the window holds the last `frames` frames
 
+    @classmethod
+    def video_tokens(cls, knobs: dict, tokens_per_frame: int) -> int:
+        return int(knobs["n_local"])  # the answer attends to the init prompt + the window's n_local tokens
+
     def check_knobs(self, geometry) -> None:
         if self.n_local < 1:
             raise ConfigError("cache.n_local", f"must be a positive number of tokens, got {self.n_local}")

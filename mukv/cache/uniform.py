@@ -28,6 +28,10 @@ class UniformSampling(CacheMethod):
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict:
         return {"num_frames": frames}
 
+    @classmethod
+    def video_tokens(cls, knobs: dict, tokens_per_frame: int) -> int:
+        return int(knobs["num_frames"]) * tokens_per_frame  # the sampled frames, whole
+
     def check_knobs(self, geometry) -> None:
         if self.num_frames < 1:
             raise ConfigError("cache.num_frames", f"must be at least 1, got {self.num_frames}")

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from mukv.data.synthetic import QUESTION_CATEGORIES
 from mukv.data.types import VideoSample
 from mukv.errors import ConfigError, DataError
 
@@ -28,6 +29,8 @@ class Dataset:
 
     kind: ClassVar[str] = "dataset"  # a label for messages and outputs
     has_files: ClassVar[bool] = False  # reads annotation and video files (hashed in the fingerprint)
+    # What the question types measure, reported apart in metrics.json (``by_category``): category -> types
+    categories: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def check_config(cls, ds: DictConfig) -> None:
@@ -73,6 +76,7 @@ class SyntheticDataset(Dataset):
     """Procedural streams with exact answers, made on the fly from ``dataset.synthetic`` (deterministic)."""
 
     kind = "synthetic"
+    categories = QUESTION_CATEGORIES
 
     @staticmethod
     def spec(ds: DictConfig):

@@ -85,6 +85,11 @@ MAX_RINGS = 4
 MOTION_FRAMES = 4  # a ball run crosses the whole row / column, one cell per frame
 # Chance accuracy of a uniform guess among the possible answers, per question type.
 CHANCE: dict[str, float] = {"detail": 1 / 6, "count": 1 / 5, "current": 1 / 3, "order": 1 / 2, "motion": 1 / 4}
+# What each type measures, reported apart (never folded into one number): memory (the evidence is old: a
+# method must have kept it), recency (the last frame: every window holds it by construction) and cross-frame
+# reasoning (computed inside the encoding: methods that encode blocks independently cannot see across them).
+QUESTION_CATEGORIES: dict[str, tuple[str, ...]] = {"memory": ("detail", "count"), "recency": ("current",),
+                                                   "cross_frame": ("order", "motion")}
 # Held-out evaluation seeds are < TRAIN_SEED_BASE; training streams use seeds >= TRAIN_SEED_BASE.
 TRAIN_SEED_BASE = 1_000_000
 GRID = 4

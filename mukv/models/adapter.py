@@ -81,6 +81,9 @@ class VideoLLM:
         self.image_size = model.config.vision_config.image_size
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.resize = frame_resize(resize)
+        # Positions 0 .. trained_positions - 1 are those the model saw in training (init prompt + video); an
+        # answer context reaching past them measures extrapolation too. None: unknown. Set by the loaders.
+        self.trained_positions: int | None = None
         self.init_prompt = init_prompt
         self.question_template = question_template
         lm = self.language_model

@@ -232,21 +232,28 @@ def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_im
                              dtype=dtype, attn_implementation=attn_implementation).to(device)
     use_stream_attention(model)
     stats = getattr(processor, "video_processor", None) or processor.image_processor
-    return VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path,
-                    resize=resize)
+    llm = VideoLLM(model, processor.tokenizer, tuple(stats.image_mean), tuple(stats.image_std), name=path,
+                   resize=resize)
+    # the language model's context length (Qwen2: 32,768), what its RoPE was trained to
+    llm.trained_positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    return llm
 
 
 def load_nano(path: str | None, device: torch.device, dtype: torch.dtype,
               resize: FrameResize | str = FrameResize.pil_uint8) -> VideoLLM:
     """The shipped nano checkpoint (``mukv/assets/nano``) or a nano folder written by ``python -m mukv_nano.train``."""
-    from mukv.models.nano import load_nano_checkpoint, nano_dir, read_meta
+    from mukv.models.nano import load_nano_checkpoint, nano_dir, read_meta, trained_video_frames
 
     model, tokenizer = load_nano_checkpoint(path, dtype)
     model = model.to(device)
     use_stream_attention(model)
     meta = read_meta(nano_dir(path))
-    return VideoLLM(model, tokenizer, tuple(meta.get("image_mean", (0.5,) * 3)),
-                    tuple(meta.get("image_std", (0.5,) * 3)), name="nano", resize=resize)
+    llm = VideoLLM(model, tokenizer, tuple(meta.get("image_mean", (0.5,) * 3)),
+                   tuple(meta.get("image_std", (0.5,) * 3)), name="nano", resize=resize)
+    frames = trained_video_frames(meta)
+    if frames:  # init prompt + the longest training stream
+        llm.trained_positions = len(llm.init_prompt_ids()) + frames * llm.geometry.tokens_per_frame
+    return llm
 
 
 def use_stream_attention(model) -> None:

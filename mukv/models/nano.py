@@ -165,6 +165,13 @@ def load_nano_checkpoint(path: str | Path | None, dtype: torch.dtype = torch.flo
     return LlavaOnevisionForConditionalGeneration.from_pretrained(str(folder), dtype=dtype), tokenizer
 
 
+def trained_video_frames(meta: dict) -> int | None:
+    """The most frames a training stream held (the recipe's ``max_frames``; flat or nested settings)."""
+    settings = meta.get("settings") or {}
+    frames = settings.get("max_frames", (settings.get("curriculum") or {}).get("max_frames"))
+    return int(frames) if frames else None
+
+
 def read_meta(path: str | Path) -> dict:
     f = Path(path) / META_FILE
     return json.loads(f.read_text()) if f.is_file() else {}

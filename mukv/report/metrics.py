@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,12 +111,16 @@ def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
 
 
 def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float,
-              age_buckets_s: Sequence[float] | None = None) -> dict[str, Any]:
-    """The run's metrics (see the module docstring); every value is JSON-serialisable."""
+              age_buckets_s: Sequence[float] | None = None,
+              categories: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """The run's metrics (see the module docstring); every value is JSON-serialisable. ``categories``
+    (category -> question types, the dataset's own: ``Dataset.categories``) adds ``by_category``."""
     out: dict[str, Any] = {"questions": int(len(predictions)), "videos": int(len(memory))}
     if len(predictions):
         err = predictions["error"].astype(str).str.strip() if "error" in predictions else None
         out["failed_questions"] = int((err.ne("") & err.ne("nan")).sum()) if err is not None else 0
+        if "beyond_trained" in predictions:  # answers whose context reaches past the model's trained positions
+            out["beyond_trained_questions"] = int(truth(predictions["beyond_trained"]).eq(True).sum())
         if "meta" in predictions:  # asked past the video file's real end (failed, or answered and flagged)
             out["past_end_questions"] = int(predictions["meta"].map(lambda c: "past_end_s" in _meta(c)).sum())
         for col in ("online_tokens", "kv_tokens", "ttft_s", "latency_s", "recall_s", "encode_s", "new_tokens"):
@@ -142,6 +146,10 @@ def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float
                                for t, idx in qtype[typed].groupby(qtype[typed]).groups.items()}
                     out["by_type"] = by_type
                     out["accuracy_by_type"] = {t: v["accuracy"] for t, v in by_type.items()}
+                    if categories:
+                        by_category = {c: _judged_stats(correct[qtype.isin(list(types))], scores[qtype.isin(list(types))])
+                                       for c, types in categories.items() if qtype.isin(list(types)).any()}
+                        out["by_category"] = by_category
             edges = sorted(float(e) for e in (DEFAULT_AGE_BUCKETS_S if age_buckets_s is None else age_buckets_s))
             if edges:
                 age = question_age_s(predictions)

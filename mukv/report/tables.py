@@ -83,8 +83,9 @@ def load_run(path: str | Path) -> RunInfo | None:
             config = yaml.safe_load((path / name).read_text()) or {}
             break
     knobs = {k: v for k, v in (config.get("cache") or {}).items() if k != "_target_"}
-    if config.get("budget_frames") is not None:  # a budget run's label names its budget beside the knobs it set
-        knobs["budget_frames"] = config["budget_frames"]
+    for key in ("budget_frames", "budget_tokens"):  # a budget run's label names its budget beside the knobs it set
+        if config.get(key) is not None:
+            knobs[key] = config[key]
     return RunInfo(path, metrics, config, knobs)
 
 
