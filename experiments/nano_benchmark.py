@@ -71,7 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # three held-out seeds of 67 streams (201 questions of each type per cell), the position-bounded full cache
     # beside the full one; within range and at 10x / 20x. Long: shard it (--shard I/N, then --render-only)
     "evidence": dict(lengths=[60.0, 640.0, 1280.0], videos=67, budgets=[256], budget_unit="tokens",
-                     seeds=[918273, 555555, 424242], extra_methods=["full_bounded"]),
+                     seeds=[918273, 555555, 424242], extra_methods=["full_bounded"],
+                     references=["full", "full_bounded"]),
 }
 # The one nano-specific setting of every preset, as Hydra overrides per registered method: ReKV's encoding
 # window stays within the nano model's trained span of 32 frames (32 x 16 = 512 tokens; the published 15,000
@@ -112,22 +113,24 @@ def summarise(rows: pd.DataFrame, mem: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def paired_with_full(results: list[dict[str, Any]], predictions: dict[str, pd.DataFrame]) -> None:
-    """Each row against the full cache on the same streams (same length and types): the accuracy difference
-    with its paired bootstrap interval and McNemar's exact p-value (``vs_full_*``), paired by question id."""
-    full = {(r["length_s"], r["streams"]): r["tag"] for r in results if r["method"] == "full"}
+def paired_with(results: list[dict[str, Any]], predictions: dict[str, pd.DataFrame], reference: str = "full") -> None:
+    """Each row against the ``reference`` method on the same streams (same length and types): the accuracy
+    difference with its paired bootstrap interval and McNemar's exact p-value (``vs_<reference>_*``), paired by
+    question id. At 10-20x the training length the meaningful reference is ``full_bounded``."""
+    refs = {(r["length_s"], r["streams"]): r["tag"] for r in results if r["method"] == reference}
     for r in results:
-        ref = full.get((r["length_s"], r["streams"]))
+        ref = refs.get((r["length_s"], r["streams"]))
         if ref is None or r["tag"] == ref:
             continue
         c = compare(predictions[r["tag"]], predictions[ref])
-        r.update(vs_full_diff=c.diff, vs_full_lo=c.diff_lo, vs_full_hi=c.diff_hi, vs_full_p=c.p_value)
+        r.update({f"vs_{reference}_diff": c.diff, f"vs_{reference}_lo": c.diff_lo, f"vs_{reference}_hi": c.diff_hi,
+                  f"vs_{reference}_p": c.p_value})
 
 
-def markdown(results: pd.DataFrame) -> str:
+def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> str:
     cols = ["length_s", "frames", "streams", "method", "budget", "budget_video_tokens", "kv_quant", "questions",
             "accuracy", "per_seed",
-            *QUESTION_CATEGORIES, "vs_full", *QUESTION_TYPES, "detail_recall", "beyond_trained", "online_tokens",
+            *QUESTION_CATEGORIES, *(f"vs_{ref}" for ref in references), *QUESTION_TYPES, "detail_recall", "beyond_trained", "online_tokens",
             "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
@@ -138,10 +141,10 @@ def markdown(results: pd.DataFrame) -> str:
             if c == "per_seed":  # the range of the seeds' own accuracies (pooled cells only)
                 several = " " in str(r.get("seeds", ""))
                 cells.append(f"{100 * r['seed_lo']:.0f}-{100 * r['seed_hi']:.0f}" if several else "-")
-            elif c == "vs_full":  # accuracy difference to the full cache, its interval, * where McNemar p < 0.05
-                d = r.get("vs_full_diff", float("nan"))
-                cells.append("-" if pd.isna(d) else f"{100 * d:+.0f} ({100 * r['vs_full_lo']:+.0f} to "
-                                                   f"{100 * r['vs_full_hi']:+.0f}){'*' if r['vs_full_p'] < 0.05 else ''}")
+            elif c.startswith("vs_"):  # accuracy difference to a reference, its interval, * where McNemar p < 0.05
+                d = r.get(f"{c}_diff", float("nan"))
+                cells.append("-" if pd.isna(d) else f"{100 * d:+.0f} ({100 * r[c + '_lo']:+.0f} to "
+                                                   f"{100 * r[c + '_hi']:+.0f}){'*' if r[c + '_p'] < 0.05 else ''}")
             elif c in QUESTION_CATEGORIES:  # with its 95% Wilson interval
                 cells.append("-" if pd.isna(v) else f"{100 * v:.0f} ({100 * r[c + '_lo']:.0f}-{100 * r[c + '_hi']:.0f})")
             elif c == "beyond_trained":
@@ -160,8 +163,8 @@ def markdown(results: pd.DataFrame) -> str:
     chance = ", ".join(f"{t} {100 * c:.0f}%" for t, c in CHANCE.items())
     categories = "; ".join(f"{c} = {' + '.join(t)}" for c, t in QUESTION_CATEGORIES.items())
     return head + "\n".join(lines) + (f"\n\nChance per type: {chance}. Accuracy columns in %; accuracy and the "
-                                       f"categories ({categories}) with their 95% Wilson interval. vs_full: "
-                                       "accuracy minus the full cache's on the same questions, 95% paired bootstrap "
+                                       f"categories ({categories}) with their 95% Wilson interval. vs_<method>: "
+                                       "accuracy minus that method's on the same questions, 95% paired bootstrap "
                                        "interval, * where McNemar's exact test gives p < 0.05. detail_recall: % of "
                                        "detail needles in the recalled context (methods that report it). per_seed: the range of the "
                                        "held-out seeds' accuracies (several seeds: the other columns pool them). "
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     "pools them (intervals over all questions) and shows the per-seed spread")
     ap.add_argument("--shard", default=None, help="I/N: run every N-th point from the I-th (0-based) into --out; "
                     "after all shards, --render-only --out DIR writes the table")
+    ap.add_argument("--references", nargs="+", help="methods every row is paired with (vs_<method> columns; default "
+                    "full, and full_bounded for the evidence preset)")
     ap.add_argument("--render-only", action="store_true", help="write the table from the runs already in --out")
     ap.add_argument("--model-path", default=None, help="a nano checkpoint folder (default: the shipped one)")
     ap.add_argument("--sample-fps", type=float, default=0.5)
@@ -300,8 +305,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     missing = [t for t in tags if not (out / "points" / f"{t}.json").is_file()]
     if missing:
         raise SystemExit(f"error: {len(missing)} point(s) not run yet in {out} (first: {missing[0]}); run every shard")
-    df = render([json.loads((out / "points" / f"{t}.json").read_text()) for t in tags], out)
-    md = markdown(df)
+    references = tuple(args.references or p.get("references") or ["full"])
+    df = render([json.loads((out / "points" / f"{t}.json").read_text()) for t in tags], out, references)
+    md = markdown(df, references)
     info = (f"Command: `python experiments/nano_benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
             f"  \nMachine: {platform.node()} ({platform.machine()}, {torch.get_num_threads()} torch threads), "
             f"date {dt.date.today()}, total {time.time() - t_all:.0f} s  \nHeld-out videos: "
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     return df
 
 
-def render(points: list[dict[str, Any]], out: Path) -> pd.DataFrame:
+def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] = ("full",)) -> pd.DataFrame:
     """The table from the points' run folders: one row per cell, its seeds pooled (every interval over all their
     questions; ``seed_lo`` / ``seed_hi`` the per-seed accuracy range), each paired with the full cache; writes
     ``results.csv`` (cells) and ``results_by_seed.csv`` (points)."""
@@ -331,7 +337,8 @@ def render(points: list[dict[str, Any]], out: Path) -> pd.DataFrame:
         results.append({**first, "tag": cell, "seeds": " ".join(str(p["seed"]) for p in group), **summarise(rows, mem),
                         "seed_lo": min(accuracies), "seed_hi": max(accuracies),
                         "wall_s": sum(p["wall_s"] for p in group)})
-    paired_with_full(results, predictions)
+    for reference in references:
+        paired_with(results, predictions, reference)
     df = pd.DataFrame(results)
     df.to_csv(out / "results.csv", index=False)
     return df

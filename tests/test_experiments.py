@@ -441,6 +441,8 @@ def test_nano_benchmark_evidence_preset_is_token_matched(tmp_path):
     df = nb.main(["--preset", "evidence", "--videos", "1", "--lengths", "40", "--seeds", "5", "--out",
                   str(tmp_path)]).set_index("method")
     assert list(df.index) == [*ordered_methods(), "full_bounded"] and (df.budget_unit == "tokens").all()
+    assert pd.isna(df.loc["full_bounded", "vs_full_bounded_diff"]) and df.drop("full_bounded").vs_full_bounded_p.notna().all()
+    assert "| vs_full | vs_full_bounded |" in (tmp_path / "results.md").read_text()
     budgeted = df[df.budget != "all"]
     assert (budgeted.budget_video_tokens <= 256).all() and (budgeted.budget_video_tokens >= 256 - 16).all()
     from mukv.models.loading import load_video_llm
