@@ -5,6 +5,7 @@
     python experiments/nano_benchmark.py --preset in_range   # cache=full within the training length
     python experiments/nano_benchmark.py --preset quant      # methods with a block store, int8 / int4
     python experiments/nano_benchmark.py --preset each_type  # cache=full on streams that ask one type each
+    python experiments/nano_benchmark.py --preset evidence   # the protocol: equal tokens, 3 seeds, paired tests
     python experiments/nano_benchmark.py --preset table --methods mukv -- cache.rerank=false
 
 Every point is one run of the entry point: a config composed with Hydra's compose API (``model=nano
@@ -24,7 +25,9 @@ each run's ``budget_video_tokens`` (what its knobs let the answer hold) beside t
 ``online_tokens`` (init prompt included). A method without a budget runs once (budget ``all``). Hydra overrides after ``--`` (or
 after the options when ``--methods`` is not given) apply to every run. Writes ``results.csv``,
 ``results.md`` and one ``predictions_<point>.csv`` per run into ``--out``, one run folder per row in
-``--out/runs/``.
+``--out/runs/``. ``--seeds`` pools several held-out seeds per cell (``results_by_seed.csv`` keeps each);
+``--references`` pairs every row with those methods on the same questions (``vs_<method>``: paired bootstrap
+interval, McNemar); ``--shard I/N`` then ``--render-only`` splits a long table over processes or machines.
 """
 
 from __future__ import annotations
