@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 
 from mukv.cache.attention import ContextKV
 from mukv.cache.base import AnswerContext, CacheMethod
+from mukv.config import AnswerText
 from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
 from mukv.errors import MukvError
 from mukv.models.adapter import VideoLLM
 from mukv.report.evidence import evidence_recalled
 
-ANSWER_TEXTS = ("auto", "keep_newlines", "remove_newlines", "spaces")
+ANSWER_TEXTS = tuple(a.value for a in AnswerText)  # engine.answer_text's choices, declared once (mukv.config)
 
 
 def answer_text(llm: VideoLLM, tokens: list[int], style: str) -> str:
