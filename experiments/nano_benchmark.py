@@ -1,12 +1,12 @@
 """The nano model on the synthetic benchmark: every cache method across budget and stream length, one table.
 
     python experiments/nano_benchmark.py --preset quick      # `make run`: seconds
-    python experiments/nano_benchmark.py --preset table      # the BENCHMARKS.md table (tens of minutes)
+    python experiments/nano_benchmark.py --preset table      # the table: equal tokens, 3 seeds, paired tests
+    python experiments/nano_benchmark.py --preset table_frames  # its secondary view: budgets in frames, 1 seed
     python experiments/nano_benchmark.py --preset in_range   # cache=full within the training length
     python experiments/nano_benchmark.py --preset quant      # methods with a block store, int8 / int4
     python experiments/nano_benchmark.py --preset each_type  # cache=full on streams that ask one type each
-    python experiments/nano_benchmark.py --preset evidence   # the protocol: equal tokens, 3 seeds, paired tests
-    python experiments/nano_benchmark.py --preset table --methods mukv -- cache.rerank=false
+    python experiments/nano_benchmark.py --preset table --methods mukv mukv cache.rerank=false --references mukv
 
 Every point is one run of the entry point: a config composed with Hydra's compose API (``model=nano
 dataset=synthetic cache=<method> budget_frames=<b> judge=exact`` plus the stream's ``dataset.synthetic.*``)
@@ -55,13 +55,13 @@ from mukv.bench import MethodSpec, compose_config, parse_method_specs, registere
 from mukv.cache import budget_knobs, ordered_methods  # noqa: E402
 from mukv.data.synthetic import CHANCE, QUESTION_CATEGORIES, QUESTION_TYPES  # noqa: E402
 from mukv.report.compare import compare  # noqa: E402
-from mukv.report.metrics import truth, wilson_interval  # noqa: E402
+from mukv.report.metrics import WINDOW_AGE_BUCKETS, truth, wilson_interval, window_age_breakdown  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `make run`: 5x the training length, one budget, two videos (one question of each type each)
     "quick": dict(lengths=[300.0], videos=2, budgets=[16], seed=0),
-    # BENCHMARKS.md: within the training length and 10x / 20x beyond it, two budgets
-    "table": dict(lengths=[60.0, 640.0, 1280.0], videos=12, budgets=[8, 16], seed=1000),
+    # the secondary view of the table: budgets in frames (each method's own unit), one seed, two budgets
+    "table_frames": dict(lengths=[60.0, 640.0, 1280.0], videos=12, budgets=[8, 16], seed=1000),
     # the accuracy target of cache=full within the training length
     "in_range": dict(lengths=[60.0], videos=60, budgets=[16], seed=2000, methods=["full"]),
     # the accuracy cost of a quantized block store (10x the training length): the methods with a block store
@@ -70,10 +70,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # each type on streams of its own (a count-only stream shows rings but no needles or balls), within range
     "each_type": dict(lengths=[60.0], videos=40, budgets=[16], seed=700, methods=["full"],
                       types=[[t] for t in QUESTION_TYPES]),
-    # the evidence protocol (issue #31): every method answers from the same 256 video tokens (16 nano frames),
-    # three held-out seeds of 67 streams (201 questions of each type per cell), the position-bounded full cache
-    # beside the full one; within range and at 10x / 20x. Long: shard it (--shard I/N, then --render-only)
-    "evidence": dict(lengths=[60.0, 640.0, 1280.0], videos=67, budgets=[256], budget_unit="tokens",
+    # the table (BENCHMARKS.md section 2), under the evidence protocol of issue #31: every method answers from
+    # the same 256 video tokens (16 nano frames), three held-out seeds of 67 streams (201 questions of each
+    # type per cell), the position-bounded full cache beside the full one; within range and at 10x / 20x.
+    # Long: shard it (--shard I/N, then --render-only)
+    "table": dict(lengths=[60.0, 640.0, 1280.0], videos=67, budgets=[256], budget_unit="tokens",
                      seeds=[918273, 555555, 424242], extra_methods=["full_bounded"],
                      references=["full", "full_bounded"]),
 }
@@ -90,8 +91,9 @@ def has_budget(method: str) -> bool:
     return bool(budget_knobs(method, 1, 1))
 
 
-def summarise(rows: pd.DataFrame, mem: pd.DataFrame) -> dict[str, Any]:
-    """The table's numbers of one run, from its predictions and memory rows."""
+def summarise(rows: pd.DataFrame, mem: pd.DataFrame, window_s: float | None = None) -> dict[str, Any]:
+    """The table's numbers of one run, from its predictions and memory rows; ``window_s`` (the seconds of stream
+    the run's budget holds: its ``metrics.json``) adds detail accuracy and recall by evidence age in windows."""
     df = rows
     out: dict[str, Any] = {"questions": len(df), "accuracy": float(df.judge_correct.mean())}
     out["accuracy_lo"], out["accuracy_hi"] = wilson_interval(int(df.judge_correct.sum()), len(df))
@@ -111,6 +113,15 @@ def summarise(rows: pd.DataFrame, mem: pd.DataFrame) -> dict[str, Any]:
     # recall diagnostic: share of the detail needles the recalled context holds (methods that report it)
     rec = df[df.qtype == "detail"].evidence_recalled.dropna() if "evidence_recalled" in df else pd.Series(dtype=float)
     out["detail_recall"] = float(rec.mean()) if len(rec) else float("nan")
+    # detail by the age of its needle in the method's windows: inside the span a same-budget sliding window holds,
+    # 1-4 windows back, older (memory proper); accuracy, count and recall per bucket (no budget: no window)
+    detail = df[df.qtype == "detail"]
+    by_window = window_age_breakdown(detail, window_s) if window_s and len(detail) else {}
+    for name, *_ in WINDOW_AGE_BUCKETS:
+        b = by_window.get(name, {})
+        out[f"detail_{name}"], out[f"detail_{name}_n"] = b.get("accuracy"), b.get("judged", 0)
+        out[f"recall_{name}"] = b.get("recall")
+    out["window_s"] = window_s
     out.update(online_tokens=float(df.online_tokens.mean()), kv_mib=float(mem.peak_kv_bytes.mean()) / 2**20,
                latency_ms=1000 * float(df.latency_s.mean()), mean_age_s=float(df.end_time.sub(df.start_time).mean()))
     return out
@@ -133,7 +144,7 @@ def paired_with(results: list[dict[str, Any]], predictions: dict[str, pd.DataFra
 def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> str:
     cols = ["length_s", "frames", "streams", "method", "budget", "budget_video_tokens", "kv_quant", "questions",
             "accuracy", "per_seed",
-            *QUESTION_CATEGORIES, *(f"vs_{ref}" for ref in references), *QUESTION_TYPES, "detail_recall", "beyond_trained", "online_tokens",
+            *QUESTION_CATEGORIES, *(f"vs_{ref}" for ref in references), *QUESTION_TYPES, "detail_recall", "detail_by_window_age", "recall_by_window_age", "beyond_trained", "online_tokens",
             "kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
@@ -150,6 +161,11 @@ def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> 
                                                    f"{100 * r[c + '_hi']:+.0f}){'*' if r[c + '_p'] < 0.05 else ''}")
             elif c in QUESTION_CATEGORIES:  # with its 95% Wilson interval
                 cells.append("-" if pd.isna(v) else f"{100 * v:.0f} ({100 * r[c + '_lo']:.0f}-{100 * r[c + '_hi']:.0f})")
+            elif c in ("detail_by_window_age", "recall_by_window_age"):  # in window / 1-4 windows / older
+                key = c.split("_by_")[0]
+                vals = [r.get(f"{key}_{name}") for name, *_ in WINDOW_AGE_BUCKETS]
+                cells.append("-" if all(x is None or pd.isna(x) for x in vals) else " / ".join(
+                    "-" if x is None or pd.isna(x) else f"{100 * x:.0f}" for x in vals))
             elif c == "beyond_trained":
                 cells.append("-" if pd.isna(v) else f"{100 * v:.0f}")
             elif c == "budget_video_tokens":  # None / NaN: a method without a budget
@@ -169,7 +185,10 @@ def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> 
                                        f"categories ({categories}) with their 95% Wilson interval. vs_<method>: "
                                        "accuracy minus that method's on the same questions, 95% paired bootstrap "
                                        "interval, * where McNemar's exact test gives p < 0.05. detail_recall: % of "
-                                       "detail needles in the recalled context (methods that report it). per_seed: the range of the "
+                                       "detail needles in the recalled context (methods that report it). detail_by_window_age / "
+                                       "recall_by_window_age: detail accuracy / recall by the needle's age in the "
+                                       "method's window (the frames its budget holds): inside it / 1-4 windows back "
+                                       "/ older (counts per bucket in results.csv). per_seed: the range of the "
                                        "held-out seeds' accuracies (several seeds: the other columns pool them). "
                                        "beyond_trained: % of answers whose context reaches past the model's trained "
                                        "positions.\n")
@@ -217,7 +236,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--budgets", type=int, nargs="+", help="context budgets in --budget-unit (default: frames)")
     ap.add_argument("--budget-unit", choices=["frames", "tokens"], default=None,
                     help="frames: --budgets are budget_frames=; tokens: video tokens of the answer context, "
-                         "budget_tokens= (the method's video_tokens). Default: the preset's (frames but for evidence)")
+                         "budget_tokens= (the method's video_tokens). Default: the preset's (tokens for table)")
     ap.add_argument("--methods", nargs="+", help="conf/cache options, each optionally followed by Hydra overrides for "
                                                  "it alone (default: every method of the registry)")
     ap.add_argument("--seed", type=int, help="evaluation dataset seed (held out: < 1,000,000)")
@@ -226,7 +245,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--shard", default=None, help="I/N: run every N-th point from the I-th (0-based) into --out; "
                     "after all shards, --render-only --out DIR writes the table")
     ap.add_argument("--references", nargs="+", help="methods every row is paired with (vs_<method> columns; default "
-                    "full, and full_bounded for the evidence preset)")
+                    "full, and full_bounded for the table preset)")
     ap.add_argument("--render-only", action="store_true", help="write the table from the runs already in --out")
     ap.add_argument("--model-path", default=None, help="a nano checkpoint folder (default: the shipped one)")
     ap.add_argument("--sample-fps", type=float, default=0.5)
@@ -326,7 +345,9 @@ def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] 
     questions; ``seed_lo`` / ``seed_hi`` the per-seed accuracy range), each paired with the full cache; writes
     ``results.csv`` (cells) and ``results_by_seed.csv`` (points)."""
     frames = {p["tag"]: (pd.read_csv(out / "runs" / p["tag"] / "predictions.csv"),
-                         pd.read_csv(out / "runs" / p["tag"] / "memory_stats.csv")) for p in points}
+                         pd.read_csv(out / "runs" / p["tag"] / "memory_stats.csv"),
+                         json.loads((out / "runs" / p["tag"] / "metrics.json").read_text()).get("window_s"))
+              for p in points}
     by_seed = [{**p, **summarise(*frames[p["tag"]])} for p in points]
     pd.DataFrame(by_seed).to_csv(out / "results_by_seed.csv", index=False)
     results, predictions = [], {}
@@ -337,7 +358,9 @@ def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] 
         first = {k: v for k, v in group[0].items() if k not in ("seed", "tag", "wall_s")}
         accuracies = [p["accuracy"] for p in group]
         predictions[cell] = rows
-        results.append({**first, "tag": cell, "seeds": " ".join(str(p["seed"]) for p in group), **summarise(rows, mem),
+        window_s = frames[group[0]["tag"]][2]  # the same budget and sample rate in every seed of a cell
+        results.append({**first, "tag": cell, "seeds": " ".join(str(p["seed"]) for p in group),
+                        **summarise(rows, mem, window_s),
                         "seed_lo": min(accuracies), "seed_hi": max(accuracies),
                         "wall_s": sum(p["wall_s"] for p in group)})
     for reference in references:

@@ -250,11 +250,14 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     memory.sync([v.video_id for v in videos])  # a video's last row (failed, then retried), in dataset order
     pred_df = _read(out / PREDICTIONS)
     mem_df = _read(out / MEMORY)
+    budget_tokens = _budget_video_tokens(method, geometry.tokens_per_frame)
+    # the seconds of stream the budget's tokens hold as whole frames: the window evidence age is measured in
+    window_s = budget_tokens / geometry.tokens_per_frame / cfg.dataset.sample_fps if budget_tokens else None
     metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s),
-                        categories=dataset_class(cfg.dataset).categories)
+                        categories=dataset_class(cfg.dataset).categories, window_s=window_s)
     metrics.update(method=method.name, dataset=cfg.dataset.name, model=m.name, wall_s=time.time() - started,
                    budget_frames=cfg.budget_frames, budget_tokens=cfg.get("budget_tokens"), budget_knobs=applied,
-                   budget_video_tokens=_budget_video_tokens(method, geometry.tokens_per_frame),
+                   budget_video_tokens=budget_tokens,
                    failed_videos=len(failures), shard_index=cfg.dataset.shard_index,
                    num_shards=cfg.dataset.num_shards, max_minutes=cfg.dataset.max_minutes)
     if judge is not None:
@@ -387,6 +390,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
                 if cat.get("judged"):
                     lines.append(f"    {name:<12} {100 * cat['accuracy']:.1f}% (95% CI {100 * cat['accuracy_lo']:.1f}-"
                                  f"{100 * cat['accuracy_hi']:.1f}%, n={cat['judged']})")
+            by_window = {k: b for k, b in (metrics.get("by_window_age") or {}).items() if b.get("judged")}
+            if by_window:  # evidence inside the budget's window of recent stream, and older
+                parts = [f"{k.replace('_', ' ')} {100 * b['accuracy']:.0f}% (n={b['judged']})" for k, b in by_window.items()]
+                lines.append(f"    by evidence age in windows of {metrics['window_s']:g} s: {', '.join(parts)}")
             continue
         if isinstance(v, dict):
             v = ", ".join(f"{k} {x:.2f}" for k, x in v.items())

@@ -431,25 +431,35 @@ def test_nano_benchmark_pools_seeds_and_shards_give_the_same_table(tmp_path):
         nb.main([*args, "--render-only", "--out", str(tmp_path / "empty")])
 
 
-def test_nano_benchmark_evidence_preset_is_token_matched(tmp_path):
-    """The evidence protocol: every method with a budget answers from at most the same 256 video tokens
-    (budget_tokens through each method's video_tokens), the position-bounded full cache beside the full one,
-    three held-out seeds by default (here one, on a short stream, to stay cheap)."""
+def test_nano_benchmark_table_preset_is_the_evidence_protocol(tmp_path):
+    """The table (issue #31's protocol): every method with a budget answers from at most the same 256 video
+    tokens (budget_tokens through each method's video_tokens), the position-bounded full cache beside the full
+    one, three held-out seeds by default (here one, on a short stream, to stay cheap), detail split by the age
+    of its needle in each method's window."""
     nb = _nano_benchmark()
-    assert nb.PRESETS["evidence"]["seeds"] and len(nb.PRESETS["evidence"]["seeds"]) >= 3
-    assert nb.PRESETS["evidence"]["videos"] * 5 * len(nb.PRESETS["evidence"]["seeds"]) / 5 >= 200  # per type
-    df = nb.main(["--preset", "evidence", "--videos", "1", "--lengths", "40", "--seeds", "5", "--out",
+    table = nb.PRESETS["table"]
+    assert table["seeds"] and len(table["seeds"]) >= 3 and table["budget_unit"] == "tokens"
+    assert table["videos"] * 5 * len(table["seeds"]) / 5 >= 200  # questions per type per cell
+    # seed 3: two detail needles, 18 s and 50 s old (in the window of 31-32 s, and 1-4 windows back)
+    df = nb.main(["--preset", "table", "--videos", "2", "--lengths", "96", "--seeds", "3", "--out",
                   str(tmp_path)]).set_index("method")
     assert list(df.index) == [*ordered_methods(), "full_bounded"] and (df.budget_unit == "tokens").all()
     assert pd.isna(df.loc["full_bounded", "vs_full_bounded_diff"]) and df.drop("full_bounded").vs_full_bounded_p.notna().all()
-    assert "| vs_full | vs_full_bounded |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| vs_full | vs_full_bounded |" in md and "| detail_by_window_age | recall_by_window_age |" in md
     budgeted = df[df.budget != "all"]
+    # the window: the budget's video tokens as frames of 16 tokens at 0.5 fps (256 tokens: 32 s); none without one
+    assert (budgeted.window_s == budgeted.budget_video_tokens / 16 / 0.5).all()
+    assert df.loc[["full", "full_bounded"], "window_s"].isna().all()
+    assert (budgeted["detail_1-4_windows_n"] == 1).all() and (budgeted.detail_in_window_n == 1).all()
+    window = df.loc["sliding_window"]  # it holds the needle inside its window and not the older one
+    assert (window.recall_in_window, window["recall_1-4_windows"]) == (1.0, 0.0)
     assert (budgeted.budget_video_tokens <= 256).all() and (budgeted.budget_video_tokens >= 256 - 16).all()
     from mukv.models.loading import load_video_llm
 
     init = len(load_video_llm("nano", None, device="cpu", dtype="float32").init_prompt_ids())
     for method in budgeted.index:  # every answer: the init prompt and at most 256 video tokens
-        rows = pd.read_csv(tmp_path / f"predictions_{method}_t256_L40.csv")
+        rows = pd.read_csv(tmp_path / f"predictions_{method}_t256_L96.csv")
         assert (rows.online_tokens <= init + 256).all(), method
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from mukv.report.evidence import evidence_recalled
-from mukv.report.metrics import question_age_s, summarize, truth, wilson_interval
+from mukv.report.metrics import question_age_s, summarize, truth, wilson_interval, window_age_breakdown
 from mukv.report.outputs import CsvAppender
 
 
@@ -149,6 +149,25 @@ def test_evidence_recalled_counts_cells_tokens_or_frames():
     assert evidence_recalled(meta, None, 16) is None and evidence_recalled({}, [1], 16) is None
 
 
+def test_by_window_age_splits_questions_by_evidence_age_in_windows_with_their_recall():
+    """Evidence age / window in (0, 1], (1, 4], beyond: a 10 s window puts ages 5 and 10 inside it, 25 and 40
+    one to four windows back, 41 and 300 older; each bucket with its types and its mean evidence recall."""
+    ages = [5, 10, 25, 40, 41, 300]
+    rows = [row(i, i % 2 == 0, 5, "detail" if i < 5 else "count", end=400.0, meta={"evidence_time": 400.0 - a})
+            for i, a in enumerate(ages)]
+    df = pd.DataFrame(rows).assign(evidence_recalled=[1.0, 1.0, 0.0, 0.5, None, None])
+    b = window_age_breakdown(df, 10.0)
+    assert list(b) == ["in_window", "1-4_windows", "older"]
+    assert [b[k]["questions"] for k in b] == [2, 2, 2] and [b[k]["correct"] for k in b] == [1, 1, 1]
+    assert [b[k]["recall"] for k in b] == [1.0, 0.25, None]  # the older two report no recall
+    assert b["older"]["by_type"] == {"count": 0.0, "detail": 1.0}
+    m = summarize(df, pd.DataFrame(memory_rows()), 0.5, window_s=10.0)
+    assert m["window_s"] == 10.0 and m["by_window_age"]["in_window"]["accuracy"] == 0.5
+    assert "by_window_age" not in summarize(df, pd.DataFrame(memory_rows()), 0.5)  # no budget: no window
+    with pytest.raises(ValueError, match="window_s"):
+        window_age_breakdown(df, 0)
+
+
 # ------------------------------------------------------------------------------ categories, paired tests
 def test_categories_group_the_types_and_count_each_question_once():
     from mukv.data.synthetic import QUESTION_CATEGORIES, QUESTION_TYPES
@@ -195,3 +214,7 @@ def test_the_terminal_summary_shows_each_category_with_its_interval():
         "memory": {"accuracy": 1.0, "accuracy_lo": 0.34, "accuracy_hi": 1.0, "judged": 2},
         "recency": {"accuracy": None, "judged": 0}}})
     assert "    memory       100.0% (95% CI 34.0-100.0%, n=2)" in text and "recency" not in text
+    text = format_summary({"accuracy": 0.5, "judged": 4, "correct": 2, "window_s": 32.0, "by_window_age": {
+        "in_window": {"accuracy": 1.0, "judged": 1}, "1-4_windows": {"accuracy": 1 / 3, "judged": 3},
+        "older": {"accuracy": None, "judged": 0}}})
+    assert "by evidence age in windows of 32 s: in window 100% (n=1), 1-4 windows 33% (n=3)" in text

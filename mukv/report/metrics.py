@@ -9,7 +9,10 @@ judgments); ``past_end_questions`` those asked past the video file's real end (`
 failed or, with ``dataset.past_end=answer``, answered from the frames that exist.
 Breakdowns: by question type (where the dataset has types) and by question age, the time from the
 answer's evidence to the question (``end_time - meta.evidence_time``, else ``meta.age_s``, else
-``end_time - start_time``) in configurable buckets (edges in seconds, the last bucket open-ended).
+``end_time - start_time``) in configurable buckets (edges in seconds, the last bucket open-ended), and,
+for a method with a budget, by that age relative to its window (``by_window_age``: the span of the most recent
+frames its answer context could hold, ``window_s``): evidence inside it (a sliding window of the same tokens
+holds it), 1-4 windows old, older; each with its types and its evidence recall (``evidence_recalled``).
 Efficiency: online tokens (what an answer attends to), KV bytes held at the end of each video, GB of KV per
 hour of video, peak KV / RSS / CUDA memory, encode frames per second, time to first token and to the full
 answer.
@@ -97,6 +100,37 @@ def _bucket_labels(edges: Sequence[float]) -> list[str]:
     return labels + [f">={edges[-1]:g}s"]
 
 
+WINDOW_AGE_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("in_window", 0.0, 1.0), ("1-4_windows", 1.0, 4.0), ("older", 4.0, math.inf))
+
+
+def window_age_breakdown(predictions: pd.DataFrame, window_s: float) -> dict[str, Any]:
+    """Questions by the age of their evidence in windows of ``window_s`` seconds (``WINDOW_AGE_BUCKETS``, age /
+    window in (lo, hi], the first from 0): what a method recalls from inside the span a same-budget sliding
+    window would hold, and from beyond it (memory proper). Each bucket: the judged stats, ``by_type`` accuracy
+    and the mean ``evidence_recalled`` of its questions that report one (``recall``, else None)."""
+    if not window_s or window_s <= 0:
+        raise ValueError(f"window_s must be positive, got {window_s}")
+    ratio = question_age_s(predictions) / float(window_s)
+    correct = truth(predictions["judge_correct"])
+    scores = _num(predictions.get("judge_score", pd.Series(np.nan, index=predictions.index)))
+    recalled = _num(predictions["evidence_recalled"]) if "evidence_recalled" in predictions else None
+    qtype = predictions["qtype"].astype(str) if "qtype" in predictions else None
+    out: dict[str, Any] = {}
+    for name, lo, hi in WINDOW_AGE_BUCKETS:
+        idx = predictions.index[((ratio > lo) | (lo == 0)) & (ratio <= hi)]
+        if not len(idx):
+            continue
+        stats = _judged_stats(correct[idx], scores[idx])
+        if qtype is not None:
+            stats["by_type"] = {t: _judged_stats(correct[i], scores[i])["accuracy"]
+                                for t, i in qtype[idx].groupby(qtype[idx]).groups.items()}
+        rec = recalled[idx].dropna() if recalled is not None else ()
+        stats["recall"] = float(rec.mean()) if len(rec) else None
+        out[name] = stats
+    return out
+
+
 def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
     valid = correct.notna()
     n = int(valid.sum())
@@ -112,9 +146,11 @@ def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
 
 def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float,
               age_buckets_s: Sequence[float] | None = None,
-              categories: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+              categories: Mapping[str, Sequence[str]] | None = None,
+              window_s: float | None = None) -> dict[str, Any]:
     """The run's metrics (see the module docstring); every value is JSON-serialisable. ``categories``
-    (category -> question types, the dataset's own: ``Dataset.categories``) adds ``by_category``."""
+    (category -> question types, the dataset's own: ``Dataset.categories``) adds ``by_category``; ``window_s``
+    (the seconds of stream a method's budget holds) adds ``window_s`` and ``by_window_age``."""
     out: dict[str, Any] = {"questions": int(len(predictions)), "videos": int(len(memory))}
     if len(predictions):
         err = predictions["error"].astype(str).str.strip() if "error" in predictions else None
@@ -163,6 +199,9 @@ def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float
                                  mean_age_s=float(age[idx].mean()))
                     by_age[labels[b]] = stats
                 out["by_age"] = by_age
+            if window_s:
+                out["window_s"] = float(window_s)
+                out["by_window_age"] = window_age_breakdown(predictions, window_s)
     if len(memory):
         frames = float(_num(memory["frames_encoded"]).sum())
         encode_s = float(_num(memory["encode_s"]).sum())
