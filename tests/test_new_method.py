@@ -46,7 +46,7 @@ defaults:
   - _self_
 n_local: 15000
 """
-ORDER = ["full", "sliding_window", NAME, "uniform", "rekv", "mukv"]
+ORDER = ["full", "sliding_window", NAME, "uniform", "rekv", "mukv", "infinipot_v"]
 
 
 @pytest.fixture(scope="module")

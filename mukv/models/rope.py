@@ -24,14 +24,16 @@ class RotaryTable:
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (L, head_dim), computed in fp32 then cast (as transformers does)."""
+        """cos and sin of shape (..., L, head_dim) for positions (..., L) (e.g. one row per head, for methods
+        that keep different tokens per head), computed in fp32 then cast (as transformers does)."""
         inv = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * inv[None, :]
+        freqs = positions.float()[..., None] * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` (..., L, d) so that token i sits at ``positions[i]``."""
+        """Rotate ``x`` (..., L, d) so that token i sits at ``positions[..., i]`` (positions (L,) or, per head,
+        broadcastable to ``x.shape[:-1]``, e.g. (H, L))."""
         return self._apply(x, *self.cos_sin(positions, x.dtype))
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
