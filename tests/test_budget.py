@@ -27,8 +27,12 @@ def compose_cfg(*overrides: str):
     return cfg
 
 
+PRESSES = ["knorm", "streaming_llm", "tova", "snapkv", "expected_attention"]  # keep_ratio per block: no budget
+
+
 def test_the_shipped_methods_in_display_order():
-    assert ordered_methods() == ["full", "sliding_window", "uniform", "rekv", "mukv", "infinipot_v"]
+    assert ordered_methods() == ["full", "sliding_window", "uniform", "rekv", "mukv", "infinipot_v", "knorm",
+                                 "streaming_llm", "tova", "snapkv", "expected_attention"]
     assert sorted(["mukv", "zzz_unregistered", "full", "rekv"], key=method_rank) == ["full", "rekv", "mukv",
                                                                                       "zzz_unregistered"]
 
@@ -36,10 +40,11 @@ def test_the_shipped_methods_in_display_order():
 @pytest.mark.parametrize("frames,tpf,expected", [
     (16, 16, {"full": {}, "sliding_window": {"n_local": 256}, "uniform": {"num_frames": 16},
               "rekv": {"retrieve_size": 16}, "mukv": {"top_k": [5, 8, 3]},
-              "infinipot_v": {"block_frames": 16, "keep_frames": 12}}),
+              "infinipot_v": {"block_frames": 16, "keep_frames": 12}, **dict.fromkeys(PRESSES, {})}),
     (64, 196, {"full": {}, "sliding_window": {"n_local": 12544}, "uniform": {"num_frames": 64},
                "rekv": {"retrieve_size": 64}, "mukv": {"top_k": [20, 32, 12]},
-               "infinipot_v": {"block_frames": 64, "keep_frames": 48}}),  # the published settings (InfiniPot-V's
+               "infinipot_v": {"block_frames": 64, "keep_frames": 48},
+               **dict.fromkeys(PRESSES, {})}),  # the published settings (InfiniPot-V's
     # own run is 32 / 24 frames on Qwen2-VL)
 ])
 def test_budget_knobs_of_every_method(frames, tpf, expected):
@@ -98,9 +103,10 @@ def test_display_order_is_a_class_attribute_not_a_knob():
     # the published settings on LLaVA-OV (196 tokens per frame): MuKV's 20 / 32 / 12 blocks of 4 / 19 / 627 kept
     # tokens = 8,212 video tokens, beside ReKV's and uniform's 64 frames = 12,544
     (64, 196, {"full": None, "sliding_window": 12544, "uniform": 12544, "rekv": 12544, "mukv": 8212,
-               "infinipot_v": 12544}),
+               "infinipot_v": 12544, **dict.fromkeys(PRESSES)}),
     # the nano model (16 tokens per frame): MuKV 5 / 8 / 3 blocks of 4 (int(0.4) = 0: the whole block) / 1 / 51
-    (16, 16, {"full": None, "sliding_window": 256, "uniform": 256, "rekv": 256, "mukv": 181, "infinipot_v": 256}),
+    (16, 16, {"full": None, "sliding_window": 256, "uniform": 256, "rekv": 256, "mukv": 181, "infinipot_v": 256,
+              **dict.fromkeys(PRESSES)}),
 ])
 def test_video_tokens_of_every_method_at_its_frame_budget(frames, tpf, expected):
     assert {m: video_tokens(m, budget_knobs(m, frames, tpf), tpf) for m in ordered_methods()} == expected
@@ -125,7 +131,7 @@ def test_budget_tokens_takes_the_largest_frame_budget_that_fits(tokens, tpf):
             continue
         frames, knobs = budget_frames_for_tokens(method, tokens, tpf)
         assert knobs == budget_knobs_for_tokens(method, tokens, tpf)
-        if method == "full":
+        if method in ("full", *PRESSES):  # no budget: keeps everything / a share of every block
             assert (frames, knobs) == (None, {})
             continue
         assert knobs == budget_knobs(method, frames, tpf)
@@ -172,7 +178,9 @@ def test_video_tokens_is_what_the_answer_attends_to(tmp_path, budget):
     import pandas as pd
 
     n_init = None  # the init prompt's tokens: from the full cache (first: ordered_methods), which holds every frame
-    for option in [*ordered_methods(), "mukv_keep_floor_one"]:
+    with_budget = [m for m in ordered_methods() if m == "full" or budget_knobs(m, 1, 16)]  # the presses have none
+    assert "infinipot_v" in with_budget and "knorm" not in with_budget
+    for option in [*with_budget, "mukv_keep_floor_one"]:
         cfg = compose_cfg("experiment=smoke", "model=nano", f"cache={option}", budget, "engine.max_new_tokens=1",
                           "dataset.synthetic.duration_s=60", "dataset.synthetic.questions_per_video=3",
                           "dataset.synthetic.seed=3")

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, Recalled, register_cache, tensor_bytes
-from mukv.cache.kernels import causal_suffix_attention
+from mukv.cache.base import AnswerContext, register_cache
+from mukv.cache.kept_kv import KeptKVCache
 from mukv.cache.options import StrOption, check_options
 from mukv.errors import ConfigError
 
@@ -143,7 +143,7 @@ def compress_layer(keys: torch.Tensor, values: torch.Tensor, patches: torch.Tens
 
 @register_cache("infinipot_v")
 @dataclass
-class InfiniPotV(CacheMethod):
+class InfiniPotV(KeptKVCache):
     """Per-layer, per-head compression of the prefilled video KV to a fixed budget (see the module docstring)."""
 
     display_order = 50
@@ -199,93 +199,32 @@ class InfiniPotV(CacheMethod):
 
     # ---------------------------------------------------------------------------------- streaming
     def start_video(self, init_ids: list[int]) -> None:
-        self.n_init = len(init_ids)
-        self.frames_seen = 0
+        super().start_video(init_ids)
         self.compressions = 0
-        n = self.geometry.num_layers
-        # per layer: rotated keys and values (1, kv_heads, L, d), and each token's video index per head (kv_heads, L)
-        self.keys: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        self.values: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        self.tokens: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        self.init_k: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        self.init_v: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        rope = self.llm.rope
-
-        def encode_init(idx: int, q, k, v, scaling):
-            k_rot = rope.rotate_range(k, 0)
-            self.init_k[idx], self.init_v[idx] = k_rot, v
-            heads = k.shape[1]
-            self.keys[idx], self.values[idx] = k_rot[..., :0, :], v[..., :0, :]
-            self.tokens[idx] = torch.empty(heads, 0, dtype=torch.long, device=k.device)
-            return causal_suffix_attention(rope.rotate_range(q, 0), k_rot, v, scaling)
-
-        self.run_layers(self.llm.embed_ids(init_ids), encode_init)
-
-    @property
-    def cached_frames(self) -> int:
-        """Frames' worth of video tokens each head holds now."""
-        return int(self.tokens[0].shape[-1]) // self.geometry.tokens_per_frame
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
-        done = 0
+        tpf, done = self.geometry.tokens_per_frame, 0
         while done < visual.shape[0]:
-            if self.cached_frames >= self.block_frames:
+            if self.held_tokens >= self.block_frames * tpf:
                 self.compress()
-            n = min(self.block_frames - self.cached_frames, visual.shape[0] - done)
-            self._prefill(visual[done:done + n], first_frame + done)
+            n = min(self.block_frames - self.held_tokens // tpf, visual.shape[0] - done)
+            self.prefill(visual[done:done + n], first_frame + done)
             done += n
-        self.frames_seen = first_frame + visual.shape[0]
-
-    def _prefill(self, visual: torch.Tensor, first_frame: int) -> None:
-        """Frames at their original positions, attending to the init prompt, every kept token and themselves."""
-        tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
-        start = first_frame * tpf
-        new_tokens = torch.arange(start, start + visual.shape[0] * tpf, device=visual.device)
-
-        def attend(idx: int, q, k, v, scaling):
-            position = self.n_init + start
-            k_rot = rope.rotate_range(k, position)
-            keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
-            vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
-            out = causal_suffix_attention(rope.rotate_range(q, position), keys, vals, scaling)
-            self.keys[idx] = torch.cat((self.keys[idx], k_rot), dim=-2)
-            self.values[idx] = torch.cat((self.values[idx], v), dim=-2)
-            self.tokens[idx] = torch.cat((self.tokens[idx], new_tokens.expand(k.shape[1], -1)), dim=-1)
-            return out
-
-        self.run_layers(visual.reshape(1, -1, visual.shape[-1]), attend)
 
     def compress(self) -> None:
         """Cut every layer back to ``keep_frames`` frames' worth of video tokens per KV head."""
         tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
-        keep = self.keep_frames * tpf
         n_layers = self.geometry.num_layers
         for idx in range(n_layers):
             keys, tokens = self.keys[idx], self.tokens[idx]
             if self.tar_keys == TarKeys.unrotated:  # undo each token's own rotation
                 keys = rope.rotate(keys, -(self.n_init + tokens).float())
-            patches = tar_patches(tokens, tpf, self.tar_patch)
             pooling = pooling_of_layer(idx, n_layers) if self.adaptive_pooling else (0, 1)
-            picked = compress_layer(keys, self.values[idx], patches, keep, tpf, self.tar_ratio, self.query_ratio,
-                                    pooling)
-            gather = picked[None, :, :, None].expand(-1, -1, -1, self.keys[idx].shape[-1])
-            self.keys[idx] = torch.gather(self.keys[idx], 2, gather)
-            self.values[idx] = torch.gather(self.values[idx], 2, gather)
-            self.tokens[idx] = torch.gather(tokens, 1, picked)
+            self.keep(idx, compress_layer(keys, self.values[idx], tar_patches(tokens, tpf, self.tar_patch),
+                                          self.keep_frames * tpf, tpf, self.tar_ratio, self.query_ratio, pooling))
         self.compressions += 1
 
     # ---------------------------------------------------------------------------------- recall
     def recall(self, question: str) -> AnswerContext[InfiniPotVRecall]:
-        """Everything kept, at its original positions; the answer starts after the last frame's position.
-        ``recalled``: the video tokens some head of some layer holds."""
-        keys = [torch.cat((ik, k), dim=-2) for ik, k in zip(self.init_k, self.keys, strict=True)]
-        values = [torch.cat((iv, v), dim=-2) for iv, v in zip(self.init_v, self.values, strict=True)]
-        held = torch.unique(torch.cat([t.flatten() for t in self.tokens])).tolist()
-        return AnswerContext(keys, values, next_position=self.n_init + self.frames_seen * self.geometry.tokens_per_frame,
-                             recalled=Recalled(tokens=held),
-                             detail=InfiniPotVRecall(self.compressions, int(self.tokens[0].shape[-1])))
-
-    def stats(self) -> CacheStats:
-        kv = sum(tensor_bytes(ik, iv, k, v) for ik, iv, k, v in zip(self.init_k, self.init_v, self.keys, self.values,
-                                                                    strict=True))
-        return CacheStats(kv_tokens=self.n_init + int(self.tokens[0].shape[-1]), kv_bytes=kv, device_kv_bytes=kv)
+        """Everything kept (query-agnostic: ``question`` is not read), at its original positions."""
+        return self.kept_context(InfiniPotVRecall(self.compressions, self.held_tokens))

@@ -1,0 +1,91 @@
+"""The shared mechanics of methods that keep a compressed copy of the video's KV on the device (InfiniPot-V, the
+presses): frames prefilled at their original positions over the init prompt and every kept token, keys kept
+rotated at those positions (as a model's own cache holds them), each layer and KV head free to keep different
+tokens, and an answer over everything kept from the position after the last frame."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mukv.cache.base import AnswerContext, CacheMethod, CacheStats, Recalled, tensor_bytes
+from mukv.cache.kernels import causal_suffix_attention
+
+# observe(layer, queries before RoPE, rotated queries, all visible rotated keys, their values, scaling) during a
+# prefill: scoring signals of the new tokens (their attention, their queries) without a second forward
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+
+
+class KeptKVCache(CacheMethod):
+    """Per layer: the init prompt's KV, then the kept video tokens' rotated keys and values (1, kv_heads, L, d)
+    and their video token indices per head (kv_heads, L), in time order. Subclasses decide what to keep
+    (``keep``) and when."""
+
+    def start_video(self, init_ids: list[int]) -> None:
+        self.n_init = len(init_ids)
+        self.frames_seen = 0
+        n = self.geometry.num_layers
+        self.init_k: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        self.init_v: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        self.keys: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        self.values: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        self.tokens: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        rope = self.llm.rope
+
+        def encode_init(idx: int, q, k, v, scaling):
+            k_rot = rope.rotate_range(k, 0)
+            self.init_k[idx], self.init_v[idx] = k_rot, v
+            self.keys[idx], self.values[idx] = k_rot[..., :0, :], v[..., :0, :]
+            self.tokens[idx] = torch.empty(k.shape[1], 0, dtype=torch.long, device=k.device)
+            return causal_suffix_attention(rope.rotate_range(q, 0), k_rot, v, scaling)
+
+        self.run_layers(self.llm.embed_ids(init_ids), encode_init)
+
+    @property
+    def held_tokens(self) -> int:
+        """Video tokens each KV head of each layer holds now."""
+        return int(self.tokens[0].shape[-1])
+
+    def prefill(self, visual: torch.Tensor, first_frame: int, observe: Observer | None = None) -> None:
+        """Frames (F, tokens_per_frame, hidden) at their original positions, attending to the init prompt, every
+        kept token and themselves (causal); their KV joins the kept tokens of every head."""
+        tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
+        start = first_frame * tpf
+        new_tokens = torch.arange(start, start + visual.shape[0] * tpf, device=visual.device)
+        position = self.n_init + start
+
+        def attend(idx: int, q, k, v, scaling):
+            k_rot, q_rot = rope.rotate_range(k, position), rope.rotate_range(q, position)
+            keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
+            vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
+            if observe is not None:
+                observe(idx, q, q_rot, keys, vals, scaling)
+            self.keys[idx] = torch.cat((self.keys[idx], k_rot), dim=-2)
+            self.values[idx] = torch.cat((self.values[idx], v), dim=-2)
+            self.tokens[idx] = torch.cat((self.tokens[idx], new_tokens.expand(k.shape[1], -1)), dim=-1)
+            return causal_suffix_attention(q_rot, keys, vals, scaling)
+
+        self.run_layers(visual.reshape(1, -1, visual.shape[-1]), attend)
+        self.frames_seen = max(self.frames_seen, first_frame + visual.shape[0])
+
+    def keep(self, layer: int, picked: torch.Tensor) -> None:
+        """Keep, in ``layer``, the held tokens at ``picked`` (kv_heads, n) indices into its video tokens, sorted."""
+        gather = picked[None, :, :, None].expand(-1, -1, -1, self.keys[layer].shape[-1])
+        self.keys[layer] = torch.gather(self.keys[layer], 2, gather)
+        self.values[layer] = torch.gather(self.values[layer], 2, gather)
+        self.tokens[layer] = torch.gather(self.tokens[layer], 1, picked)
+
+    def kept_context(self, detail=None) -> AnswerContext:
+        """Init + everything kept, at the original positions; the prompt after the last frame's position.
+        ``recalled``: the video tokens some head of some layer holds."""
+        keys = [torch.cat((ik, k), dim=-2) for ik, k in zip(self.init_k, self.keys, strict=True)]
+        values = [torch.cat((iv, v), dim=-2) for iv, v in zip(self.init_v, self.values, strict=True)]
+        held = torch.unique(torch.cat([t.flatten() for t in self.tokens])).tolist()
+        return AnswerContext(keys, values, next_position=self.n_init + self.frames_seen * self.geometry.tokens_per_frame,
+                             recalled=Recalled(tokens=held), detail=detail)
+
+    def stats(self) -> CacheStats:
+        kv = sum(tensor_bytes(ik, iv, k, v)
+                 for ik, iv, k, v in zip(self.init_k, self.init_v, self.keys, self.values, strict=True))
+        return CacheStats(kv_tokens=self.n_init + self.held_tokens, kv_bytes=kv, device_kv_bytes=kv)

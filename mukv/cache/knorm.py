@@ -1,0 +1,22 @@
+"""KNorm (kvpress ``KnormPress``; Devoto et al. 2024): keep the keys of smallest L2 norm, per block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mukv.cache.base import register_cache
+from mukv.cache.press import ChunkPress, PressBlock
+
+
+@register_cache("knorm")
+@dataclass
+class KnormPress(ChunkPress):
+    display_order = 60
+    block_frames: int = 8  # frames per compressed block (no published streaming setting: this project's)
+    keep_ratio: float = 0.25  # share of each block's tokens kept (kvpress: 1 - compression_ratio)
+
+    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
+        keys, _ = self.block_keys(layer, block)
+        return -keys.float().norm(dim=-1)  # rotation keeps the norm: rotated or not, the same scores

@@ -1,0 +1,56 @@
+"""SnapKV as a press (kvpress ``SnapKVPress``; Li et al. 2024), per block, with StreamMem's observation window:
+the chat-template tokens that follow the frames (the question template with no question) are run after the block,
+at the next positions, and the attention their queries pay the block's tokens, averaged over the window and
+smoothed along the block (average pooling, ``kernel_size``), then averaged over each KV head's query group,
+scores the block. The window's KV is dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mukv.cache.base import register_cache
+from mukv.cache.kernels import causal_suffix_attention
+from mukv.cache.press import ChunkPress, PressBlock
+from mukv.errors import ConfigError
+
+
+@register_cache("snapkv")
+@dataclass
+class SnapKVPress(ChunkPress):
+    display_order = 63
+    block_frames: int = 8
+    keep_ratio: float = 0.25
+    kernel_size: int = 5  # kvpress's default
+
+    def check_knobs(self, geometry) -> None:
+        super().check_knobs(geometry)
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError("cache.kernel_size", f"must be a positive odd number, got {self.kernel_size}")
+
+    def compress_block(self) -> None:
+        block = self.block
+        ids = self.llm.question_prompt_ids("")  # the template tokens after the frames
+        position = self.n_init + block.first_token + block.length
+        rope, scores = self.llm.rope, block.scores
+
+        def observe(idx: int, q, k, v, scaling):
+            q_rot, k_rot = rope.rotate_range(q, position), rope.rotate_range(k, position)
+            keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
+            vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
+            groups = q.shape[1] // keys.shape[1]
+            logits = scaling * q_rot[0].float() @ keys[0].float().repeat_interleave(groups, 0).transpose(-1, -2)
+            w = q.shape[-2]
+            logits[..., -w:] += torch.full((w, w), float("-inf"), device=q.device).triu(1)  # causal in the window
+            attention = torch.softmax(logits, -1)[..., self.n_init + block.start:self.n_init + block.start + block.length]
+            pooled = torch.nn.functional.avg_pool1d(attention.mean(1)[:, None], self.kernel_size, stride=1,
+                                                    padding=self.kernel_size // 2)[:, 0]  # (q_heads, n)
+            scores[idx] = pooled.view(keys.shape[1], groups, -1).mean(1)
+            return causal_suffix_attention(q_rot, keys, vals, scaling)
+
+        self.run_layers(self.llm.embed_ids(ids), observe)
+        super().compress_block()
+
+    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
+        return block.scores[layer]

@@ -1,0 +1,27 @@
+"""TOVA as a press (kvpress ``TOVAPress``; Oren et al. 2024), per block: the attention the block's last token pays
+each of its tokens, averaged over the query heads; the last token itself always kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mukv.cache.base import register_cache
+from mukv.cache.press import ChunkPress, PressBlock
+
+
+@register_cache("tova")
+@dataclass
+class TOVAPress(ChunkPress):
+    display_order = 62
+    block_frames: int = 8
+    keep_ratio: float = 0.25
+    signals: ClassVar[frozenset[str]] = frozenset({"last_attention"})
+
+    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
+        attention = block.last_attention[layer][:, -block.length:]  # (q_heads, n): over the block's tokens
+        scores = attention.mean(0)
+        scores[-1] = scores.max() + 1  # the last token (kvpress pads it with the max)
+        return scores.expand(self.keys[layer].shape[1], -1)
