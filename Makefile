@@ -64,8 +64,8 @@ clean: ## remove the virtual environment and caches (keeps outputs/)
 
 # extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
 BENCH_ARGS  ?=
-bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~5 min on 2 CPU cores); BENCH_ARGS="..."
-	@echo "make bench takes about 5 min on a 2-core CPU (every registered method, 6 today, x 8 frames of the 0.5B architecture; 4 of them measured 4 min 7 s with native bf16, 2026-12-02, uniform sampling adds about one more method's vision time; about 7 min in fp32 on an AVX2-only CPU, estimated from BENCHMARKS.md 5a); results print at the end"
+bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~10 min on 2 CPU cores); BENCH_ARGS="..."
+	@echo "make bench takes about 10 min on a 2-core CPU (every registered method, 11 today, x 8 frames of the 0.5B architecture; estimated from the per-frame times of BENCHMARKS.md 5a, about 70 s per method with native bf16, about 14 min in fp32 on an AVX2-only CPU; BENCH_ARGS=\"--methods rekv,mukv\" picks a few); results print at the end"
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from wandb_reader import read_records, summary_and_config
 
-from mukv.cache import ordered_methods
+from mukv.cache import budget_knobs, ordered_methods
 from mukv.config import register_configs
 from mukv.train_eval import build_dataset, shard
 
@@ -381,7 +381,7 @@ def test_nano_benchmark_quick_preset_runs_every_method(tmp_path):
     assert (tmp_path / "results.md").read_text().count("\n| 60 |") == len(METHODS)
     assert df.set_index("method").loc["sliding_window", "online_tokens"] < df.set_index("method").loc["full", "online_tokens"]
     runs = {p.name: p for p in (tmp_path / "runs").iterdir()}
-    assert set(runs) == {f"{m}_{'all' if m == 'full' else 'b16'}_L60" for m in ordered_methods()}
+    assert set(runs) == {f"{m}_{'b16' if budget_knobs(m, 1, 16) else 'all'}_L60" for m in ordered_methods()}
     rekv = json.loads((runs["rekv_b16_L60"] / "metrics.json").read_text())
     assert rekv["budget_frames"] == 16 and rekv["budget_knobs"] == {"retrieve_size": 16}
     cache = yaml.safe_load((runs["rekv_b16_L60"] / "resolved_config.yaml").read_text())["cache"]
