@@ -187,8 +187,9 @@ def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> 
                                        "interval, * where McNemar's exact test gives p < 0.05. detail_recall: % of "
                                        "detail needles in the recalled context (methods that report it). detail_by_window_age / "
                                        "recall_by_window_age: detail accuracy / recall by the needle's age in the "
-                                       "method's window (the frames its budget holds): inside it / 1-4 windows back "
-                                       "/ older (counts per bucket in results.csv). per_seed: the range of the "
+                                       "method's window (the frames its budget holds; a method without a budget: the "
+                                       "widest window of its length's rows): inside it / 1-4 windows back / older "
+                                       "(counts per bucket in results.csv). per_seed: the range of the "
                                        "held-out seeds' accuracies (several seeds: the other columns pool them). "
                                        "beyond_trained: % of answers whose context reaches past the model's trained "
                                        "positions.\n")
@@ -348,6 +349,16 @@ def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] 
                          pd.read_csv(out / "runs" / p["tag"] / "memory_stats.csv"),
                          json.loads((out / "runs" / p["tag"] / "metrics.json").read_text()).get("window_s"))
               for p in points}
+    # a method without a budget (the full caches) is broken down by the window of the budgeted rows of its length,
+    # so that its detail by evidence age is the reference for theirs
+    budget_window = {}
+    for p in points:
+        window = frames[p["tag"]][2]
+        if window:
+            budget_window[p["length_s"]] = max(window, budget_window.get(p["length_s"], 0.0))
+    for p in points:
+        rows, mem, window = frames[p["tag"]]
+        frames[p["tag"]] = (rows, mem, window or budget_window.get(p["length_s"]))
     by_seed = [{**p, **summarise(*frames[p["tag"]])} for p in points]
     pd.DataFrame(by_seed).to_csv(out / "results_by_seed.csv", index=False)
     results, predictions = [], {}
