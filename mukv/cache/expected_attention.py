@@ -21,8 +21,6 @@ from mukv.errors import ConfigError
 @dataclass
 class ExpectedAttentionPress(ChunkPress):
     display_order = 64
-    block_frames: int = 8
-    keep_ratio: float = 0.25
     n_future_positions: int = 512  # kvpress's defaults
     n_sink: int = 4
     use_covariance: bool = True

@@ -14,8 +14,6 @@ from mukv.cache.press import ChunkPress, PressBlock
 @dataclass
 class KnormPress(ChunkPress):
     display_order = 60
-    block_frames: int = 8  # frames per compressed block (no published streaming setting: this project's)
-    keep_ratio: float = 0.25  # share of each block's tokens kept (kvpress: 1 - compression_ratio)
 
     def score(self, layer: int, block: PressBlock) -> torch.Tensor:
         keys, _ = self.block_keys(layer, block)

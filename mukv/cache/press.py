@@ -49,12 +49,13 @@ class PressRecall:
     held_tokens: int
 
 
+@dataclass
 class ChunkPress(KeptKVCache):
     """Base of the presses: block buffering, the per-head reduction and the keep rule. A press is a dataclass
     with ``score(layer, block) -> (kv_heads, block.length)`` (higher is kept) and the ``signals`` it needs."""
 
-    block_frames: int
-    keep_ratio: float
+    block_frames: int = 8  # frames per compressed block (no published streaming setting: this project's)
+    keep_ratio: float = 0.25  # share of each block's tokens kept (kvpress: 1 - compression_ratio)
     # what the prefill gathers for ``score``: "last_attention" (TOVA), "query_stats" (ExpectedAttention)
     signals: ClassVar[frozenset[str]] = frozenset()
     # queries whose statistics are gathered skip the block's first n_sink tokens (ExpectedAttention's n_sink)

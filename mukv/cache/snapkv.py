@@ -20,8 +20,6 @@ from mukv.errors import ConfigError
 @dataclass
 class SnapKVPress(ChunkPress):
     display_order = 63
-    block_frames: int = 8
-    keep_ratio: float = 0.25
     kernel_size: int = 5  # kvpress's default
 
     def check_knobs(self, geometry) -> None:

@@ -16,8 +16,6 @@ from mukv.errors import ConfigError
 @dataclass
 class StreamingLLMPress(ChunkPress):
     display_order = 61
-    block_frames: int = 8
-    keep_ratio: float = 0.25
     n_sink: int = 4  # kvpress's default
 
     def check_knobs(self, geometry) -> None:

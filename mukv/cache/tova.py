@@ -16,8 +16,6 @@ from mukv.cache.press import ChunkPress, PressBlock
 @dataclass
 class TOVAPress(ChunkPress):
     display_order = 62
-    block_frames: int = 8
-    keep_ratio: float = 0.25
     signals: ClassVar[frozenset[str]] = frozenset({"last_attention"})
 
     def score(self, layer: int, block: PressBlock) -> torch.Tensor:
