@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from mukv.cache.base import register_cache
+from mukv.cache.kernels import expand_kv_heads
 from mukv.cache.press import ChunkPress, PressBlock
 from mukv.errors import ConfigError
 
@@ -56,7 +57,7 @@ class ExpectedAttentionPress(ChunkPress):
         mu = block.query_sum[layer] / count  # (q_heads, d)
         rot = self.average_rope(self.n_init + block.first_token + block.length, mu.device)
         groups = mu.shape[0] // keys.shape[0]
-        k = keys.repeat_interleave(groups, 0)  # (q_heads, n, d)
+        k = expand_kv_heads(keys, mu.shape[0], head_dim=0)  # (q_heads, n, d)
         d = k.shape[-1]
         scores = k @ (mu @ rot.T)[..., None] / math.sqrt(d)
         scores = scores[..., 0]

@@ -23,6 +23,7 @@ import torch
 
 from mukv.cache.base import AnswerContext
 from mukv.cache.kept_kv import KeptKVCache
+from mukv.cache.kernels import attention_weights
 from mukv.errors import ConfigError
 
 
@@ -93,8 +94,7 @@ class ChunkPress(KeptKVCache):
 
     def _observe(self, block: PressBlock, completes: bool, idx: int, q, q_rot, keys, vals, scaling) -> None:
         if "last_attention" in self.signals and completes:  # the block's last token over everything it sees
-            k = keys[0].float().repeat_interleave(q.shape[1] // keys.shape[1], dim=0)
-            block.last_attention[idx] = torch.softmax(scaling * q_rot[0, :, -1:].float() @ k.transpose(-1, -2), -1)[:, 0]
+            block.last_attention[idx] = attention_weights(q_rot[..., -1:, :], keys, scaling, None)[0, :, 0]
         if "query_stats" in self.signals:
             skip = max(0, self.stats_skip - block.length)  # the block's first stats_skip tokens are left out
             qs = q[0, :, skip:].float()  # (q_heads, rows, d)

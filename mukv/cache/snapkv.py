@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mukv.cache.base import register_cache
-from mukv.cache.kernels import causal_suffix_attention
+from mukv.cache.kernels import attention_weights, causal_suffix_attention, prefix_causal_mask
 from mukv.cache.press import ChunkPress, PressBlock
 from mukv.errors import ConfigError
 
@@ -38,10 +38,9 @@ class SnapKVPress(ChunkPress):
             keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
             groups = q.shape[1] // keys.shape[1]
-            logits = scaling * q_rot[0].float() @ keys[0].float().repeat_interleave(groups, 0).transpose(-1, -2)
-            w = q.shape[-2]
-            logits[..., -w:] += torch.full((w, w), float("-inf"), device=q.device).triu(1)  # causal in the window
-            attention = torch.softmax(logits, -1)[..., self.n_init + block.start:self.n_init + block.start + block.length]
+            causal = prefix_causal_mask(q.shape[-2], keys.shape[-2], q.device)  # causal in the window
+            attention = attention_weights(q_rot, keys, scaling, causal)[0]
+            attention = attention[..., self.n_init + block.start:self.n_init + block.start + block.length]
             pooled = torch.nn.functional.avg_pool1d(attention.mean(1)[:, None], self.kernel_size, stride=1,
                                                     padding=self.kernel_size // 2)[:, 0]  # (q_heads, n)
             scores[idx] = pooled.view(keys.shape[1], groups, -1).mean(1)
