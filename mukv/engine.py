@@ -46,7 +46,8 @@ def answer_text(llm: VideoLLM, tokens: list[int], style: str) -> str:
 def decode_attention(context: AnswerContext, llm: VideoLLM, reserve: int) -> Callable:
     """The attention callable the engine decodes with: each layer appends the prompt and the answer's tokens
     to its ``ContextKV`` (``reserve`` tokens of room allocated up front)."""
-    layers = [ContextKV(k, v, context.next_position, reserve) for k, v in zip(context.keys, context.values, strict=True)]
+    layers = [ContextKV(k, v, context.prompt_position(i), reserve)
+              for i, (k, v) in enumerate(zip(context.keys, context.values, strict=True))]
 
     def attend(idx: int, q, k, v, scaling):
         return layers[idx].attend_and_append(q, k, v, scaling, llm.rope)
@@ -178,6 +179,7 @@ class StreamingEngine:
         t3 = time.perf_counter()
         style = self.settings.answer_text
         text = answer_text(self.llm, tokens, self.method.published_answer_text if style == "auto" else style)
+        self.method.observe_answer(question, text)
         return Answer(text, tokens, first_logits, t2 - t1, t3 - t2), context, recall_s
 
     # ------------------------------------------------------------------------------------ streaming

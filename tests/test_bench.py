@@ -35,7 +35,7 @@ def test_method_words_are_options_with_hydra_overrides():
     assert words[2].label == "mukv cache.share_prefixes=false cache.top_k=[2, 2, 1]"
     assert words[2].slug == "mukv+share_prefixes=false+top_k=[2,_2,_1]"
     assert [s.label for s in parse_method_specs(["mukv", "mukv", "cache.kv_quant=int8"])] == ["mukv", "mukv cache.kv_quant=int8"]
-    with pytest.raises(ValueError, match="unknown cache option 'nope'; options: expected_attention, full, full_bounded, infinipot_v, knorm"):
+    with pytest.raises(ValueError, match="unknown cache option 'nope'; options: expected_attention, full, full_bounded, hermes, infinipot_v, knorm"):
         parse_method_specs(["full,nope"])
     with pytest.raises(ValueError, match="after the option: mukv cache.share_prefixes=false"):
         parse_method_specs(["mukv+share_prefixes=false"])  # the earlier name+knob=value syntax says what replaced it

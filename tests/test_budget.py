@@ -31,7 +31,8 @@ PRESSES = ["knorm", "streaming_llm", "tova", "snapkv", "expected_attention"]  # 
 
 
 def test_the_shipped_methods_in_display_order():
-    assert ordered_methods() == ["full", "sliding_window", "uniform", "rekv", "mukv", "infinipot_v", "knorm",
+    assert ordered_methods() == ["full", "sliding_window", "uniform", "rekv", "mukv", "infinipot_v", "hermes",
+                                 "knorm",
                                  "streaming_llm", "tova", "snapkv", "expected_attention"]
     assert sorted(["mukv", "zzz_unregistered", "full", "rekv"], key=method_rank) == ["full", "rekv", "mukv",
                                                                                       "zzz_unregistered"]
@@ -40,10 +41,11 @@ def test_the_shipped_methods_in_display_order():
 @pytest.mark.parametrize("frames,tpf,expected", [
     (16, 16, {"full": {}, "sliding_window": {"n_local": 256}, "uniform": {"num_frames": 16},
               "rekv": {"retrieve_size": 16}, "mukv": {"top_k": [5, 8, 3]},
-              "infinipot_v": {"block_frames": 16, "keep_frames": 12}, **dict.fromkeys(PRESSES, {})}),
+              "infinipot_v": {"block_frames": 16, "keep_frames": 12},
+              "hermes": {"kv_frames": 16, "kv_size": None}, **dict.fromkeys(PRESSES, {})}),
     (64, 196, {"full": {}, "sliding_window": {"n_local": 12544}, "uniform": {"num_frames": 64},
                "rekv": {"retrieve_size": 64}, "mukv": {"top_k": [20, 32, 12]},
-               "infinipot_v": {"block_frames": 64, "keep_frames": 48},
+               "infinipot_v": {"block_frames": 64, "keep_frames": 48}, "hermes": {"kv_frames": 64, "kv_size": None},
                **dict.fromkeys(PRESSES, {})}),  # the published settings (InfiniPot-V's
     # own run is 32 / 24 frames on Qwen2-VL)
 ])
@@ -103,10 +105,10 @@ def test_display_order_is_a_class_attribute_not_a_knob():
     # the published settings on LLaVA-OV (196 tokens per frame): MuKV's 20 / 32 / 12 blocks of 4 / 19 / 627 kept
     # tokens = 8,212 video tokens, beside ReKV's and uniform's 64 frames = 12,544
     (64, 196, {"full": None, "sliding_window": 12544, "uniform": 12544, "rekv": 12544, "mukv": 8212,
-               "infinipot_v": 12544, **dict.fromkeys(PRESSES)}),
+               "infinipot_v": 12544, "hermes": 12544, **dict.fromkeys(PRESSES)}),
     # the nano model (16 tokens per frame): MuKV 5 / 8 / 3 blocks of 4 (int(0.4) = 0: the whole block) / 1 / 51
     (16, 16, {"full": None, "sliding_window": 256, "uniform": 256, "rekv": 256, "mukv": 181, "infinipot_v": 256,
-              **dict.fromkeys(PRESSES)}),
+              "hermes": 256, **dict.fromkeys(PRESSES)}),
 ])
 def test_video_tokens_of_every_method_at_its_frame_budget(frames, tpf, expected):
     assert {m: video_tokens(m, budget_knobs(m, frames, tpf), tpf) for m in ordered_methods()} == expected

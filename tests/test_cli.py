@@ -131,13 +131,13 @@ def test_help_lists_options_without_the_schemas():
     proc = cli("--help")
     assert proc.returncode == 0, proc.stderr
     groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert "cache: expected_attention, full, full_bounded, infinipot_v, knorm, mukv," in groups and "model: llava_ov_0.5b" in groups and "_schema" not in groups
+    assert "cache: expected_attention, full, full_bounded, hermes, infinipot_v, knorm, mukv," in groups and "model: llava_ov_0.5b" in groups and "_schema" not in groups
 
 
 # ------------------------------------------------------------------------------ composition errors: exit 2
 COMPOSE_ERRORS = {  # the typo and its `+` twin: test_appended_key_gives_the_same_line_as_the_typo
     "++dataset.synthetic.typo=1": "unknown config key 'dataset.synthetic.typo' (dataset.synthetic keys: num_videos,",
-    "cache=foo": "unknown option 'foo' for cache (options: expected_attention, full, full_bounded, infinipot_v, knorm, mukv,",
+    "cache=foo": "unknown option 'foo' for cache (options: expected_attention, full, full_bounded, hermes, infinipot_v, knorm, mukv,",
     "dataset.sample_fps=abc": "config field 'dataset.sample_fps': Value 'abc'",
     "model.device=[1": "cannot parse override 'model.device=[1'",
     "cache=mukv_schema": "cache=mukv_schema is the schema that cache configs extend, not an option (options: expected_attention, full,",

@@ -147,9 +147,14 @@ class AnswerContext(Generic[D]):
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    next_position: int  # position of the first prompt token
+    next_position: int  # position of the first prompt token (the largest, where layers differ)
     recalled: Recalled = field(default_factory=Recalled)
     detail: D | None = None  # what the method chose and why (tests, diagnostics); its own dataclass
+    layer_positions: list[int] | None = None  # per layer, for a method whose layers hold different positions
+
+    def prompt_position(self, layer: int) -> int:
+        """Position of the first prompt token in ``layer``."""
+        return self.next_position if self.layer_positions is None else int(self.layer_positions[layer])
 
     @property
     def online_tokens(self) -> int:
@@ -235,6 +240,11 @@ class CacheMethod(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> CacheStats:
         """Bytes held for the current video."""
+
+    def observe_answer(self, question: str, answer: str) -> None:
+        """Hook, after each answer: the question and the answer text (a method that conditions what it keeps on
+        the conversation, as HERMES's pseudo-questions do). Default: nothing."""
+        return None
 
     # ------------------------------------------------------------------------------ shared helpers
     def run_layers(self, embeds: torch.Tensor, per_layer: Callable) -> torch.Tensor:

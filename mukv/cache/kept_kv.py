@@ -53,9 +53,9 @@ class KeptKVCache(CacheMethod):
         tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
         start = first_frame * tpf
         new_tokens = torch.arange(start, start + visual.shape[0] * tpf, device=visual.device)
-        position = self.n_init + start
 
         def attend(idx: int, q, k, v, scaling):
+            position = self.prefill_position(idx, start)
             k_rot, q_rot = rope.rotate_range(k, position), rope.rotate_range(q, position)
             keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
@@ -68,6 +68,11 @@ class KeptKVCache(CacheMethod):
 
         self.run_layers(visual.reshape(1, -1, visual.shape[-1]), attend)
         self.frames_seen = max(self.frames_seen, first_frame + visual.shape[0])
+
+    def prefill_position(self, layer: int, first_token: int) -> int:
+        """Position of video token ``first_token`` (the first being prefilled) in ``layer``: its original one
+        (after the init prompt); a method that moves positions (HERMES) says where its next tokens go."""
+        return self.n_init + first_token
 
     def keep(self, layer: int, picked: torch.Tensor) -> None:
         """Keep, in ``layer``, the held tokens at ``picked`` (kv_heads, n) indices into its video tokens, sorted."""
