@@ -15,6 +15,8 @@ ARGS        ?=
 # make reproduce-table: which grid (experiments/grids/<DATA>.yaml) and where (default outputs/reproduce/<time>_<DATA>)
 DATA        ?= synthetic
 OUT         ?=
+# make test: test files spread over this many worker processes (pytest-xdist; a file's tests stay in one worker)
+TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
 .PHONY: bench bench-growth help install run test test-fast lint clean reproduce-table sweep-spec train-nano wandb-dashboard
@@ -41,11 +43,11 @@ endif
 train-nano: $(STAMP) ## retrain the nano model on this CPU (<= ~55 min) and replace the shipped checkpoint
 	$(PY) -m mukv_nano.train train.publish=true $(ARGS)
 
-test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP) ## run the whole test suite (TEST_WORKERS=auto processes; TEST_WORKERS=0: one)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP) ## run the tests not marked slow
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 reproduce-table: $(STAMP) ## run the results grid as one multirun, render table + figures (DATA=synthetic|rvs, OUT=dir, ARGS=overrides)
 	$(PY) experiments/reproduce_table.py --data $(DATA) $(if $(strip $(OUT)),--out $(OUT),) $(ARGS)

@@ -31,7 +31,7 @@ PRESSES = ["knorm", "streaming_llm", "tova", "snapkv", "expected_attention"]  # 
 
 
 def test_the_shipped_methods_in_display_order():
-    assert ordered_methods() == ["full", "sliding_window", "uniform", "rekv", "mukv", "infinipot_v", "hermes",
+    assert ordered_methods() == ["full", "sliding_window", "uniform", "rekv", "mukv", "streamkv", "infinipot_v", "hermes",
                                  "knorm",
                                  "streaming_llm", "tova", "snapkv", "expected_attention"]
     assert sorted(["mukv", "zzz_unregistered", "full", "rekv"], key=method_rank) == ["full", "rekv", "mukv",
@@ -40,11 +40,11 @@ def test_the_shipped_methods_in_display_order():
 
 @pytest.mark.parametrize("frames,tpf,expected", [
     (16, 16, {"full": {}, "sliding_window": {"n_local": 256}, "uniform": {"num_frames": 16},
-              "rekv": {"retrieve_size": 16}, "mukv": {"top_k": [5, 8, 3]},
+              "rekv": {"retrieve_size": 16}, "mukv": {"top_k": [5, 8, 3]}, "streamkv": {"retrieve_size": 16},
               "infinipot_v": {"block_frames": 16, "keep_frames": 12},
               "hermes": {"kv_frames": 16, "kv_size": None}, **dict.fromkeys(PRESSES, {})}),
     (64, 196, {"full": {}, "sliding_window": {"n_local": 12544}, "uniform": {"num_frames": 64},
-               "rekv": {"retrieve_size": 64}, "mukv": {"top_k": [20, 32, 12]},
+               "rekv": {"retrieve_size": 64}, "mukv": {"top_k": [20, 32, 12]}, "streamkv": {"retrieve_size": 64},
                "infinipot_v": {"block_frames": 64, "keep_frames": 48}, "hermes": {"kv_frames": 64, "kv_size": None},
                **dict.fromkeys(PRESSES, {})}),  # the published settings (InfiniPot-V's
     # own run is 32 / 24 frames on Qwen2-VL)
@@ -104,10 +104,10 @@ def test_display_order_is_a_class_attribute_not_a_knob():
 @pytest.mark.parametrize("frames,tpf,expected", [
     # the published settings on LLaVA-OV (196 tokens per frame): MuKV's 20 / 32 / 12 blocks of 4 / 19 / 627 kept
     # tokens = 8,212 video tokens, beside ReKV's and uniform's 64 frames = 12,544
-    (64, 196, {"full": None, "sliding_window": 12544, "uniform": 12544, "rekv": 12544, "mukv": 8212,
+    (64, 196, {"full": None, "sliding_window": 12544, "uniform": 12544, "rekv": 12544, "mukv": 8212, "streamkv": 96 * 196,
                "infinipot_v": 12544, "hermes": 12544, **dict.fromkeys(PRESSES)}),
     # the nano model (16 tokens per frame): MuKV 5 / 8 / 3 blocks of 4 (int(0.4) = 0: the whole block) / 1 / 51
-    (16, 16, {"full": None, "sliding_window": 256, "uniform": 256, "rekv": 256, "mukv": 181, "infinipot_v": 256,
+    (16, 16, {"full": None, "sliding_window": 256, "uniform": 256, "rekv": 256, "mukv": 181, "streamkv": 24 * 16, "infinipot_v": 256,
               "hermes": 256, **dict.fromkeys(PRESSES)}),
 ])
 def test_video_tokens_of_every_method_at_its_frame_budget(frames, tpf, expected):
@@ -137,8 +137,10 @@ def test_budget_tokens_takes_the_largest_frame_budget_that_fits(tokens, tpf):
             assert (frames, knobs) == (None, {})
             continue
         assert knobs == budget_knobs(method, frames, tpf)
-        assert video_tokens(method, knobs, tpf) <= tokens < video_tokens(method, budget_knobs(method, frames + 1, tpf),
-                                                                          tpf), (method, tokens, tpf)
+        held, more = video_tokens(method, knobs, tpf), video_tokens(method, budget_knobs(method, frames + 1, tpf), tpf)
+        # the largest budget that fits; where contexts stop growing (a floor or a cap), the smallest reaching it
+        fewer = video_tokens(method, budget_knobs(method, frames - 1, tpf), tpf) if frames > 1 else -1
+        assert held <= tokens and (tokens < more or (more == held and fewer < held)), (method, tokens, tpf)
     assert budget_knobs_for_tokens("mukv", 8212, 196) == {"top_k": [20, 32, 12]}  # the published point exactly
     assert budget_knobs_for_tokens("rekv", 100, 16) == {"retrieve_size": 6}  # 96 tokens: whole frames
     assert budget_knobs_for_tokens("sliding_window", 100, 16) == {"n_local": 96}
@@ -197,6 +199,7 @@ def test_video_tokens_is_what_the_answer_attends_to(tmp_path, budget):
         if option == "full":
             assert n_init == 11 and expected is None and result.metrics["budget_knobs"] == {}
             continue
-        assert expected == measured, (option, budget, result.metrics["budget_knobs"], rows.online_tokens.tolist())
+        exact = getattr(CACHE_METHODS.get(option), "video_tokens_exact", True)  # StreamKV's is a bound
+        assert (expected == measured) if exact else (0 < measured <= expected), (option, budget, result.metrics["budget_knobs"], rows.online_tokens.tolist())
         if budget == "budget_tokens=100":
             assert result.metrics["budget_tokens"] == 100 and measured <= 100

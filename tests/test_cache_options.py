@@ -22,7 +22,7 @@ from mukv.train_eval import build_method
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
-FREE_FORM_STRINGS = {"spill_dir"}  # a folder: any string is a value
+FREE_FORM_STRINGS = {"spill_dir", "local_prompt", "global_prompt", "guidance_prompt"}  # a folder, prompts: any string
 
 
 def compose_cfg(*overrides: str):

@@ -66,7 +66,7 @@ def test_history_prompts_prefix_the_last_turn():
 
 
 def test_budget_and_knob_validation():
-    geometry = KVGeometry(2, 4, 2, 8, 32, 15, TPF)
+    geometry = KVGeometry(2, 4, 2, 8, 32, TPF, 4)
     assert video_tokens("hermes", {"kv_frames": 3}, TPF) == 48
     assert video_tokens("hermes", {"kv_size": 50, "compress_every": 2}, TPF) == 66
     assert budget_knobs_for_tokens("hermes", 256, TPF) == {"kv_frames": 16, "kv_size": None}

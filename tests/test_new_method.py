@@ -47,7 +47,7 @@ defaults:
 n_local: 15000
 """
 PRESSES = ["knorm", "streaming_llm", "tova", "snapkv", "expected_attention"]  # keep_ratio: no token budget
-ORDER = ["full", "sliding_window", NAME, "uniform", "rekv", "mukv", "infinipot_v", "hermes", *PRESSES]
+ORDER = ["full", "sliding_window", NAME, "uniform", "rekv", "mukv", "streamkv", "infinipot_v", "hermes", *PRESSES]
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,7 @@ def budget_frames_for_tokens(method: str, tokens: int, tokens_per_frame: int,
     if not budget_knobs(method, 1, tpf, config_key="budget_tokens"):
         return None, {}  # no budget: the method keeps everything
     best: tuple[int, dict[str, Any]] | None = None
+    best_n = -1
     # f frames hold at least f video tokens in every method with a budget, so no f above `tokens` can fit
     for f in range(1, max(tokens, 1) + 1):
         step = budget_knobs(method, f, tpf, config_key="budget_tokens")
@@ -109,7 +110,8 @@ def budget_frames_for_tokens(method: str, tokens: int, tokens_per_frame: int,
                                                f"classmethod {cls.__name__}.video_tokens(knobs, tokens_per_frame)")
         if int(n) > tokens:
             break
-        best = (f, step)
+        if best is None or int(n) > best_n:  # where contexts stop growing (a cap), the smallest budget reaching it
+            best, best_n = (f, step), int(n)
     if best is None:
         smallest = video_tokens(method, {**(knobs or {}), **budget_knobs(method, 1, tpf)}, tpf)
         raise ConfigError("budget_tokens", f"{tokens} video tokens is less than the smallest budget of cache method "
@@ -158,8 +160,9 @@ class AnswerContext(Generic[D]):
 
     @property
     def online_tokens(self) -> int:
-        """Tokens the answer attends to before its prompt (what the budget constrains)."""
-        return int(self.keys[0].shape[-2])
+        """Tokens the answer attends to before its prompt (what the budget constrains): the largest layer's, where
+        layers hold different numbers (StreamKV)."""
+        return max(int(k.shape[-2]) for k in self.keys)
 
 
 @dataclass
@@ -181,6 +184,9 @@ class CacheMethod(abc.ABC):
     published_answer_text: ClassVar[str] = "keep_newlines"
     # Position in tables, figures and tool listings (``ordered_methods``); a new method sorts after these.
     display_order: ClassVar[int] = 100
+    # whether the largest answer context reaches ``video_tokens`` exactly once enough video has streamed
+    # (False: it is an upper bound, e.g. StreamKV's per-layer counts vary around their mean)
+    video_tokens_exact: ClassVar[bool] = True
 
     @classmethod
     def budget_knobs(cls, frames: int, tokens_per_frame: int) -> dict[str, Any]:
