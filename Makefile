@@ -67,9 +67,9 @@ clean: ## remove the virtual environment and caches (keeps outputs/)
 # extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
 BENCH_ARGS  ?=
 bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~10 min on 2 CPU cores); BENCH_ARGS="..."
-	@echo "make bench takes about 10 min on a 2-core CPU (every registered method, 11 today, x 8 frames of the 0.5B architecture; estimated from the per-frame times of BENCHMARKS.md 5a, about 70 s per method with native bf16, about 14 min in fp32 on an AVX2-only CPU; BENCH_ARGS=\"--methods rekv,mukv\" picks a few); results print at the end"
+	@echo "make bench takes about 10 min on a 2-core CPU (every registered method x 8 frames of the 0.5B architecture; see BENCHMARKS.md 5a for the measured time; BENCH_ARGS=\"--methods rekv,mukv\" picks a few); results print at the end"
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)
 	$(PY) -m mukv.bench --growth --model nano --dtype fp32 --frames 3600 --chunk 30 --answer-every 600 \
-		--methods full,sliding_window,rekv,mukv,infinipot_v --out outputs/bench/growth_nano $(BENCH_ARGS)
+		--methods full,sliding_window,rekv,mukv,streamkv,infinipot_v,hermes --out outputs/bench/growth_nano $(BENCH_ARGS)

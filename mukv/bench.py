@@ -303,7 +303,7 @@ def plot_growth(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 # methods whose answer context is that window (registered names; their conf/cache variants too) get it scaled
 # to the model's tokens per frame; MuKV's n_local (its block_context=shared ablation) keeps its config value.
 PUBLISHED_WINDOW_TOKENS, PUBLISHED_TOKENS_PER_FRAME = 15000, 196
-WINDOW_METHODS = ("sliding_window", "rekv")
+WINDOW_METHODS = ("sliding_window", "rekv", "streamkv")
 
 
 @dataclass(frozen=True)

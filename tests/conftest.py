@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model (built once per session) and the shared/ folder beside the project."""
+"""Shared fixtures: the tiny model (built once per session), the shared/ folder beside the project, and the
+compose-API helper of the config tests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,22 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
 RVS_DIR = SHARED / "data" / "rvs"
+
+
+def compose_cfg(*overrides: str, hydra_cfg: bool = False):
+    """The run config ``conf/eval.yaml`` with ``overrides``, through Hydra's compose API. ``${hydra:...}`` resolves
+    only inside a running app, so the paths get concrete values (unless ``hydra_cfg``: the Hydra config too)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=list(overrides), return_hydra_config=hydra_cfg)
+    if not hydra_cfg:
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = "/tmp/mukv-test-out"
+    return cfg
 
 
 @pytest.fixture(scope="session")

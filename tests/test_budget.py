@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 
 from mukv.cache import CACHE_METHODS, budget_knobs, method_rank, ordered_methods
 from mukv.cache.base import CacheMethod, budget_frames_for_tokens, budget_knobs_for_tokens, video_tokens
@@ -19,12 +19,6 @@ from mukv.train_eval import apply_budget, train_eval, validate_config
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=list(overrides))
-    cfg.paths.root_dir = str(CONF.parent)
-    return cfg
 
 
 PRESSES = ["knorm", "streaming_llm", "tova", "snapkv", "expected_attention"]  # keep_ratio per block: no budget

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -24,10 +24,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 FREE_FORM_STRINGS = {"spill_dir", "local_prompt", "global_prompt", "guidance_prompt"}  # a folder, prompts: any string
 
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("eval", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("cache,override", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -18,14 +18,6 @@ from mukv.train_eval import build_method, validate_config
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=list(overrides))
-    # ${hydra:...} resolves only inside a running app: give the paths concrete values.
-    cfg.paths.root_dir = str(CONF.parent)
-    cfg.paths.output_dir = "/tmp/mukv-test-out"
-    return cfg
 
 
 def options(group: str) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from wandb_reader import read_records, summary_and_config
 
@@ -46,14 +46,6 @@ def merge(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mukv.report.merge", *map(str, args)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
 
-
-def compose_cfg(*overrides: str, hydra_cfg: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=list(overrides), return_hydra_config=hydra_cfg)
-    if not hydra_cfg:
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = "/tmp/mukv-test-out"
-    return cfg
 
 
 def job_dirs(sweep: Path) -> dict[tuple[str, int], Path]:
