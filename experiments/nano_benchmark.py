@@ -55,7 +55,7 @@ from mukv.bench import MethodSpec, compose_config, parse_method_specs, registere
 from mukv.cache import budget_knobs, ordered_methods  # noqa: E402
 from mukv.data.synthetic import CHANCE, QUESTION_CATEGORIES, QUESTION_TYPES  # noqa: E402
 from mukv.report.compare import compare  # noqa: E402
-from mukv.report.metrics import WINDOW_AGE_BUCKETS, truth, wilson_interval, window_age_breakdown  # noqa: E402
+from mukv.report.metrics import WINDOW_AGE_BUCKETS, summarize, truth, window_age_breakdown  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `make run`: 5x the training length, one budget, two videos (one question of each type each)
@@ -95,18 +95,18 @@ def summarise(rows: pd.DataFrame, mem: pd.DataFrame, window_s: float | None = No
     """The table's numbers of one run, from its predictions and memory rows; ``window_s`` (the seconds of stream
     the run's budget holds: its ``metrics.json``) adds detail accuracy and recall by evidence age in windows."""
     df = rows
-    out: dict[str, Any] = {"questions": len(df), "accuracy": float(df.judge_correct.mean())}
-    out["accuracy_lo"], out["accuracy_hi"] = wilson_interval(int(df.judge_correct.sum()), len(df))
+    # accuracy, per type and per category with their Wilson intervals: the run's own metrics (mukv.report.metrics)
+    m = summarize(df, mem, sample_fps=0.0, age_buckets_s=[], categories=QUESTION_CATEGORIES)
+    out: dict[str, Any] = {"questions": len(df), "accuracy": m["accuracy"], "accuracy_lo": m["accuracy_lo"],
+                           "accuracy_hi": m["accuracy_hi"]}
     for t in QUESTION_TYPES:
-        sub = df[df.qtype == t]
-        out[t] = float(sub.judge_correct.mean()) if len(sub) else float("nan")
+        out[t] = m.get("by_type", {}).get(t, {}).get("accuracy", float("nan"))
     # what each kind of question measures (memory / recency / cross-frame reasoning), with its interval
-    for cat, types in QUESTION_CATEGORIES.items():
-        sub = df[df.qtype.isin(types)]
-        n, yes = len(sub), int(sub.judge_correct.sum())
-        out[cat] = yes / n if n else float("nan")
-        out[f"{cat}_lo"], out[f"{cat}_hi"] = wilson_interval(yes, n)
-        out[f"{cat}_n"] = n
+    for cat in QUESTION_CATEGORIES:
+        c = m.get("by_category", {}).get(cat, {})
+        out[cat] = c.get("accuracy", float("nan"))
+        out[f"{cat}_lo"], out[f"{cat}_hi"] = c.get("accuracy_lo", float("nan")), c.get("accuracy_hi", float("nan"))
+        out[f"{cat}_n"] = c.get("judged", 0)
     # answers whose context reaches past the model's trained positions (extrapolation, not only memory)
     beyond = truth(df["beyond_trained"]) if "beyond_trained" in df else pd.Series(dtype=object)
     out["beyond_trained"] = float(beyond.eq(True).mean()) if beyond.notna().any() else float("nan")
