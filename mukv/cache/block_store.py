@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generic, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -352,3 +352,25 @@ class StoreOptions:
             clean_stale_spill_dirs(parent)
         return BlockStore(self.pin_memory and device.type == "cuda", budget, self.spill_dir, self.kv_quant,
                           self.kv_quant_group_size, self.prefetch)
+
+
+S = TypeVar("S")  # a method's per-video state (it has a ``store``)
+
+
+class VideoStoreState(Generic[S]):
+    """Accessors of a method whose per-video state (``self._video``, made by ``start_video``) holds its block
+    store (ReKV, MuKV): ``video`` refuses use before ``start_video``, ``store`` is the state's store."""
+
+    _video: S | None = None
+
+    @property
+    def video(self) -> S:
+        """The current video's state (``start_video`` makes it)."""
+        if self._video is None:
+            raise RuntimeError(f"{type(self).__name__}: start_video() before ingesting or recalling")
+        return self._video
+
+    @property
+    def store(self) -> BlockStore:
+        """The current video's block store."""
+        return self.video.store  # type: ignore[attr-defined]

@@ -74,7 +74,7 @@ from mukv.cache.base import (
     register_cache,
     tensor_bytes,
 )
-from mukv.cache.block_store import Block, BlockStore, StoreOptions
+from mukv.cache.block_store import Block, BlockStore, StoreOptions, VideoStoreState
 from mukv.cache.kernels import attention_weights, causal_suffix_attention, prefix_causal_mask
 from mukv.cache.options import StrOption, check_options
 from mukv.cache.signals import AttentionLayer, FrequencyMethod, ScoringMethod
@@ -262,7 +262,7 @@ class MuKVRecall:
 
 @register_cache("mukv")
 @dataclass
-class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
+class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOptions, StoreOptions):
     """MuKV with the published defaults (LLaVA-OV-0.5B on RVS); see the module docstring."""
 
     display_order = 40
@@ -371,18 +371,6 @@ class MuKVCache(CacheMethod, SinkWindowOptions, StoreOptions):
         if self._plan is None:
             raise RuntimeError("MuKV: bind() to a model first")
         return self._plan
-
-    @property
-    def video(self) -> MuKVVideoState:
-        """The current video's state (``start_video`` makes it)."""
-        if self._video is None:
-            raise RuntimeError("MuKV: start_video() before ingesting or recalling")
-        return self._video
-
-    @property
-    def store(self) -> BlockStore:
-        """The current video's block store."""
-        return self.video.store
 
     def bind(self, llm) -> None:
         super().bind(llm)

@@ -24,7 +24,7 @@ from mukv.cache.base import (
     register_cache,
     tensor_bytes,
 )
-from mukv.cache.block_store import BlockStore, StoreOptions
+from mukv.cache.block_store import BlockStore, StoreOptions, VideoStoreState
 from mukv.cache.kernels import causal_suffix_attention
 from mukv.cache.retrieval import (
     BlockScoring,
@@ -56,7 +56,7 @@ class ReKVRecall:
 
 @register_cache("rekv")
 @dataclass
-class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
+class ReKVCache(VideoStoreState[ReKVVideoState], WindowStreamingCache, SinkWindowOptions, StoreOptions):
     published_answer_text = "remove_newlines"  # ReKV's release: pred_answer.replace('\n', '')
     display_order = 30
 
@@ -80,18 +80,6 @@ class ReKVCache(WindowStreamingCache, SinkWindowOptions, StoreOptions):
 
     def __post_init__(self) -> None:
         self._video: ReKVVideoState | None = None  # made by start_video
-
-    @property
-    def video(self) -> ReKVVideoState:
-        """The current video's state (``start_video`` makes it)."""
-        if self._video is None:
-            raise RuntimeError("ReKV: start_video() before ingesting or recalling")
-        return self._video
-
-    @property
-    def store(self) -> BlockStore:
-        """The current video's block store."""
-        return self.video.store
 
     def check_knobs(self, geometry) -> None:
         for name in ("n_local", "retrieve_size", "retrieve_chunk_size", "query_block"):
