@@ -324,27 +324,37 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if count > 1:
             print(f"shard {index}/{count} done; after every shard: --render-only --out {out}")
             return pd.DataFrame()
-    tags = [tag for tag, *_ in points]
-    missing = [t for t in tags if not (out / "points" / f"{t}.json").is_file()]
+    def point_file(tag: str, row: dict[str, Any]) -> Path:
+        # one seed of a folder run with several (--render-only --seeds S): that seed's points carry "_s<S>"
+        plain = out / "points" / f"{tag}.json"
+        seeded = out / "points" / f"{tag}_s{row['seed']}.json"
+        return seeded if len(seeds) == 1 and not plain.is_file() and seeded.is_file() else plain
+
+    files = [point_file(tag, row) for tag, _, row, _ in points]
+    missing = [f.stem for f in files if not f.is_file()]
     if missing:
         raise SystemExit(f"error: {len(missing)} point(s) not run yet in {out} (first: {missing[0]}); run every shard")
     references = tuple(args.references or p.get("references") or ["full"])
-    df = render([json.loads((out / "points" / f"{t}.json").read_text()) for t in tags], out, references)
+    # one seed rendered out of a several-seed folder: its own files, the pooled table stays
+    name = f"results_s{seeds[0]}" if any(f.stem != tag for f, (tag, *_) in zip(files, points, strict=True)) \
+        else "results"
+    df = render([json.loads(f.read_text()) for f in files], out, references, name)
     md = markdown(df, references)
     info = (f"Command: `python experiments/nano_benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
             f"  \nMachine: {platform.node()} ({platform.machine()}, {torch.get_num_threads()} torch threads), "
             f"date {dt.date.today()}, total {time.time() - t_all:.0f} s  \nHeld-out videos: "
             f"SyntheticSpec(seed={', '.join(map(str, seeds))}, num_videos={n_videos}, questions_per_video=5, "
             f"sample_fps={args.sample_fps}), lengths {lengths} s; one run folder per point in {out / 'runs'}\n\n")
-    (out / "results.md").write_text(info + md)
+    (out / f"{name}.md").write_text(info + md)
     print("\n" + md + f"\n-> {out}")
     return df
 
 
-def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] = ("full",)) -> pd.DataFrame:
+def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] = ("full",),
+           name: str = "results") -> pd.DataFrame:
     """The table from the points' run folders: one row per cell, its seeds pooled (every interval over all their
     questions; ``seed_lo`` / ``seed_hi`` the per-seed accuracy range), each paired with the full cache; writes
-    ``results.csv`` (cells) and ``results_by_seed.csv`` (points)."""
+    ``<name>.csv`` (cells) and ``<name>_by_seed.csv`` (points)."""
     frames = {p["tag"]: (pd.read_csv(out / "runs" / p["tag"] / "predictions.csv"),
                          pd.read_csv(out / "runs" / p["tag"] / "memory_stats.csv"),
                          json.loads((out / "runs" / p["tag"] / "metrics.json").read_text()).get("window_s"))
@@ -360,7 +370,7 @@ def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] 
         rows, mem, window = frames[p["tag"]]
         frames[p["tag"]] = (rows, mem, window or budget_window.get(p["length_s"]))
     by_seed = [{**p, **summarise(*frames[p["tag"]])} for p in points]
-    pd.DataFrame(by_seed).to_csv(out / "results_by_seed.csv", index=False)
+    pd.DataFrame(by_seed).to_csv(out / f"{name}_by_seed.csv", index=False)
     results, predictions = [], {}
     for cell in dict.fromkeys(p["cell"] for p in points):
         group = [p for p in by_seed if p["cell"] == cell]
@@ -377,7 +387,7 @@ def render(points: list[dict[str, Any]], out: Path, references: tuple[str, ...] 
     for reference in references:
         paired_with(results, predictions, reference)
     df = pd.DataFrame(results)
-    df.to_csv(out / "results.csv", index=False)
+    df.to_csv(out / f"{name}.csv", index=False)
     return df
 
 

@@ -414,6 +414,12 @@ def test_nano_benchmark_pools_seeds_and_shards_give_the_same_table(tmp_path):
     for method, g in by_seed.groupby("method"):
         assert whole.loc[method, "seed_lo"] == g.accuracy.min() and whole.loc[method, "seed_hi"] == g.accuracy.max()
         assert whole.loc[method, "accuracy"] == pytest.approx((g.accuracy * g.questions).sum() / g.questions.sum())
+    # one seed of the folder, rendered alone: that seed's rows, into its own files (the pooled table stays)
+    one = nb.main([*args[:-2], "22", "--render-only", "--out", str(tmp_path / "whole")]).set_index("method")
+    seed22 = by_seed[by_seed.seed == 22].set_index("method")
+    assert (one.questions == 5).all() and (one.accuracy == seed22.accuracy.loc[one.index]).all()
+    assert (tmp_path / "whole" / "results_s22.md").is_file()
+    assert pd.read_csv(tmp_path / "whole" / "results.csv").seeds.astype(str).eq("21 22").all()
     for i in (0, 1):
         assert nb.main([*args, "--shard", f"{i}/2", "--out", str(tmp_path / "sharded")]).empty
     sharded = nb.main([*args, "--render-only", "--out", str(tmp_path / "sharded")]).set_index("method")
