@@ -264,44 +264,30 @@ def use_stream_attention(model) -> None:
 def load_video_llm(kind: str, path: str | None, device: str = "auto", dtype: str = "auto",
                    attn_implementation: str = "auto", seed: int = 0,
                    resize: FrameResize | str = FrameResize.pil_uint8, **dims) -> VideoLLM:
-    """Entry point used by the pipeline: ``kind`` is 'tiny' (built here), 'nano' (the shipped checkpoint, or
-    the nano folder ``path``) or 'pretrained' (``path``); ``resize`` is how frames not at the vision size are
-    resized (``mukv.video.preprocess.FrameResize``)."""
+    """The loaded model of loader ``kind`` ('tiny': built here, 'nano': the shipped checkpoint or the nano folder
+    ``path``, 'pretrained': ``path``; ``LOADERS``); ``resize`` is how frames not at the vision size are resized
+    (``mukv.video.preprocess.FrameResize``)."""
+    loader = _loader(kind)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
         resize = frame_resize(resize)
     except ValueError as err:
         raise ConfigError("model.resize", str(err)) from err
-    if kind == "tiny":
-        return build_tiny(seed, dev, dt, resize, **dims)
-    if kind == "nano":
-        return load_nano(path, dev, dt, resize)
-    if kind == "pretrained":
-        if not path:
-            raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
-        return load_pretrained(path, dev, dt, resolve_attn_implementation(attn_implementation, dev), resize)
-    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")
+    return loader.build(path, dev, dt, attn_implementation, seed, resize, **dims)
 
 
 def model_geometry(kind: str, path: str | None, device: str = "auto", dtype: str = "auto", **dims):
-    """The model's KV geometry from its config alone (no weights), for validating cache knobs early."""
-    from mukv.models.adapter import KVGeometry
+    """The KV geometry of loader ``kind``'s model from its config alone (no weights), for validating cache knobs
+    early."""
+    loader = _loader(kind)
+    return loader.config_geometry(path, resolve_dtype(dtype, resolve_device(device)), **dims)
 
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if kind == "tiny":
-        return KVGeometry.from_config(tiny_config(len(build_byte_tokenizer()), **dims), dt)
-    if kind == "nano":
-        from mukv.models.nano import read_nano_config
 
-        return KVGeometry.from_config(read_nano_config(path), dt)
-    if kind == "pretrained":
-        if not path:
-            raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
-        config = _from_pretrained(LlavaOnevisionConfig.from_pretrained, path, "LLaVA-OneVision config")
-        return KVGeometry.from_config(config, dt)
-    raise ConfigError("model.kind", f"unknown kind '{kind}'; choose 'tiny', 'nano' or 'pretrained'")
+def _loader(kind: str) -> type[ModelLoader]:
+    if kind not in LOADERS:
+        raise ConfigError("model.kind", f"unknown kind '{kind}'; choose {', '.join(repr(k) for k in LOADERS)}")
+    return LOADERS[kind]
 
 
 def _value(choice: Any) -> Any:
@@ -311,13 +297,22 @@ def _value(choice: Any) -> Any:
 
 class ModelLoader:
     """A model a config can name (``model._target_``): its KV geometry from the config alone (validating cache
-    knobs before any weights load) and the loaded ``VideoLLM``."""
+    knobs before any weights load) and the loaded ``VideoLLM``. A loader is ``config_geometry`` + ``build``."""
 
     kind: ClassVar[str] = "model"  # the label in fingerprints and messages
 
     @classmethod
     def dims(cls, m: Any) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def config_geometry(cls, path: str | None, dtype: torch.dtype, **dims):
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, path: str | None, device: torch.device, dtype: torch.dtype, attn_implementation: str, seed: int,
+              resize: FrameResize, **dims) -> VideoLLM:
+        raise NotImplementedError
 
     @classmethod
     def geometry(cls, m: Any):
@@ -340,17 +335,59 @@ class TinyModel(ModelLoader):
 
         return OmegaConf.to_container(m.tiny, resolve=True)
 
+    @classmethod
+    def config_geometry(cls, path, dtype, **dims):
+        from mukv.models.adapter import KVGeometry
+
+        return KVGeometry.from_config(tiny_config(len(build_byte_tokenizer()), **dims), dtype)
+
+    @classmethod
+    def build(cls, path, device, dtype, attn_implementation, seed, resize, **dims) -> VideoLLM:
+        return build_tiny(seed, device, dtype, resize, **dims)
+
 
 class NanoModel(ModelLoader):
     """The nano checkpoint shipped in mukv/assets/nano, or a nano folder (``model.path``)."""
 
     kind = "nano"
 
+    @classmethod
+    def config_geometry(cls, path, dtype, **dims):
+        from mukv.models.adapter import KVGeometry
+        from mukv.models.nano import read_nano_config
+
+        return KVGeometry.from_config(read_nano_config(path), dtype)
+
+    @classmethod
+    def build(cls, path, device, dtype, attn_implementation, seed, resize, **dims) -> VideoLLM:
+        return load_nano(path, device, dtype, resize)
+
 
 class PretrainedModel(ModelLoader):
     """LLaVA-OneVision weights from a Hub id or a local folder (``model.path``)."""
 
     kind = "pretrained"
+
+    @staticmethod
+    def _path(path: str | None) -> str:
+        if not path:
+            raise ConfigError("model.path", "a Hub id or a local folder is required for a pretrained model")
+        return path
+
+    @classmethod
+    def config_geometry(cls, path, dtype, **dims):
+        from mukv.models.adapter import KVGeometry
+
+        config = _from_pretrained(LlavaOnevisionConfig.from_pretrained, cls._path(path), "LLaVA-OneVision config")
+        return KVGeometry.from_config(config, dtype)
+
+    @classmethod
+    def build(cls, path, device, dtype, attn_implementation, seed, resize, **dims) -> VideoLLM:
+        path = cls._path(path)
+        return load_pretrained(path, device, dtype, resolve_attn_implementation(attn_implementation, device), resize)
+
+
+LOADERS: dict[str, type[ModelLoader]] = {c.kind: c for c in (TinyModel, NanoModel, PretrainedModel)}
 
 
 def model_loader(m: Any) -> type[ModelLoader]:
