@@ -49,7 +49,7 @@ test: $(STAMP) ## run the whole test suite (TEST_WORKERS=auto processes; TEST_WO
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
-reproduce-table: $(STAMP) ## run the results grid as one multirun, render table + figures (DATA=synthetic|rvs, OUT=dir, ARGS=overrides)
+reproduce-table: $(STAMP) ## run the results grid as one multirun, render table + figures (DATA=synthetic|rvs|ovo, OUT=dir, ARGS=overrides)
 	$(PY) experiments/reproduce_table.py --data $(DATA) $(if $(strip $(OUT)),--out $(OUT),) $(ARGS)
 
 sweep-spec: $(STAMP) ## print the W&B sweep spec of a multirun (ARGS="experiment=sweep/budget cache=rekv model=... --out FILE")

@@ -2,6 +2,7 @@
 
     python experiments/reproduce_table.py                 # the synthetic grid (make reproduce-table)
     python experiments/reproduce_table.py --data rvs      # the paper's RVS table (make reproduce-table DATA=rvs)
+    python experiments/reproduce_table.py --data ovo      # OVO-Bench, judge-free (make reproduce-table DATA=ovo)
     python experiments/reproduce_table.py --grid my.yaml --out DIR [hydra overrides for every run ...]
 
 A grid file (``experiments/grids/*.yaml``) names an experiment preset, a model, datasets, the cache methods
@@ -13,7 +14,10 @@ or a list) and an optional ``budget_frames`` list: each method runs once at its 
 path), and the whole grid runs as one ``python -m mukv.run -m dataset=... +experiment/grid=...`` multirun
 whose job folders land in ``<out>/runs/``. Then ``results.csv``, ``results.md`` and the figures
 (``accuracy_vs_online_tokens.png``, ``accuracy_vs_question_age.png``, ``memory_latency_vs_length.png``)
-are written to ``<out>`` (default ``outputs/reproduce/<time>_<grid>/``).
+are written to ``<out>`` (default ``outputs/reproduce/<time>_<grid>/``). A dataset scored per question type and
+category (``Dataset.macro_average``: OVO-Bench) gets a table by type in ``results.md`` (``results_by_type.csv``)
+with the grid's ``references`` beside the runs: published results stored as counts per type
+(``references: [{dataset, label, correct_total: {type: [correct, total]}}]``), scored by the same averaging.
 
 Before anything runs, every input the grid needs is checked: annotation files, video files, model weights
 (a local folder or the Hugging Face cache), the judge's API key, cache methods not implemented yet. If
@@ -73,7 +77,54 @@ def load_grid(path: Path) -> dict[str, Any]:
         raise GridError(f"{path}: budget_frames must be a list of positive frame counts, got {budgets!r}")
     grid.setdefault("name", path.stem)
     grid.setdefault("title", grid["name"])
+    grid["references"] = _references(path, grid)
     return grid
+
+
+def _references(path: Path, grid: dict[str, Any]) -> list[Any]:
+    """The grid's reference rows (``mukv.report.tables.Reference``), checked."""
+    from mukv.report.tables import Reference
+
+    refs = grid.get("references") or []
+    if not isinstance(refs, list):
+        raise GridError(f"{path}: references must be a list of {{dataset, label, correct_total}}")
+    out = []
+    for i, ref in enumerate(refs):
+        where = f"{path}: references[{i}]"
+        if not isinstance(ref, dict) or not {"dataset", "label", "correct_total"} <= set(ref):
+            raise GridError(f"{where} needs dataset, label and correct_total")
+        if ref["dataset"] not in grid["datasets"]:
+            raise GridError(f"{where}: dataset {ref['dataset']!r} is not one of the grid's datasets {grid['datasets']}")
+        counts = ref["correct_total"]
+        if not isinstance(counts, dict) or not counts:
+            raise GridError(f"{where}: correct_total must map question types to [correct, total]")
+        for qtype, pair in counts.items():
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and v >= 0 for v in pair)
+                    and 0 < pair[1] and pair[0] <= pair[1]):
+                raise GridError(f"{where}: correct_total.{qtype} must be [correct, total] with 0 <= correct <= total "
+                                f"and total > 0, got {pair!r}")
+        out.append(Reference(str(ref["dataset"]), str(ref["label"]), {str(t): (c, n) for t, (c, n) in counts.items()}))
+    return out
+
+
+def dataset_breakdowns(grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """dataset name -> its categories of question types, for every grid dataset scored per type and category
+    (``Dataset.macro_average``) or with a reference row."""
+    from hydra import compose, initialize_config_dir
+
+    from mukv.config import register_configs
+    from mukv.data.datasets import dataset_class
+
+    register_configs()
+    referenced = {ref.dataset for ref in grid.get("references") or []}
+    out = {}
+    for dataset in grid["datasets"]:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("eval", overrides=[f"dataset={dataset}"])
+        cls = dataset_class(cfg.dataset)
+        if cls.categories and (cls.macro_average or dataset in referenced):
+            out[str(cfg.dataset.name)] = {c: list(types) for c, types in cls.categories.items()}
+    return out
 
 
 def available_methods() -> list[str]:
@@ -221,7 +272,8 @@ def render(out: Path, grid: dict[str, Any]) -> tuple[Any, list[Path]]:
     from mukv.report.tables import collect_runs, write_tables
 
     runs = collect_runs([out / "runs"]) if (out / "runs").is_dir() else []
-    df = write_tables(runs, out, title=str(grid["title"]), notes=list(grid.get("notes") or []))
+    df = write_tables(runs, out, title=str(grid["title"]), notes=list(grid.get("notes") or []),
+                      breakdowns=dataset_breakdowns(grid), references=grid.get("references") or [])
     return df, grid_figures(runs, out)
 
 

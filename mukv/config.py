@@ -96,6 +96,9 @@ class SyntheticConfig:
     question_times: QuestionTimes = QuestionTimes.spread  # spread (random in the last 90%) | end (all at the end)
     question_types: list[QuestionType] = field(default_factory=lambda: list(QuestionType))
     noise: int = 6  # per-pixel noise amplitude
+    # 0: one-word answers (judge=exact); N >= 2: each question lists up to N lettered options drawn from its
+    # type's answers, the reference is the right option's letter (judge=choice)
+    choices: int = 0
 
 
 class PastEnd(str, enum.Enum):
@@ -139,6 +142,36 @@ class RVSDatasetConfig(DatasetConfig):
     allow_outside_root: bool = False
 
 
+class OVOTask(str, enum.Enum):
+    """OVO-Bench's tasks (mukv/data/ovo_bench.py): backward tracing, real-time perception, forward responding."""
+
+    EPM = "EPM"
+    ASI = "ASI"
+    HLD = "HLD"
+    STU = "STU"
+    OJR = "OJR"
+    ATR = "ATR"
+    ACR = "ACR"
+    OCR = "OCR"
+    FPD = "FPD"
+    REC = "REC"
+    SSR = "SSR"
+    CRR = "CRR"
+
+
+@dataclass
+class OVOBenchDatasetConfig(DatasetConfig):
+    """OVO-Bench's annotation file and source videos (mukv.data.datasets.OVOBenchDataset)."""
+
+    _target_: str = "mukv.data.datasets.OVOBenchDataset"
+    annotation: str = MISSING  # ovo_bench_new.json
+    data_root: Optional[str] = None  # where the records' relative video paths (Ego4D/clips/...) are resolved
+    tasks: list[OVOTask] = field(default_factory=lambda: list(OVOTask))  # the tasks asked (all twelve)
+    check_videos: bool = True  # fail before the model loads if video files are missing
+    # video paths must resolve ('..' and symlinks followed) inside data_root; true reads them anywhere
+    allow_outside_root: bool = False
+
+
 @dataclass
 class SyntheticDatasetConfig(DatasetConfig):
     """Procedural streams made on the fly (mukv.data.datasets.SyntheticDataset)."""
@@ -160,6 +193,14 @@ class JudgeConfig:
 class ExactJudgeConfig(JudgeConfig):
     _target_: Optional[str] = "mukv.judge.exact.ExactMatchJudge"
     name: str = "exact"
+
+
+@dataclass
+class ChoiceJudgeConfig(JudgeConfig):
+    """Option letters, Yes / No and counts read from the answer, no model (mukv.judge.choice.ChoiceJudge)."""
+
+    _target_: Optional[str] = "mukv.judge.choice.ChoiceJudge"
+    name: str = "choice"
 
 
 @dataclass
@@ -222,7 +263,8 @@ class AnswerText(str, enum.Enum):
 
 # The judge group's schemas by name (conf/judge/<option>.yaml extends <name>_schema).
 JUDGE_SCHEMAS: dict[str, type[JudgeConfig]] = {"none": JudgeConfig, "exact": ExactJudgeConfig,
-                                               "openai": OpenAIJudgeConfig, "hf": HFJudgeConfig}
+                                               "choice": ChoiceJudgeConfig, "openai": OpenAIJudgeConfig,
+                                               "hf": HFJudgeConfig}
 
 
 def judge_schema_of(node: dict[str, Any]) -> type[JudgeConfig]:
@@ -386,6 +428,7 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="dataset", name="rvs_schema", node=RVSDatasetConfig)
     cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
+    cs.store(group="dataset", name="ovo_bench_schema", node=OVOBenchDatasetConfig)
     for name, schema in JUDGE_SCHEMAS.items():
         cs.store(group="judge", name=f"{name}_schema", node=schema)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mukv.cache.base import CacheMethod
 from mukv.components import component_class
-from mukv.data.datasets import dataset_class
+from mukv.data.datasets import dataset_class, scoring_options
 from mukv.data.types import VideoSample
 from mukv.engine import AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
 from mukv.errors import ConfigError, MukvError
@@ -214,6 +214,10 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     if loader.kind == "nano" and dataset_class(cfg.dataset).kind != "synthetic":  # one line before anything streams
         log.warning("model=nano knows only the synthetic benchmark (it was trained on nothing else): its answers on "
                     "%s mean nothing; use model=llava_ov_0.5b or model.path=<folder> for real video", cfg.dataset.name)
+    scored_by = dataset_class(cfg.dataset).judge
+    if scored_by and cfg.judge.get("name") != scored_by:  # one line before anything streams
+        log.warning("dataset %s is scored with judge=%s (its official scoring); this run judges with judge=%s",
+                    cfg.dataset.name, scored_by, cfg.judge.get("name"))
     log.info("%d videos, %d questions; loading model %s", len(videos), sum(len(v.questions) for v in videos), m.name)
 
     llm = loader.load(m)
@@ -254,7 +258,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     # the seconds of stream the budget's tokens hold as whole frames: the window evidence age is measured in
     window_s = budget_tokens / geometry.tokens_per_frame / cfg.dataset.sample_fps if budget_tokens else None
     metrics = summarize(pred_df, mem_df, cfg.dataset.sample_fps, list(cfg.dataset.age_buckets_s),
-                        categories=dataset_class(cfg.dataset).categories, window_s=window_s)
+                        window_s=window_s, **scoring_options(cfg.dataset))
     metrics.update(method=method.name, dataset=cfg.dataset.name, model=m.name, wall_s=time.time() - started,
                    budget_frames=cfg.budget_frames, budget_tokens=cfg.get("budget_tokens"), budget_knobs=applied,
                    budget_video_tokens=budget_tokens,
@@ -375,21 +379,33 @@ def _read(path: Path) -> pd.DataFrame:
 def format_summary(metrics: dict[str, Any]) -> str:
     """A short table for the terminal."""
     keys = [("method", "method"), ("questions", "questions"), ("accuracy", "accuracy"),
-            ("mean_score", "score"), ("invalid_judgments", "invalid judg."),
+            ("mean_score", "score"), ("invalid_judgments", "invalid judg."), ("invalid_answers", "invalid answ."),
             ("mean_online_tokens", "online tokens"), ("kv_bytes_total", "KV bytes"),
             ("kv_gb_per_hour", "KV GB/hour"), ("mean_ttft_s", "TTFT s"), ("mean_latency_s", "latency s"),
             ("encode_fps", "encode fps")]
     lines = []
     for key, label in keys:
         v = metrics.get(key)
+        if key == "invalid_answers" and not v:  # only where a choice judge found answers with no choice
+            continue
         if key == "accuracy" and isinstance(v, float) and metrics.get("judged"):  # with its 95% interval and n
             lo, hi = wilson_interval(int(metrics.get("correct") or 0), int(metrics["judged"]))
             lines.append(f"  {label:<14} {100 * v:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%, "
                          f"n={metrics['judged']} judged)")
+            by_type = metrics.get("by_type") or {}
             for name, cat in (metrics.get("by_category") or {}).items():  # what each kind of question measures
                 if cat.get("judged"):
-                    lines.append(f"    {name:<12} {100 * cat['accuracy']:.1f}% (95% CI {100 * cat['accuracy_lo']:.1f}-"
-                                 f"{100 * cat['accuracy_hi']:.1f}%, n={cat['judged']})")
+                    line = (f"    {name:<12} {100 * cat['accuracy']:.1f}% (95% CI {100 * cat['accuracy_lo']:.1f}-"
+                            f"{100 * cat['accuracy_hi']:.1f}%, n={cat['judged']})")
+                    if cat.get("macro_accuracy") is not None:  # the leaderboard's: the mean of its types'
+                        types = [f"{t} {100 * by_type[t]['accuracy']:.1f}%" for t in cat.get("types") or ()
+                                 if (by_type.get(t) or {}).get("judged")]
+                        line += f"; mean of its types {100 * cat['macro_accuracy']:.2f}%" + (
+                            f" ({', '.join(types)})" if types else "")
+                    lines.append(line)
+            if metrics.get("macro_accuracy") is not None:
+                lines.append(f"    {'overall':<12} {100 * metrics['macro_accuracy']:.2f}% (the mean of the categories' "
+                             "means of their types)")
             by_window = {k: b for k, b in (metrics.get("by_window_age") or {}).items() if b.get("judged")}
             if by_window:  # evidence inside the budget's window of recent stream, and older
                 parts = [f"{k.replace('_', ' ')} {100 * b['accuracy']:.0f}% (n={b['judged']})" for k, b in by_window.items()]

@@ -34,7 +34,9 @@ def test_default_config_composes_and_validates():
 @pytest.mark.parametrize("group,option,cls", [
     ("model", "tiny", "mukv.models.loading.TinyModel"), ("model", "llava_ov_0.5b", "mukv.models.loading.PretrainedModel"),
     ("dataset", "rvs_movie", "mukv.data.datasets.RVSDataset"), ("dataset", "synthetic_long", "mukv.data.datasets.SyntheticDataset"),
+    ("dataset", "ovo_bench", "mukv.data.datasets.OVOBenchDataset"),
     ("judge", "openai", "mukv.judge.openai.OpenAIJudge"), ("judge", "hf", "mukv.judge.hf.HFJudge"),
+    ("judge", "choice", "mukv.judge.choice.ChoiceJudge"),
     ("judge", "exact", "mukv.judge.exact.ExactMatchJudge"), ("judge", "none", None),
 ])
 def test_models_datasets_and_judges_are_named_by_target(group, option, cls):

@@ -1,5 +1,6 @@
-"""Datasets: RVS annotations and the synthetic stream, both as lists of :class:`VideoSample`."""
+"""Datasets: RVS and OVO-Bench annotations and the synthetic stream, all as lists of :class:`VideoSample`."""
 
+from mukv.data.ovo_bench import load_ovo_bench
 from mukv.data.rvs import (
     RVS_PATH_PREFIX,
     LazySource,
@@ -32,6 +33,7 @@ __all__ = [
     "export_synthetic",
     "frames_until",
     "iter_chunks",
+    "load_ovo_bench",
     "load_rvs_annotations",
     "make_synthetic_dataset",
     "render_frame",

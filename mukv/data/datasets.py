@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from mukv.data.ovo_bench import TASK_CATEGORIES
 from mukv.data.synthetic import QUESTION_CATEGORIES
 from mukv.data.types import VideoSample
 from mukv.errors import ConfigError, DataError
@@ -31,6 +32,12 @@ class Dataset:
     has_files: ClassVar[bool] = False  # reads annotation and video files (hashed in the fingerprint)
     # What the question types measure, reported apart in metrics.json (``by_category``): category -> types
     categories: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # The dataset's leaderboard averages per type, then per category (OVO-Bench): metrics.json adds each
+    # category's mean of its types' accuracies and the mean of those (``macro_accuracy``, beside the pooled
+    # ``accuracy``; mukv.report.metrics.macro_scores)
+    macro_average: ClassVar[bool] = False
+    # The judge the dataset's scoring is defined with (a run under another one says so in one warning line)
+    judge: ClassVar[str | None] = None
 
     @classmethod
     def check_config(cls, ds: DictConfig) -> None:
@@ -69,6 +76,42 @@ class RVSDataset(Dataset):
         )
         if not videos:  # an empty list: exit 2 rather than a run that did nothing
             raise DataError(ds.annotation, "holds no video records: nothing to run")
+        return videos
+
+
+class OVOBenchDataset(Dataset):
+    """OVO-Bench: one annotation JSON, its videos under ``data_root``, the tasks of ``dataset.tasks``
+    (mukv/data/ovo_bench.py); scored by ``judge=choice``, per task, category and overall."""
+
+    kind = "ovo_bench"
+    has_files = True
+    categories = TASK_CATEGORIES  # backward / realtime / forward: the leaderboard's categories of the tasks
+    macro_average = True
+    judge = "choice"
+
+    @classmethod
+    def check_config(cls, ds: DictConfig) -> None:
+        if not ds.annotation:
+            raise ConfigError("dataset.annotation", "the OVO-Bench annotation JSON (ovo_bench_new.json) is required")
+        if not Path(ds.annotation).is_file():
+            raise ConfigError("dataset.annotation", f"file not found: {ds.annotation} (see data/README.md)")
+        if not ds.data_root:
+            raise ConfigError("dataset.data_root", "the folder that holds OVO-Bench's source videos is required")
+        if not len(ds.tasks):
+            raise ConfigError("dataset.tasks", "selects no task: give at least one of OVO-Bench's twelve")
+
+    @classmethod
+    def load(cls, ds: DictConfig) -> list[VideoSample]:
+        from mukv.data.ovo_bench import load_ovo_bench
+
+        tasks = [str(getattr(t, "value", t)) for t in ds.tasks]
+        videos = load_ovo_bench(
+            ds.annotation, data_root=ds.data_root, sample_fps=ds.sample_fps, tasks=tasks,
+            limit_videos=ds.limit_videos, video_ids=list(ds.video_ids) or None, check_videos=ds.check_videos,
+            allow_outside_root=ds.allow_outside_root,
+        )
+        if not videos:
+            raise DataError(ds.annotation, f"holds no question of the tasks {tasks}: nothing to run")
         return videos
 
 
@@ -119,3 +162,13 @@ def dataset_class(ds: DictConfig) -> type[Dataset]:
     if cls is None or not (isinstance(cls, type) and issubclass(cls, Dataset)):
         raise ConfigError("dataset._target_", f"must name a mukv.data.datasets.Dataset class, got {ds.get('_target_')!r}")
     return cls
+
+
+def scoring_options(ds: Any) -> dict[str, Any]:
+    """The ``summarize`` options of the dataset a config (or a run's resolved config mapping) names:
+    ``categories`` and ``macro_average`` of its class ({} where ``_target_`` names no dataset class)."""
+    try:
+        cls = dataset_class(ds if isinstance(ds, DictConfig) else OmegaConf.create(dict(ds or {})))
+    except ConfigError:
+        return {}
+    return {"categories": cls.categories, "macro_average": cls.macro_average}

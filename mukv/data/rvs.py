@@ -211,16 +211,8 @@ def _parse_record(
     ordered = sorted(questions, key=lambda q: q.end_time)  # stable: ties keep file order
     resorted = [q.qid for q in ordered] != [q.qid for q in questions]
     local_path = resolve_video_path(video_path, data_root, prefix)
-    if root is not None:  # confined to the data root: '..' and symlinks are followed before comparing
-        try:
-            real = Path(os.path.realpath(local_path))
-        except (ValueError, OSError) as e:  # an embedded NUL byte, a symlink loop
-            raise DataError(path, f"{video_path!r} is not a usable path: {e}", record=video_id,
-                            field="video_path") from None
-        if not real.is_relative_to(root):
-            raise DataError(path, f"{video_path!r} resolves to {real}, outside the data root {root} "
-                                  "(dataset.allow_outside_root=true reads it anyway)",
-                            record=video_id, field="video_path")
+    if root is not None:
+        confine_to_root(path, video_path, local_path, root, record=video_id, field="video_path")
     meta: dict[str, Any] = {
         "video_path": str(local_path),
         "annotation_video_path": video_path,
@@ -274,6 +266,19 @@ def _parse_question(
     return Question(
         qid=f"{video_id}_q{i}", question=question, answer=answer, start_time=start, end_time=end, qtype=None
     )
+
+
+def confine_to_root(path: Path, video_path: str, local_path: Path, root: Path, *, record: str | int,
+                    field: str) -> None:
+    """A :class:`DataError` naming ``record`` and ``field`` unless ``local_path`` lies inside ``root`` (the real
+    data root) once ``..`` and symlinks are followed."""
+    try:
+        real = Path(os.path.realpath(local_path))
+    except (ValueError, OSError) as e:  # an embedded NUL byte, a symlink loop
+        raise DataError(path, f"{video_path!r} is not a usable path: {e}", record=record, field=field) from None
+    if not real.is_relative_to(root):
+        raise DataError(path, f"{video_path!r} resolves to {real}, outside the data root {root} "
+                              "(dataset.allow_outside_root=true reads it anyway)", record=record, field=field)
 
 
 def _number(path: Path, video_id: str | int, field: str, value: Any) -> float:

@@ -34,6 +34,11 @@ Question types (answers are single words):
 
 Chance levels: detail 1/6 (colours), count 1/5, current 1/3, order 1/2, motion 1/4.
 
+Multiple choice (``choices=N``, ``dataset.synthetic.choices``): the same streams and questions, each asked
+with up to N lettered options (the right answer and others of its type, ``ANSWER_SETS``; an order question
+has its two needles) in OVO-Bench's prompt layout (``mukv.data.choice``); the reference is the right letter,
+scored by ``judge=choice``. Chance is then 1 / (the options listed).
+
 Seeds: evaluation datasets (``split='eval'``) use ``seed < TRAIN_SEED_BASE``; training streams
 (``split='train'``) use ``seed >= TRAIN_SEED_BASE``. ``SyntheticSpec`` enforces the ranges, so held-out
 streams are never trained on.
@@ -55,13 +60,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mukv.data.choice import LETTERS, choice_prompt
 from mukv.data.types import Question, VideoSample
 from mukv.errors import ConfigError
 
@@ -117,6 +123,7 @@ class SyntheticSpec:
     question_times: str = "spread"  # spread: random in the last 90% of the stream | end: all at the end
     rings: int | None = None  # ring appearances in the whole stream (None: random 0..MAX_RINGS)
     split: str = "eval"  # eval: seed < TRAIN_SEED_BASE | train: seed >= TRAIN_SEED_BASE
+    choices: int = 0  # 0: one-word answers | N >= 2: multiple choice, up to N lettered options per question
 
     def __post_init__(self) -> None:
         self.question_types = tuple(self.question_types)
@@ -156,6 +163,8 @@ class SyntheticSpec:
             )
         if not 0 <= self.noise <= 50:
             raise ConfigError("noise", f"must be in [0, 50], got {self.noise}")
+        if self.choices != 0 and not 2 <= self.choices <= len(LETTERS):
+            raise ConfigError("choices", f"must be 0 (one-word answers) or 2 to {len(LETTERS)} options, got {self.choices}")
 
     @property
     def num_frames(self) -> int:
@@ -570,6 +579,9 @@ def make_video(spec: SyntheticSpec, index: int) -> VideoSample:
         else:  # pragma: no cover - "count" always succeeds
             raise RuntimeError("no question type applies")
 
+    if spec.choices:
+        questions = [as_choice(q, spec.choices, np.random.default_rng([seed, _CHOICE_STREAM, k]))
+                     for k, q in enumerate(questions)]
     scene = Scene(
         seed=seed,
         num_frames=n_frames,
@@ -588,6 +600,25 @@ def make_video(spec: SyntheticSpec, index: int) -> VideoSample:
         source=SyntheticVideoSource(scene, fps),
         meta={"synthetic": True, "scene_seed": seed, "num_frames": n_frames, "split": spec.split},
     )
+
+
+# The answers a question of each type chooses among (order: the two needles its question names)
+ANSWER_SETS: dict[str, tuple[str, ...]] = {"detail": COLOUR_NAMES, "count": tuple(str(i) for i in range(MAX_RINGS + 1)),
+                                          "current": OBJECT_SHAPES, "motion": DIRECTIONS}
+_CHOICE_STREAM = 7  # the options' random stream: apart from the scene's, so a stream is the same in either mode
+
+
+def as_choice(q: Question, choices: int, rng: np.random.Generator) -> Question:
+    """``q`` as multiple choice (``dataset.synthetic.choices``): the right answer and up to ``choices - 1``
+    other answers of its type (an order question: the two needles it names), in random order, lettered in the
+    question (``mukv.data.choice.choice_prompt``, OVO-Bench's layout); the reference is the right letter, the
+    one-word answer stays in ``meta['answer_text']`` and the options in ``meta['options']``."""
+    pool = ANSWER_SETS.get(q.qtype or "") or (q.answer, q.meta["second_shape"])
+    others = [a for a in pool if a != q.answer]
+    picked = [q.answer, *(others[i] for i in rng.permutation(len(others))[: choices - 1])]
+    options = [picked[i] for i in rng.permutation(len(picked))]
+    return replace(q, question=choice_prompt(q.question, options), answer=LETTERS[options.index(q.answer)],
+                   meta={**q.meta, "options": options, "answer_text": q.answer})
 
 
 def make_synthetic_dataset(spec: SyntheticSpec) -> list[VideoSample]:

@@ -1,6 +1,8 @@
 """Judges turn (question, reference, prediction) into a verdict; see ``build_judge``.
 
 - ``exact``: normalised exact match / leading match, multiple-choice letters (no model, no cache);
+- ``choice``: option letters, Yes / No and counts read from the answer, unparsable answers wrong
+  (``mukv.judge.choice``; OVO-Bench, the synthetic multiple-choice mode);
 - ``openai``: any OpenAI-compatible chat endpoint (``mukv.judge.openai``);
 - ``hf``: a local transformers causal LM (``mukv.judge.hf``);
 - ``none``: no judging.
@@ -12,6 +14,7 @@ cache (``mukv.judge.cache``).
 from __future__ import annotations
 
 from mukv.judge.base import Judge, Verdict
+from mukv.judge.choice import ChoiceJudge
 from mukv.judge.exact import ExactMatchJudge
 
 
@@ -38,4 +41,4 @@ def build_judge(cfg) -> Judge | None:
     return cls.from_config(cfg)
 
 
-__all__ = ["Judge", "Verdict", "ExactMatchJudge", "build_judge", "judge_class", "validate_judge_config"]
+__all__ = ["Judge", "Verdict", "ChoiceJudge", "ExactMatchJudge", "build_judge", "judge_class", "validate_judge_config"]

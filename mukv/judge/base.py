@@ -6,6 +6,11 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+# The start of a verdict's ``error`` when the judge read the answer and found no choice in it (no option letter,
+# no Yes / No, no number): the answer is judged wrong (``correct=False``), not left unjudged, and
+# ``metrics.json`` counts such answers apart (``invalid_answers``).
+INVALID_ANSWER = "invalid answer"
+
 
 @dataclass(frozen=True)
 class Verdict:

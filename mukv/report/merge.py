@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mukv.data.datasets import scoring_options
 from mukv.report.metrics import summarize
 from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, write_json_atomic
 
@@ -128,7 +129,8 @@ def merge_runs(paths: Sequence[str | Path], out: str | Path, require_complete: b
     out.mkdir(parents=True, exist_ok=True)
     pred_df.to_csv(out / PREDICTIONS, index=False)
     mem_df.to_csv(out / MEMORY, index=False)
-    metrics = summarize(pred_df, mem_df, float(ds.get("sample_fps", 1.0)), ds.get("age_buckets_s"))
+    metrics = summarize(pred_df, mem_df, float(ds.get("sample_fps", 1.0)), ds.get("age_buckets_s"),
+                        **scoring_options(ds))  # the dataset's categories and averaging, as a single run
     first = json.loads((runs[0] / METRICS).read_text()) if (runs[0] / METRICS).is_file() else {}
     metrics.update(method=first.get("method"), dataset=first.get("dataset") or ds.get("name"),
                    model=first.get("model"), max_minutes=ds.get("max_minutes"), shard_index=0, num_shards=1,

@@ -13,6 +13,12 @@ answer's evidence to the question (``end_time - meta.evidence_time``, else ``met
 for a method with a budget, by that age relative to its window (``by_window_age``: the span of the most recent
 frames its answer context could hold, ``window_s``): evidence inside it (a sliding window of the same tokens
 holds it), 1-4 windows old, older; each with its types and its evidence recall (``evidence_recalled``).
+Categories (``Dataset.categories``: category -> question types) pool their questions (``by_category``); a
+dataset whose leaderboard averages per type (OVO-Bench: ``Dataset.macro_average``) also gets each category's
+unweighted mean of its types' accuracies and the mean of those categories' means (``macro_accuracy``, in each
+``by_category`` entry and overall; :func:`macro_scores`), every type counting alike however many questions it
+has. ``invalid_answers``: answers a choice judge read and found no choice in (judged wrong, ``judge_error``
+starting with ``mukv.judge.base.INVALID_ANSWER``).
 Efficiency: online tokens (what an answer attends to), KV bytes held at the end of each video, GB of KV per
 hour of video, peak KV / RSS / CUDA memory, encode frames per second, time to first token and to the full
 answer.
@@ -131,6 +137,19 @@ def window_age_breakdown(predictions: pd.DataFrame, window_s: float) -> dict[str
     return out
 
 
+def macro_scores(type_accuracy: Mapping[str, float | None], categories: Mapping[str, Sequence[str]]
+                 ) -> tuple[dict[str, float], float | None]:
+    """(category -> the mean of its types' accuracies, the mean of those): OVO-Bench's leaderboard averaging.
+    Types without an accuracy (no judged question) and categories without such a type are left out."""
+    by_category: dict[str, float] = {}
+    for category, types in categories.items():
+        values = [float(type_accuracy[t]) for t in types if type_accuracy.get(t) is not None]
+        if values:
+            by_category[category] = sum(values) / len(values)
+    overall = sum(by_category.values()) / len(by_category) if by_category else None
+    return by_category, overall
+
+
 def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
     valid = correct.notna()
     n = int(valid.sum())
@@ -147,10 +166,11 @@ def _judged_stats(correct: pd.Series, scores: pd.Series) -> dict[str, Any]:
 def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float,
               age_buckets_s: Sequence[float] | None = None,
               categories: Mapping[str, Sequence[str]] | None = None,
-              window_s: float | None = None) -> dict[str, Any]:
+              window_s: float | None = None, macro_average: bool = False) -> dict[str, Any]:
     """The run's metrics (see the module docstring); every value is JSON-serialisable. ``categories``
-    (category -> question types, the dataset's own: ``Dataset.categories``) adds ``by_category``; ``window_s``
-    (the seconds of stream a method's budget holds) adds ``window_s`` and ``by_window_age``."""
+    (category -> question types, the dataset's own: ``Dataset.categories``) adds ``by_category``; with
+    ``macro_average`` (``Dataset.macro_average``) each category and the run also get ``macro_accuracy``;
+    ``window_s`` (the seconds of stream a method's budget holds) adds ``window_s`` and ``by_window_age``."""
     out: dict[str, Any] = {"questions": int(len(predictions)), "videos": int(len(memory))}
     if len(predictions):
         err = predictions["error"].astype(str).str.strip() if "error" in predictions else None
@@ -174,6 +194,10 @@ def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float
                        accuracy=overall["accuracy"], accuracy_lo=overall["accuracy_lo"],
                        accuracy_hi=overall["accuracy_hi"], mean_score=overall["mean_score"],
                        accuracy_strict=overall["correct"] / len(predictions))
+            if "judge_error" in predictions:  # read, no choice found: judged wrong, counted apart
+                from mukv.judge.base import INVALID_ANSWER
+
+                out["invalid_answers"] = int(predictions["judge_error"].astype(str).str.startswith(INVALID_ANSWER).sum())
             if "qtype" in predictions:
                 qtype = predictions["qtype"].astype(str).str.strip()
                 typed = qtype.ne("") & qtype.ne("nan") & qtype.ne("None")
@@ -186,6 +210,11 @@ def summarize(predictions: pd.DataFrame, memory: pd.DataFrame, sample_fps: float
                         by_category = {c: _judged_stats(correct[qtype.isin(list(types))], scores[qtype.isin(list(types))])
                                        for c, types in categories.items() if qtype.isin(list(types)).any()}
                         out["by_category"] = by_category
+                        if macro_average:
+                            means, out["macro_accuracy"] = macro_scores(out["accuracy_by_type"], categories)
+                            for c, stats in by_category.items():
+                                stats.update(types=[t for t in categories[c] if t in by_type],
+                                             macro_accuracy=means.get(c))
             edges = sorted(float(e) for e in (DEFAULT_AGE_BUCKETS_S if age_buckets_s is None else age_buckets_s))
             if edges:
                 age = question_age_s(predictions)

@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
+from mukv.data.datasets import scoring_options
 from mukv.errors import MukvError
 from mukv.report.metrics import summarize, truth
 from mukv.report.outputs import MEMORY, METRICS, PREDICTIONS, write_json_atomic
@@ -93,7 +94,7 @@ def rejudge(run_dir: str | Path, overrides: Sequence[str] = (), only_invalid: bo
     mem = pd.read_csv(run_dir / MEMORY, keep_default_na=False) if (run_dir / MEMORY).is_file() else pd.DataFrame()
     ds = run_cfg.get("dataset") or {}
     metrics = summarize(pd.read_csv(pred_path, keep_default_na=False), mem, float(ds.get("sample_fps") or 1.0),
-                        ds.get("age_buckets_s"))
+                        ds.get("age_buckets_s"), **scoring_options(ds))  # the dataset's categories, averaging
     keep = {k: v for k, v in old.items() if k not in metrics and k not in ("judge",)}
     metrics = {**keep, **metrics, "judge": judge.describe()}
     judge.close()

@@ -5,7 +5,10 @@ turns them into one row per run with the paper's columns (accuracy, score, inval
 tokens, KV GB per hour, peak memory, encode fps, latencies); ``write_tables`` writes ``results.csv``,
 ``results.md`` (per dataset, methods in the paper's order, plus a method x dataset accuracy table). Every
 accuracy carries its 95% Wilson interval and the number of judged questions it is over, so that a
-10-question table is not read as a result.
+10-question table is not read as a result. For a dataset scored per question type and category (OVO-Bench:
+``breakdowns``), ``results.md`` adds a table of every run's accuracy per type, per category (the mean of its
+types) and overall (the mean of the categories), with published reference rows beside them (``Reference``:
+counts per type, scored by the same averaging), also written as ``results_by_type.csv``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pandas as pd
 import yaml
 
 from mukv.cache import method_rank
-from mukv.report.metrics import wilson_interval
+from mukv.report.metrics import macro_scores, wilson_interval
 
 RUN_FIELDS = ("dataset", "method", "setting", "model", "role", "max_minutes", "shards")
 METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -238,12 +241,78 @@ def render_markdown(df: pd.DataFrame, title: str = "Results", notes: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A published result shown beside the runs of ``dataset``: per question type (correct, total)."""
+
+    dataset: str
+    label: str
+    correct_total: dict[str, tuple[int, int]]
+
+    def accuracy_by_type(self) -> dict[str, float]:
+        return {t: c / n for t, (c, n) in self.correct_total.items() if n}
+
+
+def type_breakdown(df: pd.DataFrame, runs: Sequence[RunInfo], dataset: str, categories: dict[str, Sequence[str]],
+                   references: Sequence[Reference] = ()) -> pd.DataFrame:
+    """One row per run of ``dataset`` (in ``df``'s order) and per reference: accuracy % per type (in the
+    categories' order), per category (the mean of its types') and ``overall`` (the mean of the categories),
+    the leaderboard's averaging (``mukv.report.metrics.macro_scores``); None where a run has no such question."""
+    types = [t for members in categories.values() for t in members]
+    by_path = {str(r.path): r for r in runs}
+
+    def row(label: str, role: str, accuracy: dict[str, Any]) -> dict[str, Any]:
+        means, overall = macro_scores(accuracy, categories)
+        return {"row": label, "role": role, **{t: _pct(accuracy.get(t)) for t in types},
+                **{c: _pct(means.get(c)) for c in categories}, "overall": _pct(overall)}
+
+    rows = []
+    for r in df[df["dataset"] == dataset].itertuples():
+        run = by_path[r.run_dir]
+        label = r.method + ("" if r.setting == "default" else f" ({r.setting})")
+        rows.append(row(label, r.role or "run", run.metrics.get("accuracy_by_type") or {}))
+    rows += [row(ref.label, "reference", ref.accuracy_by_type()) for ref in references if ref.dataset == dataset]
+    return pd.DataFrame(rows, columns=["row", "role", *types, *categories, "overall"])
+
+
+def _pct(v: Any) -> float | None:
+    return None if v is None else 100.0 * float(v)
+
+
+def breakdown_markdown(table: pd.DataFrame, dataset: str, categories: dict[str, Sequence[str]]) -> str:
+    """The ``type_breakdown`` table as a markdown section (two decimals, as the leaderboard)."""
+    types = [t for members in categories.values() for t in members]
+    cols = [("row", "run"), *[(t, t) for t in types], *[(c, c) for c in categories], ("overall", "overall")]
+    defined = "; ".join(f"{c} = mean({', '.join(members)})" for c, members in categories.items())
+    lines = [f"## {dataset}: accuracy by type (%)", "",
+             f"Categories: the mean of their types' accuracies ({defined}); overall: the mean of the categories.", "",
+             "| " + " | ".join(label for _, label in cols) + " |", "|---|" + "|".join("---:" for _ in cols[1:]) + "|"]
+    for _, r in table.iterrows():
+        label = f"{r['row']} [reference]" if r["role"] == "reference" else str(r["row"])
+        cells = ["-" if _missing(r[key]) else f"{r[key]:.2f}" for key, _ in cols[1:]]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(runs: Sequence[RunInfo], folder: str | Path, title: str = "Results",
-                 notes: Sequence[str] = ()) -> pd.DataFrame:
-    """``results.csv`` and ``results.md`` in ``folder``; returns the results frame."""
+                 notes: Sequence[str] = (), breakdowns: dict[str, dict[str, Sequence[str]]] | None = None,
+                 references: Sequence[Reference] = ()) -> pd.DataFrame:
+    """``results.csv`` and ``results.md`` in ``folder``; returns the results frame. ``breakdowns`` (dataset ->
+    its categories of question types) adds each such dataset's table by type, with its ``references``
+    (``results_by_type.csv``: every such row, its dataset named)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     df = results_frame(runs)
     df.to_csv(folder / "results.csv", index=False)
-    (folder / "results.md").write_text(render_markdown(df, title, notes))
+    text = render_markdown(df, title, notes)
+    tables = []
+    for dataset, categories in (breakdowns or {}).items():
+        table = type_breakdown(df if len(df) else pd.DataFrame(columns=["dataset"]), runs, dataset, categories,
+                               references)
+        if len(table):
+            text += "\n" + breakdown_markdown(table, dataset, categories)
+            tables.append(table.assign(dataset=dataset))
+    if tables:
+        pd.concat(tables, ignore_index=True).to_csv(folder / "results_by_type.csv", index=False)
+    (folder / "results.md").write_text(text)
     return df
