@@ -51,7 +51,7 @@ def test_bench_methods_are_built_from_their_configs():
         for name in ordered_methods():
             built = build_bench_method(MethodSpec(name), tpf)
             expected = knobs(CACHE_METHODS[name]())
-            if name in ("sliding_window", "rekv"):
+            if name in ("sliding_window", "rekv", "streamkv"):  # ReKV's encoding window
                 expected["n_local"] = window
             assert type(built) is CACHE_METHODS[name] and knobs(built) == expected, (tpf, name)
     m = build_bench_method(MethodSpec("mukv", ("cache.share_prefixes=false", "cache.top_k=[2, 2, 1]")), 16)
