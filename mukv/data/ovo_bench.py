@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from mukv.data.choice import LETTERS, choice_prompt, crr_prompt, rec_prompt, ssr_prompt
-from mukv.data.rvs import LazySource, confine_to_root, resolve_video_path
+from mukv.data.rvs import LazySource, confine_to_root, read_record_list, resolve_video_path
 from mukv.data.types import Question, VideoSample
 from mukv.errors import DataError, VideoError
 
@@ -172,20 +172,7 @@ def _questions(rec: _Record, task: str, rid: int, sample_fps: float) -> list[Que
 
 def read_annotation(path: str | Path) -> list[Any]:
     """The file's JSON list; a :class:`DataError` for a missing file, bad JSON or another top-level value."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON: {e}") from e
-    except RecursionError:
-        raise DataError(path, "JSON nested too deeply to be an OVO-Bench annotation file (expected a list of "
-                              "records)") from None
-    if not isinstance(data, list):
-        raise DataError(path, f"expected a JSON list of records, got {type(data).__name__}")
-    return data
+    return read_record_list(Path(path), "records", "an OVO-Bench annotation file")
 
 
 def load_ovo_bench(

@@ -132,18 +132,7 @@ def load_rvs_annotations(
     a :class:`DataError`. ``limit_videos`` then keeps the first ``n``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON: {e}") from e
-    except RecursionError:  # [[[[...]]]] deeper than the parser's recursion limit
-        raise DataError(path, "JSON nested too deeply to be an annotation file (expected a list of video "
-                              "records)") from None
-    if not isinstance(data, list):
-        raise DataError(path, f"expected a JSON list of video records, got {type(data).__name__}")
+    data = read_record_list(path, "video records", "an annotation file")
 
     samples: list[VideoSample] = []
     seen: set[str] = set()
@@ -266,6 +255,24 @@ def _parse_question(
     return Question(
         qid=f"{video_id}_q{i}", question=question, answer=answer, start_time=start, end_time=end, qtype=None
     )
+
+
+def read_record_list(path: Path, records: str, kind: str) -> list[Any]:
+    """An annotation file's top-level JSON list (of ``records``); one :class:`DataError` naming the file for a
+    missing file, bad JSON, nesting too deep for the parser (``kind`` names what the file should be) or another
+    top-level value."""
+    if not path.is_file():
+        raise DataError(path, "annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not valid JSON: {e}") from e
+    except RecursionError:  # [[[[...]]]] deeper than the parser's recursion limit
+        raise DataError(path, f"JSON nested too deeply to be {kind} (expected a list of {records})") from None
+    if not isinstance(data, list):
+        raise DataError(path, f"expected a JSON list of {records}, got {type(data).__name__}")
+    return data
 
 
 def confine_to_root(path: Path, video_path: str, local_path: Path, root: Path, *, record: str | int,
