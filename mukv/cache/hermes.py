@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mukv.cache.base import AnswerContext, Recalled, register_cache
+from mukv.cache.base import AnswerContext, register_cache
 from mukv.cache.kept_kv import KeptKVCache
-from mukv.cache.kernels import attention_weights, causal_suffix_attention, prefix_causal_mask
+from mukv.cache.kernels import attention_weights, prefix_causal_mask
 from mukv.errors import ConfigError
 
 RECENCY_K = 20.0  # the short-term layers' recency decay (published); the middle layers go from 20 to 0.5
@@ -217,20 +217,15 @@ class Hermes(KeptKVCache):
     def pseudo_attention(self, text: str, layers: set[int]) -> dict[int, torch.Tensor]:
         """The attention the pseudo-question ``text`` (tokenized alone, at each layer's next position) pays each
         cached token after the init prompt, averaged over heads and its tokens, in ``layers``; its KV is not kept."""
-        rope, out = self.llm.rope, {}
+        out: dict[int, torch.Tensor] = {}
 
-        def attend(idx: int, q, k, v, scaling):
-            position = self.next_positions[idx]
-            q_rot, k_rot = rope.rotate_range(q, position), rope.rotate_range(k, position)
-            keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
-            vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
+        def observe(idx: int, q, q_rot, keys, vals, scaling):
             if idx in layers:
                 probs = attention_weights(q_rot, keys, scaling, prefix_causal_mask(q.shape[-2], keys.shape[-2],
                                                                                    q.device))[0]
                 out[idx] = probs.mean(0)[:, self.n_init:keys.shape[-2] - q.shape[-2]].mean(0)
-            return causal_suffix_attention(q_rot, keys, vals, scaling)
 
-        self.run_layers(self.llm.embed_ids(self.llm.tokenize(text)), attend)
+        self.probe(self.llm.tokenize(text), observe)
         return out
 
     def compress(self) -> None:
@@ -280,10 +275,5 @@ class Hermes(KeptKVCache):
     # ---------------------------------------------------------------------------------- recall
     def recall(self, question: str) -> AnswerContext[HermesRecall]:
         """Everything kept (query-agnostic: ``question`` is not read), each layer from its own next position."""
-        keys = [torch.cat((ik, k), dim=-2) for ik, k in zip(self.init_k, self.keys, strict=True)]
-        values = [torch.cat((iv, v), dim=-2) for iv, v in zip(self.init_v, self.values, strict=True)]
-        video = torch.cat([t[0] for t in self.tokens])
-        held = torch.unique(video[video >= 0]).tolist()
-        detail = HermesRecall(self.compressions, self.compactions, self.held_tokens, list(self.next_positions))
-        return AnswerContext(keys, values, next_position=max(self.next_positions), recalled=Recalled(tokens=held),
-                             detail=detail, layer_positions=list(self.next_positions))
+        return self.kept_context(HermesRecall(self.compressions, self.compactions, self.held_tokens,
+                                              list(self.next_positions)))

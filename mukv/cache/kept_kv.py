@@ -69,6 +69,23 @@ class KeptKVCache(CacheMethod):
         self.run_layers(visual.reshape(1, -1, visual.shape[-1]), attend)
         self.frames_seen = max(self.frames_seen, first_frame + visual.shape[0])
 
+    def probe(self, ids: list[int], observe: Observer) -> None:
+        """Run the tokens ``ids`` (a template, a pseudo-question) after everything kept, each layer at the position
+        its next video token would take, causal among themselves, and hand each layer's attention inputs to
+        ``observe`` (as ``prefill``'s); their KV is not kept."""
+        rope = self.llm.rope
+        next_token = self.frames_seen * self.geometry.tokens_per_frame
+
+        def attend(idx: int, q, k, v, scaling):
+            position = self.prefill_position(idx, next_token)
+            q_rot, k_rot = rope.rotate_range(q, position), rope.rotate_range(k, position)
+            keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
+            vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
+            observe(idx, q, q_rot, keys, vals, scaling)
+            return causal_suffix_attention(q_rot, keys, vals, scaling)
+
+        self.run_layers(self.llm.embed_ids(ids), attend)
+
     def prefill_position(self, layer: int, first_token: int) -> int:
         """Position of video token ``first_token`` (the first being prefilled) in ``layer``: its original one
         (after the init prompt); a method that moves positions (HERMES) says where its next tokens go."""
@@ -82,13 +99,16 @@ class KeptKVCache(CacheMethod):
         self.tokens[layer] = torch.gather(self.tokens[layer], 1, picked)
 
     def kept_context(self, detail=None) -> AnswerContext:
-        """Init + everything kept, at the original positions; the prompt after the last frame's position.
-        ``recalled``: the video tokens some head of some layer holds."""
+        """Init + everything kept, at the positions it was kept at; each layer's prompt where its next video token
+        would go (``prefill_position``: after the last frame, unless the method moves positions). ``recalled``:
+        the video tokens some head of some layer holds (negative indices, such as HERMES's summaries, are none)."""
         keys = [torch.cat((ik, k), dim=-2) for ik, k in zip(self.init_k, self.keys, strict=True)]
         values = [torch.cat((iv, v), dim=-2) for iv, v in zip(self.init_v, self.values, strict=True)]
-        held = torch.unique(torch.cat([t.flatten() for t in self.tokens])).tolist()
-        return AnswerContext(keys, values, next_position=self.n_init + self.frames_seen * self.geometry.tokens_per_frame,
-                             recalled=Recalled(tokens=held), detail=detail)
+        held = torch.unique(torch.cat([t.flatten() for t in self.tokens]))
+        next_token = self.frames_seen * self.geometry.tokens_per_frame
+        positions = [self.prefill_position(i, next_token) for i in range(len(keys))]
+        return AnswerContext(keys, values, next_position=max(positions), recalled=Recalled(tokens=held[held >= 0].tolist()),
+                             detail=detail, layer_positions=positions)
 
     def stats(self) -> CacheStats:
         kv = sum(tensor_bytes(ik, iv, k, v)

@@ -25,9 +25,9 @@ from mukv.cache.base import (
     tensor_bytes,
 )
 from mukv.cache.block_store import BlockStore, StoreOptions, VideoStoreState
-from mukv.cache.kernels import causal_suffix_attention
 from mukv.cache.retrieval import (
     BlockScoring,
+    attend_after_context,
     block_representatives,
     question_vector,
     score_blocks,
@@ -139,10 +139,7 @@ class ReKVCache(VideoStoreState[ReKVVideoState], WindowStreamingCache, SinkWindo
             chosen[idx] = picked
             ctx_k, ctx_v = self._layer_context(idx, picked)
             contexts[idx] = (ctx_k, ctx_v)
-            n = ctx_k.shape[-2]
-            keys = torch.cat((rope.rotate_range(ctx_k, 0), rope.rotate_range(k, n)), dim=-2)
-            vals = torch.cat((ctx_v, v), dim=-2)
-            return causal_suffix_attention(rope.rotate_range(q, n), keys, vals, scaling)
+            return attend_after_context(ctx_k, ctx_v, q, k, v, scaling, rope)
 
         self.run_layers(self.llm.embed_ids(ids), retrieve)
         if not self.per_layer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mukv.cache.kernels import expand_kv_heads
+from mukv.cache.kernels import causal_suffix_attention, expand_kv_heads
 from mukv.cache.options import StrOption
 
 
@@ -54,3 +54,12 @@ def select_top_blocks(scores: torch.Tensor, k: int, chunk: int = 1) -> list[int]
     picked = grouped.topk(min(k // chunk, grouped.shape[0])).indices.sort().values
     ids = (picked[:, None] * chunk + torch.arange(chunk, device=picked.device)[None, :]).reshape(-1)
     return ids[ids < n].tolist()  # one device-to-host copy (not one per block)
+
+
+def attend_after_context(ctx_k: torch.Tensor, ctx_v: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, scaling: float, rope) -> torch.Tensor:
+    """New tokens (un-rotated q, k, v) after a recalled context (un-rotated ``ctx_k``, ``ctx_v``), everything
+    re-rotated to contiguous positions from 0, causal among the new ones: a retrieval run's attention."""
+    n = ctx_k.shape[-2]
+    keys = torch.cat((rope.rotate_range(ctx_k, 0), rope.rotate_range(k, n)), dim=-2)
+    return causal_suffix_attention(rope.rotate_range(q, n), keys, torch.cat((ctx_v, v), dim=-2), scaling)

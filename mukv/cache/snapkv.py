@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mukv.cache.base import register_cache
-from mukv.cache.kernels import attention_weights, causal_suffix_attention, prefix_causal_mask
+from mukv.cache.kernels import attention_weights, prefix_causal_mask
 from mukv.cache.press import ChunkPress, PressBlock
 from mukv.errors import ConfigError
 
@@ -28,15 +28,9 @@ class SnapKVPress(ChunkPress):
             raise ConfigError("cache.kernel_size", f"must be a positive odd number, got {self.kernel_size}")
 
     def compress_block(self) -> None:
-        block = self.block
-        ids = self.llm.question_prompt_ids("")  # the template tokens after the frames
-        position = self.n_init + block.first_token + block.length
-        rope, scores = self.llm.rope, block.scores
+        block, scores = self.block, self.block.scores
 
-        def observe(idx: int, q, k, v, scaling):
-            q_rot, k_rot = rope.rotate_range(q, position), rope.rotate_range(k, position)
-            keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
-            vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
+        def observe(idx: int, q, q_rot, keys, vals, scaling):
             groups = q.shape[1] // keys.shape[1]
             causal = prefix_causal_mask(q.shape[-2], keys.shape[-2], q.device)  # causal in the window
             attention = attention_weights(q_rot, keys, scaling, causal)[0]
@@ -44,9 +38,8 @@ class SnapKVPress(ChunkPress):
             pooled = torch.nn.functional.avg_pool1d(attention.mean(1)[:, None], self.kernel_size, stride=1,
                                                     padding=self.kernel_size // 2)[:, 0]  # (q_heads, n)
             scores[idx] = pooled.view(keys.shape[1], groups, -1).mean(1)
-            return causal_suffix_attention(q_rot, keys, vals, scaling)
 
-        self.run_layers(self.llm.embed_ids(ids), observe)
+        self.probe(self.llm.question_prompt_ids(""), observe)  # the template tokens after the frames
         super().compress_block()
 
     def score(self, layer: int, block: PressBlock) -> torch.Tensor:

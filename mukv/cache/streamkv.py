@@ -48,7 +48,13 @@ from mukv.cache.base import (
 from mukv.cache.block_store import BlockStore, StoreOptions
 from mukv.cache.kernels import causal_suffix_attention, grouped_sdpa
 from mukv.cache.options import StrOption, check_options
-from mukv.cache.retrieval import block_representatives, question_vector
+from mukv.cache.retrieval import (
+    BlockScoring,
+    attend_after_context,
+    block_representatives,
+    question_vector,
+    score_blocks,
+)
 from mukv.errors import ConfigError
 
 GUIDANCE_PROMPT = (
@@ -313,7 +319,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
                 prompt_out = grouped_sdpa(q_rot, keys, v, scaling, (j <= i) & (i - j < self.n_local))
             reps = block_representatives(k[..., :n_frames * tpf, :].unflatten(2, (n_frames, tpf)),
                                          self.geometry.num_heads)[0]
-            scores[idx] = reps @ question_vector(prompt_q)  # dot product, as the release
+            scores[idx] = score_blocks(reps, question_vector(prompt_q), BlockScoring.dot)  # as the release
             return torch.cat((out, prompt_out), dim=-2)
 
         self.run_layers(embeds, attend)
@@ -378,7 +384,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
 
         def retrieve(idx: int, q, k, v, scaling):
             layer = layers[idx]
-            scores = layer.reprs.float() @ question_vector(q)  # dot product, as ReKV's
+            scores = score_blocks(layer.reprs, question_vector(q), BlockScoring.dot)  # as ReKV's
             picked = select_with_recent(scores, int(counts[idx]), recent)
             init_k, init_v = self.layers[idx].init_k, self.layers[idx].init_v
             if picked:
@@ -387,9 +393,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
             else:
                 ctx_k, ctx_v = init_k, init_v
             out[idx] = (scores, (ctx_k, ctx_v), picked)
-            n = ctx_k.shape[-2]
-            keys = torch.cat((rope.rotate_range(ctx_k, 0), rope.rotate_range(k, n)), dim=-2)
-            return causal_suffix_attention(rope.rotate_range(q, n), keys, torch.cat((ctx_v, v), dim=-2), scaling)
+            return attend_after_context(ctx_k, ctx_v, q, k, v, scaling, rope)
 
         self.run_layers(self.llm.embed_ids(ids), retrieve)
         return out
