@@ -67,6 +67,33 @@ def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> Video
     return VideoLLM(model, build_byte_tokenizer(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), name=f"llava-ov-{size}-random")
 
 
+# Qwen-VL architectures: the released dimensions, and the tiny ones (the tests)
+QWEN_MODELS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen2.5-vl-tiny",
+               "qwen3-vl-tiny")
+
+
+def random_qwen(name: str, dtype: torch.dtype, device: str, frame_size: Sequence[int]) -> VideoLLM:
+    """A Qwen-VL architecture with N(0, 0.02) weights (the tiny ones: as the tests build them)."""
+    from mukv.models.qwen_vl import QwenVLVideoLLM, build_qwen_tiny, build_qwen_tokenizer, released_config
+
+    if name.endswith("-tiny"):
+        family = "qwen2_5_vl" if name.startswith("qwen2.5") else "qwen3_vl"
+        size = (112, 112) if family == "qwen2_5_vl" else (128, 128)
+        return build_qwen_tiny(family, size, 0, torch.device(device), dtype)
+    config = released_config(name)
+    torch.manual_seed(0)
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config)
+    model = model.to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    use_stream_attention(model)
+    return QwenVLVideoLLM(model, build_qwen_tokenizer(), frame_size, name=f"{name}-random")
+
+
 def sync(device: torch.device | str) -> None:
     """Wait for queued device work, so that wall-clock readings cover it (no-op on CPU)."""
     if torch.device(device).type == "cuda":
@@ -86,16 +113,24 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8, device: t
 
 
 def frame_flops(llm: VideoLLM) -> dict[str, float]:
-    """Matmul FLOPs per frame: the vision tower over its patches, the LLM prefill over the frame's tokens
-    (projections and MLP; attention scores excluded, they depend on the method's context)."""
-    v, t = llm.config.vision_config, llm.config.text_config
-    patches = (v.image_size // v.patch_size) ** 2
-    vision = 2 * patches * v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    head_dim = t.hidden_size // t.num_attention_heads
+    """Matmul FLOPs per video frame: the vision tower over its patches, the LLM prefill over the frame's tokens
+    (projections and MLP; attention scores excluded, they depend on the method's context). Qwen-VL embeds two
+    frames per step: a step's FLOPs are halved."""
+    v, t, g = llm.config.vision_config, llm.config.text_config, llm.geometry
+    head_dim = g.head_dim
     qkvo = 2 * t.hidden_size * t.num_attention_heads * head_dim + 2 * t.hidden_size * t.num_key_value_heads * head_dim
-    llm_f = 2 * llm.geometry.tokens_per_frame * t.num_hidden_layers * (qkvo + 3 * t.hidden_size * t.intermediate_size)
-    projector = 2 * patches * (v.hidden_size * t.hidden_size + t.hidden_size**2)
-    return {"vision": float(vision + projector), "llm": float(llm_f)}
+    llm_f = 2 * g.tokens_per_frame * t.num_hidden_layers * (qkvo + 3 * t.hidden_size * t.intermediate_size)
+    if getattr(v, "image_size", None):  # LLaVA-OV: SigLIP over a square image, then the projector
+        patches = (v.image_size // v.patch_size) ** 2
+        vision = 2 * patches * v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        projector = 2 * patches * (v.hidden_size * t.hidden_size + t.hidden_size**2)
+    else:  # Qwen-VL: patches of two frames, gated (2.5) or plain (3) MLPs, then the 2x2 patch merger
+        patches = g.tokens_per_frame * v.spatial_merge_size**2
+        mlp = 3 if getattr(v, "fullatt_block_indexes", None) is not None else 2
+        vision = 2 * patches * v.depth * (4 * v.hidden_size**2 + mlp * v.hidden_size * v.intermediate_size)
+        merged = v.hidden_size * v.spatial_merge_size**2
+        projector = 2 * g.tokens_per_frame * merged * (merged + v.out_hidden_size)
+    return {k: float(x) / g.frames_per_step for k, x in (("vision", vision + projector), ("llm", llm_f))}
 
 
 def plain_prefill_s_per_frame(llm: VideoLLM, frames: int, repeats: int = 3) -> float:
@@ -103,7 +138,8 @@ def plain_prefill_s_per_frame(llm: VideoLLM, frames: int, repeats: int = 3) -> f
     with no history and no cache method (transformers' own SDPA path): what the architecture itself costs
     at this chunk size, the ceiling any method's encoding is measured against."""
     lm = llm.model.model.language_model
-    x = torch.randn(1, frames * llm.geometry.tokens_per_frame, llm.geometry.hidden_size, device=llm.device,
+    steps = frames // llm.geometry.frames_per_step
+    x = torch.randn(1, steps * llm.geometry.tokens_per_frame, llm.geometry.hidden_size, device=llm.device,
                     dtype=llm.dtype)
     with torch.inference_mode():
         lm(inputs_embeds=x, use_cache=False)
@@ -116,15 +152,18 @@ def plain_prefill_s_per_frame(llm: VideoLLM, frames: int, repeats: int = 3) -> f
 
 
 class _Frames:
-    def __init__(self, n: int, size: int, fps: float) -> None:
-        self.n, self.size, self.sample_fps = n, size, fps
+    """Random frames at the model's own frame size (no resize in the timings)."""
+
+    def __init__(self, n: int, llm: VideoLLM, fps: float) -> None:
+        self.n, self.sample_fps = n, fps
+        self.shape = tuple(getattr(llm, "frame_size", None) or (llm.image_size, llm.image_size))
         self.rng = np.random.default_rng(0)
 
     def __len__(self) -> int:
         return self.n
 
     def frames(self, a: int, b: int) -> np.ndarray:
-        return self.rng.integers(0, 256, (b - a, self.size, self.size, 3), dtype=np.uint8)
+        return self.rng.integers(0, 256, (b - a, *self.shape, 3), dtype=np.uint8)
 
 
 def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, new_tokens: int,
@@ -136,7 +175,7 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
     eos = llm.eos_token_ids
     llm.eos_token_ids = set()  # a fixed answer length, whatever random weights emit
     try:
-        source = _Frames(frames, llm.image_size, 0.5)
+        source = _Frames(frames, llm, 0.5)
         if llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         method.start_video(llm.init_prompt_ids())
@@ -149,7 +188,7 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
             visual = llm.encode_frames(pixels)
             sync(llm.device)
             t1 = time.perf_counter()
-            method.ingest(visual, first)
+            method.ingest(visual, first // llm.geometry.frames_per_step)
             sync(llm.device)
             t2 = time.perf_counter()
             vision_s, llm_s = vision_s + t1 - t0, llm_s + t2 - t1
@@ -159,7 +198,7 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
         if profile_dir is not None:
             pixels = source.frames(frames, frames + chunk)
             visual = llm.encode_frames(pixels)
-            profile_step(lambda: method.ingest(visual, frames), llm.device, profile_dir / f"{file_slug(method.name)}_ingest")
+            profile_step(lambda: method.ingest(visual, frames // llm.geometry.frames_per_step), llm.device, profile_dir / f"{file_slug(method.name)}_ingest")
             profile_step(lambda: engine.answer("What happened just before the person opened the door?"), llm.device,
                          profile_dir / f"{file_slug(method.name)}_answer")
     finally:
@@ -232,7 +271,7 @@ def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, an
     from tqdm.auto import tqdm
 
     engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=8, progress=False))
-    source = _Frames(frames, llm.image_size, 0.5)
+    source = _Frames(frames, llm, 0.5)
     method.start_video(llm.init_prompt_ids())
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -247,11 +286,12 @@ def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, an
             if vision:
                 visual = llm.encode_frames(pixels)
             else:
-                shape = (n, llm.geometry.tokens_per_frame, llm.geometry.hidden_size)
-                visual = torch.randn(shape, generator=gen, dtype=torch.float32).to(llm.device, llm.dtype)
+                shape = (n // llm.geometry.frames_per_step, llm.geometry.tokens_per_frame, llm.geometry.hidden_size)
+                visual = llm.visual_tokens(torch.randn(shape, generator=gen, dtype=torch.float32).to(llm.device,
+                                                                                                    llm.dtype))
             sync(llm.device)
             t1 = time.perf_counter()
-            method.ingest(visual, first)
+            method.ingest(visual, first // llm.geometry.frames_per_step)
             sync(llm.device)
             t2 = time.perf_counter()
             stats = method.stats()
@@ -411,7 +451,10 @@ def build_bench_method(spec: MethodSpec, tokens_per_frame: int, overrides: Seque
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny", "nano"])
+    parser.add_argument("--model", default="0.5b", choices=["0.5b", "7b", "tiny", "nano", *QWEN_MODELS],
+                        help="LLaVA-OV 0.5b / 7b or a Qwen-VL architecture with random weights; tiny / nano: small models")
+    parser.add_argument("--frame-size", type=int, nargs=2, default=[448, 448], metavar=("H", "W"),
+                        help="Qwen-VL: frames are H x W pixels (multiples of 28 for Qwen2.5-VL, 32 for Qwen3-VL)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bf16 where it runs natively (GPU, AVX512-BF16/AMX CPU), else fp32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings synchronise the device)")
@@ -448,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
         llm = load_video_llm("nano", None, device=args.device, dtype=args.dtype)  # loading takes bf16/fp32/fp16
     elif args.model == "tiny":
         llm = build_tiny(0, torch.device(args.device), dtype)
+    elif args.model in QWEN_MODELS:
+        llm = random_qwen(args.model, dtype, args.device, args.frame_size)
     else:
         llm = random_llava_ov(args.model, dtype, args.device)
     tpf = llm.geometry.tokens_per_frame

@@ -83,6 +83,11 @@ class ModelConfig:
     # value fails at compose time. See mukv/video/preprocess.py.
     resize: FrameResize = FrameResize.pil_uint8
     tiny: TinyDims = field(default_factory=TinyDims)
+    # Qwen-VL models (mukv/models/qwen_vl.py): qwen2_5_vl | qwen3_vl (tiny models; checkpoints say their own)
+    family: Optional[str] = None
+    # Qwen-VL: [height, width] every frame is resized to, multiples of patch x merge (28 for Qwen2.5-VL, 32 for
+    # Qwen3-VL); it decides the tokens per step ((H / 28) x (W / 28) for Qwen2.5-VL)
+    frame_size: Optional[list[int]] = None
 
 
 @dataclass

@@ -22,8 +22,8 @@ from mukv.cache.attention import ContextKV
 from mukv.cache.base import AnswerContext, CacheMethod
 from mukv.config import AnswerText
 from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
-from mukv.errors import MukvError
-from mukv.models.adapter import VideoLLM
+from mukv.errors import ConfigError, MukvError
+from mukv.models.adapter import KVGeometry, VideoLLM
 from mukv.report.evidence import evidence_recalled
 
 ANSWER_TEXTS = tuple(a.value for a in AnswerText)  # engine.answer_text's choices, declared once (mukv.config)
@@ -53,6 +53,14 @@ def decode_attention(context: AnswerContext, llm: VideoLLM, reserve: int) -> Cal
         return layers[idx].attend_and_append(q, k, v, scaling, llm.rope)
 
     return attend
+
+
+def check_chunk(chunk: int, geometry: KVGeometry, model: str) -> None:
+    """``engine.encode_chunk_size`` must be whole steps of the model (Qwen-VL embeds 2 frames at once)."""
+    step = geometry.frames_per_step
+    if chunk % step:
+        raise ConfigError("engine.encode_chunk_size", f"{chunk} frames do not make whole steps of {step} frames "
+                                                      f"(model {model} embeds {step} frames at once)")
 
 
 @dataclass
@@ -149,6 +157,7 @@ class StreamingEngine:
 
     def __init__(self, llm: VideoLLM, method: CacheMethod, settings: EngineSettings) -> None:
         self.llm, self.method, self.settings = llm, method, settings
+        check_chunk(settings.encode_chunk_size, llm.geometry, llm.name)
         method.bind(llm)
         self._sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
 
@@ -184,10 +193,14 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------------------------ streaming
     def encode_until(self, sample: VideoSample, done: int, need: int, bar: tqdm | None) -> int:
-        """Encode frames done..need-1 in chunks; returns the new number of frames encoded."""
+        """Encode frames done..need-1 in chunks; returns the new number of frames encoded. A model that embeds
+        several frames per step (Qwen-VL: 2) gets whole steps: a last frame without its pair waits for it, and
+        the method counts steps (``first_frame`` of ``ingest``)."""
+        step = self.llm.geometry.frames_per_step
+        need -= need % step
         for first, frames in iter_chunks(sample.source, done, need, self.settings.encode_chunk_size):
             visual = self.llm.encode_frames(frames)
-            self.method.ingest(visual, first)
+            self.method.ingest(visual, first // step)
             done = self._done = first + len(frames)
             self._peak_kv = max(self._peak_kv, self.method.stats().kv_bytes)
             if bar is not None:
@@ -262,7 +275,7 @@ class StreamingEngine:
             latency_s=recall_s + answer.prefill_s + answer.decode_s, new_tokens=len(answer.token_ids),
             meta=dict(q.meta),
             evidence_recalled=evidence_recalled(q.meta, context.recalled.tokens, self.llm.geometry.tokens_per_frame,
-                                                context.recalled.frames),
+                                                context.recalled.frames, self.llm.geometry.frames_per_step),
             answer_position=context.next_position,
             beyond_trained=(None if self.llm.trained_positions is None
                             else context.next_position > self.llm.trained_positions),

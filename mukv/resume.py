@@ -257,8 +257,8 @@ def library_versions() -> dict[str, str | None]:
 def checkpoint_fingerprint(kind: str, path: str | None) -> dict[str, Any]:
     """What identifies the model's weights: nano and local folders by their files, a Hub id by the revision
     in the local Hub cache (None when not cached yet); tiny models are built from the config."""
-    if kind == "tiny":
-        return {"kind": "tiny", "files": None}
+    if kind in ("tiny", "qwen_tiny"):
+        return {"kind": kind, "files": None}
     if kind == "nano":
         from mukv.models.nano import nano_dir
 

@@ -23,7 +23,7 @@ from mukv.cache.base import CacheMethod
 from mukv.components import component_class
 from mukv.data.datasets import dataset_class, scoring_options
 from mukv.data.types import VideoSample
-from mukv.engine import AnswerRecord, EngineSettings, StreamingEngine, VideoRecord
+from mukv.engine import AnswerRecord, EngineSettings, StreamingEngine, VideoRecord, check_chunk
 from mukv.errors import ConfigError, MukvError
 from mukv.inputs import check_inputs, screen_past_end
 from mukv.judge import build_judge, validate_judge_config
@@ -201,6 +201,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     m = cfg.model
     loader = model_loader(m)
     geometry = loader.geometry(m)
+    check_chunk(cfg.engine.encode_chunk_size, geometry, m.name)
     applied = apply_budget(cfg, geometry.tokens_per_frame)
     method = build_method(cfg.cache)
     method.validate(geometry)

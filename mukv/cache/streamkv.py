@@ -273,7 +273,8 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         if not self.open_frames:
             self.open_frames, self.open_spans, self.previous = [frame], [[index]], frame
             return
-        similarity = frame_similarity(frame, self.previous)
+        # the embeddings alone (an adapter may pack side channels after them: Qwen-VL's positions, deepstack)
+        similarity = frame_similarity(self.llm.token_features(frame), self.llm.token_features(self.previous))
         self.open_sims.append(similarity)
         if len(self.open_frames) < self.min_segment_frames or similarity > self.segment_theta:
             self.open_frames.append(frame)

@@ -31,8 +31,10 @@ class KVGeometry:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
-    tokens_per_frame: int
+    tokens_per_frame: int  # tokens of one step of the stream (what cache methods call a frame)
     dtype_bytes: int
+    frames_per_step: int = 1  # video frames one step embeds (Qwen-VL's temporal patch: 2)
+    grid: tuple[int, int] | None = None  # (rows, columns) of a step's tokens, where the model lays them out in 2-D
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -77,8 +79,8 @@ class VideoLLM:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.config = model.config
-        self.geometry = KVGeometry.from_config(model.config, self.dtype)
-        self.image_size = model.config.vision_config.image_size
+        self.geometry = self.make_geometry(model.config, self.dtype)
+        self.image_size = getattr(model.config.vision_config, "image_size", None)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.resize = frame_resize(resize)
         # Positions 0 .. trained_positions - 1 are those the model saw in training (init prompt + video); an
@@ -91,6 +93,20 @@ class VideoLLM:
         self.eos_token_ids = {tokenizer.eos_token_id}
         if tokenizer.convert_tokens_to_ids("<|im_end|>") is not None:
             self.eos_token_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+    def make_geometry(self, config, dtype: torch.dtype) -> KVGeometry:
+        """The KV geometry of ``config`` (each model family's adapter says how its tokens are laid out)."""
+        return KVGeometry.from_config(config, dtype)
+
+    def token_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding part of tokens from ``encode_frames`` / ``embed_ids`` (adapters that pack side channels
+        after it, as Qwen-VL's, drop them here): what a method compares frames by."""
+        return tokens
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (steps, N, packed) from embeddings (steps, N, hidden) made elsewhere (random tokens of
+        the benchmarks): LLaVA-OV's are the embeddings themselves."""
+        return features
 
     # ----------------------------------------------------------------------------------------- parts
     @property

@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerFast
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<video>", "<image>"]
 
 
-def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens followed by the chat special tokens; ``<|im_end|>`` ends an answer."""
+def build_byte_tokenizer(extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """256 byte tokens followed by the chat special tokens (then ``extra_special``); ``<|im_end|>`` ends an
+    answer."""
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -22,5 +23,5 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=CHAT_SPECIAL_TOKENS[1:],
+        additional_special_tokens=[*CHAT_SPECIAL_TOKENS[1:], *extra_special],
     )

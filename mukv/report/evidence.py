@@ -14,15 +14,17 @@ from typing import Any
 
 
 def evidence_recalled(meta: Mapping[str, Any], recalled: Collection[int] | None, tokens_per_frame: int,
-                      frames: Collection[int] | None = None) -> float | None:
+                      frames: Collection[int] | None = None, frames_per_step: int = 1) -> float | None:
     """Share of ``meta['evidence_cells']`` in the recalled context; None where the question names no evidence
     or the method reported nothing. Methods that recall whole frames report ``frames``; methods that keep
     single tokens report the ``recalled`` video tokens (a ``range`` for a window), counted token by token when
     the model has one visual token per grid cell, else frame by frame (a frame counts if any of its tokens
-    was recalled)."""
+    was recalled). ``frames_per_step``: video frames per step of the model (Qwen-VL: 2); ``frames`` and
+    ``recalled`` count steps then, and a needle's frame is in the step that embeds it."""
     cells = meta.get("evidence_cells")
     if not cells or (recalled is None and frames is None):
         return None
+    cells = [(f // frames_per_step, c) for f, c in cells]
     if frames is None:
         have = recalled if isinstance(recalled, (range, set, frozenset)) else set(recalled)
         if tokens_per_frame == meta.get("grid", 0) ** 2:
@@ -31,3 +33,4 @@ def evidence_recalled(meta: Mapping[str, Any], recalled: Collection[int] | None,
         return frames_in / len(cells)
     have_frames = frames if isinstance(frames, (range, set, frozenset)) else set(frames)
     return sum(f in have_frames for f, _ in cells) / len(cells)
+

@@ -57,14 +57,20 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """uint8 (n, H, W, 3) -> uint8 (n, size, size, 3): each frame through ``PIL.Image.resize((size, size),
     BICUBIC)``, as transformers' slow processor resizes video frames. Frames already at (size, size) are
     returned as they are (no copy)."""
+    return resize_frames_to(frames, size, size)
+
+
+def resize_frames_to(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> uint8 (n, height, width, 3) through ``PIL.Image.resize(BICUBIC)`` (as the Qwen-VL
+    processors resize); frames already at that size are returned as they are."""
     from PIL import Image
 
     frames = _check_frames(frames)
-    if frames.shape[1:3] == (size, size):
+    if frames.shape[1:3] == (height, width):
         return frames
-    out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
     for i, frame in enumerate(frames):
-        out[i] = np.asarray(Image.fromarray(frame).resize((size, size), resample=Image.Resampling.BICUBIC))
+        out[i] = np.asarray(Image.fromarray(frame).resize((width, height), resample=Image.Resampling.BICUBIC))
     return out
 
 
