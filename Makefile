@@ -19,7 +19,7 @@ OUT         ?=
 TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: bench bench-growth help install run test test-fast lint clean reproduce-table sweep-spec train-nano wandb-dashboard
+.PHONY: bench bench-growth browser demo help install run test test-fast lint clean reproduce-table sweep-spec train-nano wandb-dashboard
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -31,7 +31,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install mukv with the dev extra (CPU torch)
+install: $(STAMP) browser ## create .venv and install mukv with the dev extra (CPU torch), and Chromium for the tests
+
+# Chromium and chromedriver from Debian's packages: the run explorer's browser tests (tests/test_explorer.py) drive
+# them headless. Nothing is done where both are installed; root runs apt-get, anyone else through sudo.
+BROWSER_PKGS ?= chromium chromium-driver
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## install Chromium and chromedriver (Debian's packages) for the explorer's browser tests, unless present
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(BROWSER_PKGS) with apt-get (the explorer's browser tests)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS); \
+	else \
+		echo "make browser: no apt-get here; install Chromium and chromedriver (the browser tests skip without them, and fail under CI)"; \
+	fi
 
 run: $(STAMP) ## no ARGS: nano model x synthetic benchmark, every registered cache method run through mukv.train_eval, one results table; ARGS="...": one configured run
 ifeq ($(strip $(ARGS)),)
@@ -40,13 +53,16 @@ else
 	$(PY) -m mukv.run $(ARGS)
 endif
 
+demo: $(STAMP) ## the live demo web app at http://127.0.0.1:7860: nano model, a synthetic stream (ARGS="cache=mukv --video clip.mp4")
+	$(PY) -m mukv.demo $(ARGS)
+
 train-nano: $(STAMP) ## retrain the nano model on this CPU (<= ~55 min) and replace the shipped checkpoint
 	$(PY) -m mukv_nano.train train.publish=true $(ARGS)
 
-test: $(STAMP) ## run the whole test suite (TEST_WORKERS=auto processes; TEST_WORKERS=0: one)
+test: $(STAMP) browser ## run the whole test suite (TEST_WORKERS=auto processes; TEST_WORKERS=0: one)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
-test-fast: $(STAMP) ## run the tests not marked slow
+test-fast: $(STAMP) browser ## run the tests not marked slow
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 reproduce-table: $(STAMP) ## run the results grid as one multirun, render table + figures (DATA=synthetic|rvs|ovo, OUT=dir, ARGS=overrides)

@@ -329,6 +329,9 @@ class RunConfig:
     # whose answer context holds at most this many (the method's ``video_tokens``); not with budget_frames
     budget_tokens: Optional[int] = None
     tags: list[str] = field(default_factory=list)
+    # explorer.html in the run folder (mukv/report/explorer.py; about 5 MB: it embeds plotly.js); false for
+    # large sweeps, where `python -m mukv.report.explorer RUN ...` builds a page when one is wanted
+    explorer: bool = True
 
 
 def _plain_type(tp: Any) -> Any:

@@ -25,6 +25,7 @@ from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
 from mukv.errors import ConfigError, MukvError
 from mukv.models.adapter import KVGeometry, VideoLLM
 from mukv.report.evidence import evidence_recalled
+from mukv.report.recall import pack_recalled
 
 ANSWER_TEXTS = tuple(a.value for a in AnswerText)  # engine.answer_text's choices, declared once (mukv.config)
 
@@ -114,6 +115,9 @@ class AnswerRecord:
     # the context reaches past the positions the model was trained on (VideoLLM.trained_positions): its answer
     # measures extrapolation as much as memory; None where the model does not say
     beyond_trained: bool | None = None
+    device_kv_bytes: int | None = None  # the part of kv_bytes on the device (CacheStats.device_kv_bytes)
+    # what the context held (mukv.report.recall.pack_recalled of its ``Recalled``): in predictions.jsonl only
+    recalled: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
         """A flat row; ``meta`` (keys vary by question type) stays one JSON column."""
@@ -266,7 +270,7 @@ class StreamingEngine:
 
     def _answer_record(self, sample: VideoSample, q: Question, frames_seen: int, encode_s: float) -> AnswerRecord:
         answer, context, recall_s = self.answer(q.question)
-        stats = self.method.stats()
+        stats, geo = self.method.stats(), self.llm.geometry
         return AnswerRecord(
             video_id=sample.video_id, qid=q.qid, question=q.question, answer=q.answer, prediction=answer.text,
             start_time=q.start_time, end_time=q.end_time, qtype=q.qtype, method=self.method.name,
@@ -279,4 +283,7 @@ class StreamingEngine:
             answer_position=context.next_position,
             beyond_trained=(None if self.llm.trained_positions is None
                             else context.next_position > self.llm.trained_positions),
+            device_kv_bytes=stats.device_kv_bytes,
+            recalled=pack_recalled(context.recalled, geo.tokens_per_frame, getattr(geo, "frames_per_step", 1),
+                                   getattr(geo, "grid", None)),
         )

@@ -41,7 +41,7 @@ FAULT_ENV = "MUKV_FAULT"
 FAULT_EXIT = 86
 FAULT_POINTS = ("answer", "video", "metrics")
 # Config keys that change how a run looks, not what it computes (left out of the fingerprint).
-PRESENTATION_KEYS = ("engine.progress", "resume", "logger", "paths", "task_name", "tags")
+PRESENTATION_KEYS = ("engine.progress", "resume", "logger", "paths", "task_name", "tags", "explorer")
 PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARIES = ("mukv", "torch", "transformers", "numpy")
 

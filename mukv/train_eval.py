@@ -276,6 +276,10 @@ def _run_locked(cfg: DictConfig, out: Path) -> RunResult:
     from mukv.report.figures import write_run_figures  # matplotlib: imported only once a run has results
 
     write_run_figures(pred_df, metrics, out / "figures")  # in every run folder, whatever the logger
+    if cfg.get("explorer", True):
+        from mukv.report.explorer import write_run_explorer
+
+        write_run_explorer(out)  # explorer.html: what each answer's context recalled, from the run folder alone
     if cfg.logger.name == "wandb":
         _log_wandb(cfg, resolved, out, method.name, pred_df, mem_df, metrics)
     if metrics.get("failed_questions"):  # counted over the whole folder: failures recorded before a resume too
@@ -346,7 +350,8 @@ def _prepare_resume(cfg: DictConfig, out: Path, videos: list[VideoSample]
             if (out / name).exists():
                 (out / name).rename(backup / name)
         log.info("resume=false: earlier outputs moved to %s", backup)
-    predictions, memory = RowJournal(out / PREDICTIONS, ident="qid"), RowJournal(out / MEMORY, key="video_id")
+    predictions = RowJournal(out / PREDICTIONS, ident="qid", journal_only=("recalled",))  # recall: for the explorer
+    memory = RowJournal(out / MEMORY, key="video_id")
     for journal in (predictions, memory):
         if journal.skipped:
             log.warning("%s: %d damaged line(s) skipped (their questions are asked again)", journal.path,

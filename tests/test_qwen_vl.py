@@ -10,12 +10,12 @@ from conftest import ArrayFrames, compose_cfg
 from test_engine import stream
 
 from mukv.cache import FullCache, ReKVCache, ordered_methods
+from mukv.config import register_configs
 from mukv.data.types import VideoSample
 from mukv.engine import EngineSettings, StreamingEngine
 from mukv.errors import ConfigError
 from mukv.models.qwen_vl import QwenTinyModel, build_qwen_tiny, frame_patches, released_config
 from mukv.report.evidence import evidence_recalled
-from mukv.config import register_configs
 from mukv.train_eval import train_eval
 
 register_configs()

@@ -134,10 +134,13 @@ def budget_knobs_for_tokens(method: str, tokens: int, tokens_per_frame: int,
 class Recalled:
     """What of the video an answer context holds, for recall diagnostics (``mukv.report.evidence``); never
     used to answer. A method reports whole ``frames`` (indices from 0) or single video ``tokens``
-    (``frame * tokens_per_frame + index in the frame``; a ``range`` for a window); ``None``: not reported."""
+    (``frame * tokens_per_frame + index in the frame``; a ``range`` for a window); ``None``: not reported.
+    ``groups`` optionally splits the recalled tokens by what recalled them (MuKV: per granularity), for the
+    run explorer (``mukv.report.explorer``)."""
 
     tokens: range | Sequence[int] | None = None
     frames: Sequence[int] | None = None
+    groups: dict[str, Sequence[int]] | None = None
 
 
 D = TypeVar("D")  # a method's own details of a recall (e.g. ``ReKVRecall``, ``MuKVRecall``)

@@ -708,7 +708,10 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
             reranked=reranked)
         # the video tokens (frame * tokens_per_frame + index in frame) the answer sees
         tokens = sorted(t for i in ids for t in video.store.blocks[i].meta["video_tokens"])
-        return AnswerContext(out_k, out_v, next_position=length, recalled=Recalled(tokens=tokens), detail=detail)
+        groups = {n: [t for b in sel.indices.tolist() for t in self.block(gi, b).meta["video_tokens"]]
+                  for gi, (n, sel) in enumerate(zip(names, chosen, strict=True))}  # per granularity (explorer)
+        return AnswerContext(out_k, out_v, next_position=length, recalled=Recalled(tokens=tokens, groups=groups),
+                             detail=detail)
 
     # ----------------------------------------------------------------------------------- stats
     def stats(self) -> CacheStats:

@@ -383,8 +383,8 @@ def processor_statistics(path: str, family: str) -> tuple[tuple[float, ...], tup
 
     for name in PROCESSOR_FILES:
         try:
-            file = _from_pretrained(lambda src, **kw: cached_file(src, name, _raise_exceptions_for_missing_entries=False,
-                                                                  **kw), path, name)
+            file = _from_pretrained(lambda src, _name=name, **kw: cached_file(
+                src, _name, _raise_exceptions_for_missing_entries=False, **kw), path, name)
         except ConfigError:
             file = None
         if file:

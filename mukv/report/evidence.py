@@ -34,3 +34,20 @@ def evidence_recalled(meta: Mapping[str, Any], recalled: Collection[int] | None,
     have_frames = frames if isinstance(frames, (range, set, frozenset)) else set(frames)
     return sum(f in have_frames for f, _ in cells) / len(cells)
 
+
+# the meta keys of a synthetic question that name whole frames of evidence (count: the rings; order: its needles)
+_EVIDENCE_FRAME_KEYS = ("evidence_frames", "first_frame", "second_frame")
+
+
+def evidence_of(meta: Mapping[str, Any]) -> tuple[list[tuple[int, int]], list[int], int | None]:
+    """What a question names as its evidence, for the run explorer: (``[frame, cell]`` pairs on the
+    ``grid`` x ``grid`` raster, the evidence frames in time order, ``grid``); empty where it names none (RVS)."""
+    cells = [(int(f), int(c)) for f, c in meta.get("evidence_cells") or ()]
+    frames = {f for f, _ in cells}
+    for key in _EVIDENCE_FRAME_KEYS:
+        value = meta.get(key)
+        if isinstance(value, (list, tuple)):
+            frames.update(int(v) for v in value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            frames.add(int(value))
+    return cells, sorted(frames), (int(meta["grid"]) if meta.get("grid") else None)

@@ -121,13 +121,16 @@ class RowJournal:
     ``key`` names the column that identifies a row where a later row replaces an earlier one (``video_id``
     in ``memory_stats``: a video that failed and was streamed again on resume); ``ident`` (default: ``key``)
     the column that identifies a row when the CSV is checked against the journal (``qid`` in
-    ``predictions``). A run folder written before the journals existed is read from its CSV once and
-    journaled.
+    ``predictions``); ``journal_only`` the columns kept in the journal and left out of the CSV (``recalled``
+    in ``predictions``: what each answer's context held, read by the run explorer). A run folder written
+    before the journals existed is read from its CSV once and journaled.
     """
 
-    def __init__(self, csv_path: Path, key: str | None = None, ident: str | None = None) -> None:
+    def __init__(self, csv_path: Path, key: str | None = None, ident: str | None = None,
+                 journal_only: Sequence[str] = ()) -> None:
         self.csv_path, self.path, self.key = csv_path, journal_path(csv_path), key
         self.ident = ident or key
+        self.journal_only = frozenset(journal_only)
         self.skipped = 0
         if self.path.is_file() or not csv_path.is_file():
             self.rows, self.skipped = read_journal(self.path, repair=True)
@@ -143,7 +146,8 @@ class RowJournal:
         self._journal(row)
         self.rows.append(row)
         fields = self._csv_fields
-        if fields is None or not self.csv_path.is_file() or set(row) - set(fields) or self.key is not None:
+        if fields is None or not self.csv_path.is_file() or set(row) - set(fields) - self.journal_only \
+                or self.key is not None:
             self.render()  # the first row, new columns, or a keyed file (a later row replaces an earlier one)
             return
         with self.csv_path.open("a", newline="", encoding="utf-8") as f:
@@ -152,7 +156,7 @@ class RowJournal:
     def render(self, order: Sequence[str] | None = None) -> None:
         """Write the CSV from the journal (atomically); ``order``: the key values in the order rows go."""
         rows = self.rendered_rows(order)
-        fields = list(dict.fromkeys(k for row in rows for k in row))
+        fields = list(dict.fromkeys(k for row in rows for k in row if k not in self.journal_only))
         buf = io.StringIO(newline="")
         writer = csv.writer(buf)
         if fields:
@@ -175,7 +179,8 @@ class RowJournal:
         else:
             same = [list(r.values()) for r in have] == [[_text(row.get(k, "")) for k in header] for row in rows]
         if (rows or self.csv_path.is_file()) and (not header or not same
-                                                   or not {k for row in rows for k in row} <= set(header)):
+                                                   or not {k for row in rows for k in row} - self.journal_only
+                                                   <= set(header)):
             self.render(order)
             return True
         self._csv_fields = header or None
