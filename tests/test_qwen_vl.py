@@ -255,3 +255,35 @@ def test_a_checkpoint_folder_loads_through_the_real_loader(tmp_path):
     torch.testing.assert_close(ours, stream(built, FullCache(), frames, 4).answer("q")[0].first_token_logits)
     with pytest.raises(ConfigError, match="model.path"):
         QwenPretrainedModel.geometry(compose_cfg("model=qwen2_5_vl_3b", f"model.path={tmp_path / 'nope'}").model)
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
+def test_sliding_window_equals_the_masked_reference_forward(qwen, published):
+    """The whole Qwen model under sliding_window equals one forward of it whose attention is the direct masked
+    reference of the LLaVA-OV test (test_engine), q and k rotated by the model's own rotary embedding at the
+    tokens' 3-D offsets; and the answer attends to init + the window re-rotated."""
+    from test_engine import reference_sink_window
+
+    from mukv.cache import SlidingWindowCache
+
+    frames = frames_of(8)
+    t = qwen.geometry.tokens_per_frame
+    n_local = 2 * t + 5
+    options = {} if published else {"sink_distance": "n_local", "sink_handover": "exact"}
+    sinks = {"sink_distance": n_local - 1, "block": t} if published else {}
+    method = SlidingWindowCache(n_local=n_local, query_block=11, **options)
+    stream(qwen, method, frames, 4)
+    n_init = len(qwen.init_prompt_ids())
+    emb = torch.cat([qwen.embed_ids(qwen.init_prompt_ids()), qwen.encode_frames(frames).reshape(1, -1, qwen.packed_width)], 1)
+    captured = {}
+
+    def reference(idx, q, k, v, scaling):
+        captured[idx] = k
+        return reference_sink_window(q, k, v, n_local, n_init, qwen.rope, scaling, **sinks).to(q.dtype)
+
+    qwen.forward(emb, reference)
+    for idx, layer in enumerate(method.layers):
+        torch.testing.assert_close(layer.k, captured[idx][..., -n_local:, :], atol=1e-4, rtol=1e-4)
+    context = method.recall("q")
+    expected = qwen.rope.rotate_range(torch.cat([captured[0][..., :n_init, :], captured[0][..., -n_local:, :]], -2), 0)
+    torch.testing.assert_close(context.keys[0], expected, atol=1e-4, rtol=1e-4)
