@@ -260,10 +260,13 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
         for i in range(visual.shape[0]):
-            self._add_frame(visual[i], first_frame + i)
+            # compared by their embeddings alone (an adapter may pack side channels after them: Qwen-VL's)
+            self._add_frame(visual[i], first_frame + i, self.llm.token_features(visual[i]))
         self.frames_seen = first_frame + visual.shape[0]
 
-    def _add_frame(self, frame: torch.Tensor, index: int) -> None:
+    def _add_frame(self, frame: torch.Tensor, index: int, features: torch.Tensor | None = None) -> None:
+        """Add a frame's tokens to the open segment; ``features`` (default: the tokens) are what it is compared by."""
+        features = frame if features is None else features
         if self.segment_mode == SegmentMode.uniform:
             self.open_frames.append(frame)
             self.open_spans.append([index])
@@ -271,20 +274,19 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
                 self._close_segment()
             return
         if not self.open_frames:
-            self.open_frames, self.open_spans, self.previous = [frame], [[index]], frame
+            self.open_frames, self.open_spans, self.previous = [frame], [[index]], features
             return
-        # the embeddings alone (an adapter may pack side channels after them: Qwen-VL's positions, deepstack)
-        similarity = frame_similarity(self.llm.token_features(frame), self.llm.token_features(self.previous))
+        similarity = frame_similarity(features, self.previous)
         self.open_sims.append(similarity)
         if len(self.open_frames) < self.min_segment_frames or similarity > self.segment_theta:
             self.open_frames.append(frame)
             self.open_spans.append([index])
             if len(self.open_frames) > self.max_segment_frames:
                 merge_most_similar(self.open_frames, self.open_spans, self.open_sims)
-            self.previous = frame
+            self.previous = features
         else:
             self._close_segment()
-            self.open_frames, self.open_spans, self.previous = [frame], [[index]], frame
+            self.open_frames, self.open_spans, self.previous = [frame], [[index]], features
 
     def _close_segment(self) -> None:
         self.encode_segment(self.open_frames, self.open_spans, self.blocks_of)
