@@ -82,8 +82,8 @@ clean: ## remove the virtual environment and caches (keeps outputs/)
 
 # extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
 BENCH_ARGS  ?=
-bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~10 min on 2 CPU cores); BENCH_ARGS="..."
-	@echo "make bench takes about 10 min on a 2-core CPU (every registered method x 8 frames of the 0.5B architecture; see BENCHMARKS.md 5a for the measured time; BENCH_ARGS=\"--methods rekv,mukv\" picks a few); results print at the end"
+bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~15 min on 2 CPU cores); BENCH_ARGS="..."
+	@echo "make bench takes about 15 min on a 2-core CPU (every registered method x 8 frames of the 0.5B architecture; see BENCHMARKS.md 5d for the measured time; BENCH_ARGS=\"--methods rekv,mukv\" picks a few); results print at the end"
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)
