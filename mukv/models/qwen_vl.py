@@ -156,40 +156,45 @@ def qwen_tiny_config(family: str, vocab_size: int, text_layers: int = 2, hidden:
                       vision_end_token_id=vocab_size - 4, tie_word_embeddings=True, **special)
 
 
+def _rope_25() -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
+
+
+def _rope_3() -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+
+
 # Released dimensions (config.json of each checkpoint), for geometry and benchmarks with random weights.
 RELEASED = {
     "qwen2.5-vl-3b": ("qwen2_5_vl", dict(
         text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                   num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+                  rope_parameters=_rope_25(),
                   tie_word_embeddings=True),
         vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                     fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2))),
     "qwen2.5-vl-7b": ("qwen2_5_vl", dict(
         text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                   num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}),
+                  rope_parameters=_rope_25()),
         vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                     fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2))),
     "qwen3-vl-2b": ("qwen3_vl", dict(
         text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True}, tie_word_embeddings=True),
+                  rope_parameters=_rope_3(), tie_word_embeddings=True),
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
                     deepstack_visual_indexes=[5, 11, 17]))),
     "qwen3-vl-4b": ("qwen3_vl", dict(
         text=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True}, tie_word_embeddings=True),
+                  rope_parameters=_rope_3(), tie_word_embeddings=True),
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
                     deepstack_visual_indexes=[5, 11, 17]))),
     "qwen3-vl-8b": ("qwen3_vl", dict(
         text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True}),
+                  rope_parameters=_rope_3()),
         vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
                     deepstack_visual_indexes=[8, 16, 24]))),
 }
