@@ -42,7 +42,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from mukv.cache import ordered_methods
 from mukv.cache.base import CacheMethod
-from mukv.cache.instrumentation import OpCounter
+from mukv.cache.instrumentation import CallCount, OpCounter, count_calls, plain_forward_calls
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
 from mukv.errors import MukvError
 from mukv.models.adapter import VideoLLM
@@ -65,6 +65,29 @@ def random_llava_ov(size: str, dtype: torch.dtype, device: str = "cpu") -> Video
             p.normal_(0, 0.02)
     use_stream_attention(model)
     return VideoLLM(model, build_byte_tokenizer(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), name=f"llava-ov-{size}-random")
+
+
+def narrow_llava_ov(size: str, head_dim: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32) -> VideoLLM:
+    """The LLaVA-OV layout (text layers, query and KV heads, tokens per frame, vocabulary) with ``head_dim``-wide
+    heads, a narrow MLP and a one-layer vision tower: operator calls do not depend on widths (tested), so
+    ``--ops`` counts the real architecture's calls in seconds instead of hours."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    full = llava_ov_config(size)
+    t, v = full.text_config, full.vision_config
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=v.image_size, patch_size=v.patch_size)
+    text = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.num_attention_heads * head_dim, intermediate_size=64,
+                       num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                       num_key_value_heads=t.num_key_value_heads, tie_word_embeddings=True)
+    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model = model.to(dtype)
+    use_stream_attention(model)
+    return VideoLLM(model, build_byte_tokenizer(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), name=f"llava-ov-{size}-narrow")
 
 
 # Qwen-VL architectures: the released dimensions, and the tiny ones (the tests)
@@ -260,6 +283,153 @@ def profile_step(step, device: torch.device, stem: Path, top: int = 30) -> dict[
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     print(f"profile {stem.name}: {json.dumps(summary)}", flush=True)
     return summary
+
+
+QUESTION = "What happened just before the person opened the door?"
+
+
+def steady_frames(method: CacheMethod, tokens_per_frame: int, chunk: int) -> int:
+    """Frames streamed before the counted chunk, in whole chunks: at least two chunks, and past the encoding
+    window (``n_local``, where the method encodes with one) and the answer budget (``video_tokens``)."""
+    import dataclasses
+
+    knobs = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)} if dataclasses.is_dataclass(method) else {}
+    window = knobs.get("n_local") if knobs.get("block_context", "shared") == "shared" else None
+    budget = type(method).video_tokens(knobs, tokens_per_frame) if knobs else None
+    tokens = max([0] + [int(n) for n in (window, budget) if isinstance(n, int)])
+    need = max(2 * chunk, -(-tokens // tokens_per_frame) + chunk)
+    return -(-need // chunk) * chunk
+
+
+def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None = None) -> dict[str, Any]:
+    """Operator calls and host reads of one steady-state chunk of ``chunk`` frames (after ``steady_frames``,
+    random visual tokens: the vision tower is the same for every method) and of one decoded answer token,
+    each against the stock transformers computation of the same tokens: a causal forward over the same
+    (batch, tokens) as the method's forwards, and a decode step over a ``DynamicCache`` as long as the answer's
+    context. ``ratio_one_forward``: against one plain forward of the chunk's tokens (a method that runs more
+    tokens than the chunk, as MuKV does, is over 1 by that alone)."""
+    g, lm = llm.geometry, llm.model.model.language_model
+    frames = steady_frames(method, g.tokens_per_frame, chunk) if frames is None else frames
+    steps, gen = chunk // g.frames_per_step, torch.Generator().manual_seed(0)
+
+    def visual() -> torch.Tensor:
+        return torch.randn(steps, g.tokens_per_frame, g.hidden_size, generator=gen).to(llm.device, llm.dtype)
+
+    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=4, progress=False))
+    from mukv.cache.block_store import BlockStore
+
+    staged = BlockStore.stage_host_blocks
+    BlockStore.stage_host_blocks = True  # a CPU run takes the device path of the block stores (staged, flushed)
+    try:
+        with torch.inference_mode():
+            method.start_video(llm.init_prompt_ids())
+            for first in range(0, frames, chunk):
+                method.ingest(visual(), first // g.frames_per_step)
+            x = visual()
+            sync(llm.device)
+            t = time.perf_counter()
+            step = count_calls(lambda: method.ingest(x, frames // g.frames_per_step), llm.device)
+            sync(llm.device)
+            chunk_s = time.perf_counter() - t
+            plain = plain_forward_calls(lm, step.forwards, g.hidden_size, llm.dtype, llm.device)
+            one = plain_forward_calls(lm, [(1, steps * g.tokens_per_frame)], g.hidden_size, llm.dtype, llm.device)
+            decode, decode_s, context_tokens = _decode_calls(llm, engine)
+            plain_decode, plain_decode_s = _plain_decode_calls(llm, context_tokens)
+    finally:
+        BlockStore.stage_host_blocks = staged
+    return {"method": method.name, "frames_before": frames, "chunk_ops": step.ops, "plain_ops": plain,
+            "ratio": step.ops / plain if plain else None, "ratio_one_forward": step.ops / one,
+            "forwards": step.forwards, "host_reads": step.host_reads, "host_read_sites": dict(step.sites),
+            "chunk_s": chunk_s, "decode_ops": decode.ops, "plain_decode_ops": plain_decode.ops,
+            "decode_ratio": decode.ops / plain_decode.ops, "decode_host_reads": decode.host_reads,
+            "decode_ms": decode_s * 1e3, "plain_decode_ms": plain_decode_s * 1e3, "context_tokens": context_tokens,
+            "top_ops": dict(step.by_op.most_common(12))}
+
+
+def _decode_calls(llm: VideoLLM, engine: StreamingEngine, tokens: int = 4) -> tuple[CallCount, float, int]:
+    """The engine's decode step (``decode_attention``), counted on the second answer token after the prompt;
+    time per token over ``tokens`` more."""
+    from mukv.engine import decode_attention
+
+    context = engine.method.recall(QUESTION)
+    prompt = llm.question_prompt_ids(QUESTION)
+    attend = decode_attention(context, llm, reserve=len(prompt) + tokens + 2)
+    token = llm.logits(llm.forward(llm.embed_ids(prompt), attend)[:, -1])[0].argmax()
+
+    def step() -> None:
+        nonlocal token
+        token = llm.logits(llm.forward(llm.embed_ids(token.view(1)), attend)[:, -1])[0].argmax()
+
+    step()
+    counted = count_calls(step, llm.device)
+    sync(llm.device)
+    t = time.perf_counter()
+    for _ in range(tokens):
+        step()
+    sync(llm.device)
+    return counted, (time.perf_counter() - t) / tokens, context.online_tokens + len(prompt) + 2
+
+
+def _plain_decode_calls(llm: VideoLLM, length: int, tokens: int = 4) -> tuple[CallCount, float]:
+    """transformers' own decode step (its SDPA attention and ``DynamicCache``) after ``length`` tokens: embed,
+    forward, head, greedy pick, as one step of greedy generation."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    lm, g = llm.model.model.language_model, llm.geometry
+    cache = DynamicCache(config=lm.config)
+    # transformers >= 5.x renames past_key_values to cache (the old name warns): whichever this version takes
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    x = torch.randn(1, length, g.hidden_size, dtype=llm.dtype, device=llm.device)
+    lm(inputs_embeds=x, use_cache=True, **{name: cache})
+    token = torch.zeros((), dtype=torch.long, device=llm.device)
+
+    def step() -> None:
+        nonlocal token
+        hidden = lm(inputs_embeds=lm.embed_tokens(token.view(1, 1)), use_cache=True, **{name: cache}).last_hidden_state
+        token = llm.model.lm_head(hidden[:, -1]).float()[0].argmax()
+
+    step()
+    counted = count_calls(step, llm.device)
+    sync(llm.device)
+    t = time.perf_counter()
+    for _ in range(tokens):
+        step()
+    sync(llm.device)
+    return counted, (time.perf_counter() - t) / tokens
+
+
+def ops_markdown(rows: list[dict[str, Any]], chunk: int) -> str:
+    lines = [f"| method | forwards (batch x tokens) | ops per {chunk}-frame chunk | plain forward, same tokens | ratio "
+             "| vs one chunk forward | host reads per chunk | ops per answer token | plain decode step | ratio "
+             "| ms per token (plain) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fw = ", ".join(f"{b}x{n}" for b, n in r["forwards"]) or "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        lines.append(f"| {r['method']} | {fw} | {r['chunk_ops']:,} | {r['plain_ops']:,} | {ratio} | "
+                     f"{r['ratio_one_forward']:.2f}x | {r['host_reads']} | {r['decode_ops']:,} | "
+                     f"{r['plain_decode_ops']:,} | {r['decode_ratio']:.2f}x | {r['decode_ms']:.1f} "
+                     f"({r['plain_decode_ms']:.1f}) |")
+    return "\n".join(lines)
+
+
+def run_ops(llm: VideoLLM, methods: list[CacheMethod], args) -> None:
+    from tqdm.auto import tqdm
+
+    rows = []
+    for method in tqdm(methods, desc="operator calls", unit="method"):
+        row = ops_row(llm, method, args.chunk)
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("method", "chunk_ops", "plain_ops", "ratio", "host_reads",
+                                              "decode_ops", "plain_decode_ops", "decode_ratio")}), flush=True)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": llm.name,
+              "dtype": args.dtype, "device": _device_name(llm.device), "chunk": args.chunk,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+    print(ops_markdown(rows, args.chunk))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, answer_every: int,
@@ -470,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-every", type=int, default=600, help="--growth: answer a question every N frames")
     parser.add_argument("--profile", default=None,
                         help="a folder: after each method's stream, profile one more chunk and one answer there")
+    parser.add_argument("--ops", action="store_true",
+                        help="operator calls and host reads per steady chunk and per answer token, against the stock "
+                             "transformers forward and decode step (--model 0.5b: its layout, narrow widths)")
     parser.add_argument("--llm-only", action="store_true",
                         help="--growth: random visual tokens instead of the vision tower (LLM-side curves)")
     parser.add_argument("overrides", nargs="*",
@@ -493,6 +666,8 @@ def main(argv: list[str] | None = None) -> None:
         llm = build_tiny(0, torch.device(args.device), dtype)
     elif args.model in QWEN_MODELS:
         llm = random_qwen(args.model, dtype, args.device, args.frame_size)
+    elif args.ops:  # operator calls do not depend on widths
+        llm = narrow_llava_ov(args.model, device=args.device, dtype=dtype)
     else:
         llm = random_llava_ov(args.model, dtype, args.device)
     tpf = llm.geometry.tokens_per_frame
@@ -502,6 +677,8 @@ def main(argv: list[str] | None = None) -> None:
             method.validate(llm.geometry)
         except MukvError as err:
             parser.error(f"--methods {method.name}: {err}")
+    if args.ops:
+        return run_ops(llm, methods, args)
     if llm.device.type == "cuda":  # untimed: the first CUDA calls pay for kernel selection and allocator growth
         bench_method(llm, build_bench_method(MethodSpec("full"), tpf), args.chunk, args.chunk, 2)
     if args.growth:

@@ -24,7 +24,6 @@ from mukv.cache import kernels
 from mukv.cache.instrumentation import count_attention
 from mukv.cache.kernels import (
     causal_suffix_attention,
-    expand_kv_heads,
     grouped_sdpa,
     merge_parts,
     needs_grad,
@@ -98,6 +97,7 @@ class SinkWindowKV:
         self.start = 0  # global index of self.k[..., 0, :]
         self.block_origin = 0  # global index where the first handover block starts (set by set_init)
         self.max_keys_in_view = 0  # most keys one query block attended to (cost is bounded by the window)
+        self._sinks: tuple[torch.Tensor, torch.Tensor] | None = None  # (init_k, the sink keys: _sink_keys)
 
     @property
     def n_seen(self) -> int:
@@ -203,10 +203,19 @@ class SinkWindowKV:
             return grouped_sdpa(q_rot, k_rot, vw, scaling, band)
         # Each query sees its first _sink_size init tokens as sinks, all at one fixed distance (the sink part is
         # separate from the window part: under per_block a token can be in both).
-        q_sink = rope.rotate(q, torch.full((lq,), self._sink_position(), device=q.device))
         sink_mask = torch.arange(n_sinks, device=q.device)[None, :] < self._sink_sizes(qa, qb, q.device)[:, None]
-        return two_part_attention(q_rot, k_rot, vw, band, q_sink, self.init_k[..., :n_sinks, :],
+        return two_part_attention(q_rot, k_rot, vw, band, q, self._sink_keys(rope)[..., :n_sinks, :],
                                   self.init_v[..., :n_sinks, :], sink_mask, scaling)
+
+    def _sink_keys(self, rope: RotaryTable) -> torch.Tensor:
+        """The init keys as every query sees them once they are sinks: at the sink distance *before* the query.
+        ReKV's code rotates the queries to that distance and keeps the sink keys at 0; rotating the keys the
+        other way (to minus the distance) and leaving the queries at 0 gives the same scores, q.R(a)k' = q.k'R(-a)
+        for rotations, with the keys rotated once per video instead of the queries once per layer and chunk."""
+        if self._sinks is None or self._sinks[0] is not self.init_k:
+            at = torch.full((self.n_init,), -self._sink_position(), device=self.init_k.device)
+            self._sinks = (self.init_k, rope.rotate(self.init_k, at))
+        return self._sinks[1]
 
     def _unmasked_parts(self, q, k_rot, vw, q_rot, sink_needed, scaling, rope) -> list[tuple[torch.Tensor, ...]]:
         """The block's attention as parts that need no mask, each run by a fused kernel that returns its
@@ -218,32 +227,37 @@ class SinkWindowKV:
         sees, [qb - n_local + 1, qa), and the lq keys [lo, lo + lq) that query r sees from offset r on:
         with queries and keys both reversed that is again a square causal triangle. Sinks are one more
         unmasked part once every query sees them all (they are a separate part: under ``per_block`` an init
-        token still in a query's window is attended there too, as in ReKV's code). Before this, the window was one masked kernel call
-        and the mask cost more than the attention: the masked kernels run at half the speed of the fused
-        unmasked ones on an H200."""
+        token still in a query's window is attended there too, as in ReKV's code). Before this, the window was
+        one masked kernel call and the mask cost more than the attention: the masked kernels run at half the
+        speed of the fused unmasked ones on an H200. Where the kernel takes a mask (the CPU's), the reversed
+        triangle is one call under a fixed mask instead (``memo_mask``: built once, no flips). Kernels take
+        the grouped KV heads as they are (``lse_kernel``)."""
         kernel = kernels.lse_kernel(q.device, q.dtype, q.shape[-1])
         lq = q.shape[-2]
         own = k_rot.shape[-2] - lq
         n_local = self.n_local
-        k_all, v_all = expand_kv_heads(k_rot, q.shape[1]), expand_kv_heads(vw, q.shape[1])
-        parts = [kernel(q_rot, k_all[..., own:, :], v_all[..., own:, :], True, scaling)]
-        count_attention(q_rot, k_all[..., own:, :])
+        parts = [kernel(q_rot, k_rot[..., own:, :], vw[..., own:, :], True, scaling)]
+        count_attention(q_rot, k_rot[..., own:, :])
         if n_local is None:
             if own > 0:
-                parts.append(kernel(q_rot, k_all[..., :own, :], v_all[..., :own, :], False, scaling))
-                count_attention(q_rot, k_all[..., :own, :])
+                parts.append(kernel(q_rot, k_rot[..., :own, :], vw[..., :own, :], False, scaling))
+                count_attention(q_rot, k_rot[..., :own, :])
         else:
             if own > lq:
-                parts.append(kernel(q_rot, k_all[..., lq:own, :], v_all[..., lq:own, :], False, scaling))
-                count_attention(q_rot, k_all[..., lq:own, :])
-            out, lse = kernel(q_rot.flip(-2), k_all[..., :lq, :].flip(-2), v_all[..., :lq, :].flip(-2), True, scaling)
-            parts.append((out.flip(-2), lse.flip(-1)))
-            count_attention(q_rot, k_all[..., :lq, :])
-            if sink_needed:  # every query sees every sink (``_fused_applies``)
-                q_sink = rope.rotate(q, torch.full((lq,), self._sink_position(), device=q.device))
-                ks, vs = expand_kv_heads(self.init_k, q.shape[1]), expand_kv_heads(self.init_v, q.shape[1])
-                parts.append(kernel(q_sink, ks.to(q.dtype), vs.to(q.dtype), False, scaling))
-                count_attention(q_sink, ks)
+                parts.append(kernel(q_rot, k_rot[..., lq:own, :], vw[..., lq:own, :], False, scaling))
+                count_attention(q_rot, k_rot[..., lq:own, :])
+            masked = kernels.lse_kernel(q.device, q.dtype, q.shape[-1], masked=True)
+            if masked is kernel:  # the kernel takes a mask (CPU): the oldest lq keys under a fixed (memoized) one
+                parts.append(kernel(q_rot, k_rot[..., :lq, :], vw[..., :lq, :], False, scaling,
+                                    kernels.memo_mask("from_row", lq, lq, q.device)))
+            else:
+                out, lse = kernel(q_rot.flip(-2), k_rot[..., :lq, :].flip(-2), vw[..., :lq, :].flip(-2), True, scaling)
+                parts.append((out.flip(-2), lse.flip(-1)))
+            count_attention(q_rot, k_rot[..., :lq, :])
+            if sink_needed:  # every query sees every sink (``_fused_applies``), at the sink distance
+                ks = self._sink_keys(rope)
+                parts.append(kernel(q, ks.to(q.dtype), self.init_v.to(q.dtype), False, scaling))
+                count_attention(q, ks)
         return parts
 
 

@@ -33,6 +33,7 @@ from typing import Any, Generic, Optional, TypeVar
 import numpy as np
 import torch
 
+from mukv.cache.instrumentation import mark_host
 from mukv.cache.quant import QUANT_MODES, KVQuant, QuantizedTensor, check_quant, dequantize, quantize
 from mukv.errors import ConfigError
 
@@ -85,6 +86,8 @@ class BlockStore:
         self._blocks: list[Block] = []
         self._staged: list[Block] = []  # added from a device, not yet moved to host memory (see flush)
         self._staged_bytes = 0
+        # flushed blocks whose device-to-host copy may still run: (CUDA event or None, blocks, copy sources)
+        self._landing: list[tuple[Any, list[Block], list[torch.Tensor]]] = []
         self.stage_limit_bytes = 1 << 30  # flush by itself past this much staged KV
         self.ram_bytes = 0
         self.disk_bytes = 0
@@ -94,8 +97,10 @@ class BlockStore:
 
     @property
     def blocks(self) -> list[Block]:
-        """Every block, in insertion order, in host memory or on disk (staged blocks are flushed first)."""
+        """Every block, in insertion order, in host memory or on disk (staged blocks are flushed first, and
+        landed)."""
         self.flush()
+        self._land(wait=True)
         return self._blocks
 
     @property
@@ -138,7 +143,13 @@ class BlockStore:
         return block.id
 
     def flush(self) -> None:
-        """Move the staged blocks to host memory (or disk): one device-to-host copy per dtype for all of them."""
+        """Move the staged blocks to host memory (or disk): one device-to-host copy per dtype for all of them.
+
+        On CUDA the copy goes into pinned memory without the host waiting for it: the blocks land (their metadata
+        read, spills written) once a CUDA event says the copy is done, checked at the next flush without
+        waiting, or waited for when a block is read (``blocks``, at a question). So a chunk's encoding never
+        waits for the device."""
+        self._land(wait=False)
         if not self._staged:
             return
         staged, self._staged, self._staged_bytes = self._staged, [], 0
@@ -147,21 +158,42 @@ class BlockStore:
             tensors += _leaves(b.k) + _leaves(b.v) + [b.positions]
             tensors += [m for m in b.meta.values() if isinstance(m, torch.Tensor)]
         host: dict[int, torch.Tensor] = {}
+        sources = []
         for device, dtype in {(t.device, t.dtype) for t in tensors}:
             group = [t for t in tensors if t.device == device and t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in group])
             buf = torch.empty(flat.shape, dtype=dtype, pin_memory=self.pin_memory)
-            buf.copy_(flat)  # the one wait for the device
+            mark_host(buf)
+            buf.copy_(flat, non_blocking=True)  # pinned: asynchronous on CUDA (landed by _land)
+            sources.append(flat)  # alive until the copy is done
             offset = 0
             for t in group:
                 host[id(t)] = buf[offset:offset + t.numel()].view(t.shape)
+                mark_host(host[id(t)])
                 offset += t.numel()
         for b in staged:
             b.k = _map_leaves(b.k, lambda t: host[id(t)])
             b.v = _map_leaves(b.v, lambda t: host[id(t)])
             b.positions = host[id(b.positions)]
             b.meta = {key: host[id(m)] if isinstance(m, torch.Tensor) else m for key, m in b.meta.items()}
-            self._settle(b, owned=True)
+        event = None
+        if self.pin_memory and any(t.device.type == "cuda" for t in sources):
+            event = torch.cuda.Event()
+            event.record()
+        self._landing.append((event, staged, sources))
+        self._land(wait=False)
+
+    def _land(self, wait: bool) -> None:
+        """Settle the flushed blocks whose copy is done (all of them if ``wait``: the host then waits for it)."""
+        while self._landing:
+            event, staged, _ = self._landing[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self._landing.pop(0)
+            for b in staged:
+                self._settle(b, owned=True)
 
     def _settle(self, block: Block, owned: bool = False) -> None:
         """Give a block its final home: host memory, or a file when it spilled. ``owned``: its tensors are
@@ -223,6 +255,7 @@ class BlockStore:
     def clear(self) -> None:
         """Drop every block and remove spill files."""
         self._blocks.clear()
+        self._land(wait=True)
         self._staged.clear()
         self._staged_bytes = 0
         self.ram_bytes = self.disk_bytes = 0

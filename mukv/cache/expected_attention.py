@@ -68,4 +68,5 @@ class ExpectedAttentionPress(ChunkPress):
         scores = torch.softmax(scores, -1).view(keys.shape[0], groups, -1).mean(1)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values.norm(dim=-1)
-        return torch.nn.functional.pad(scores, (self.n_sink, 0), value=scores.max().item() + 1)
+        # the sinks first, above every other score (computed on the device: no read by the host)
+        return torch.cat(((scores.max() + 1).expand(*scores.shape[:-1], self.n_sink), scores), dim=-1)

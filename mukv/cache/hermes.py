@@ -245,11 +245,16 @@ class Hermes(KeptKVCache):
         for idx, tier in enumerate(self.tiers):
             budget = min(self.layer_budget - (tier.name == "long"), held[idx])
             picked = scores[idx].topk(budget, sorted=False).indices.sort().values
-            self._shrink(idx, picked, summarise=tier.name == "long", compact=compact)
+            self._shrink(idx, picked, held[idx], summarise=tier.name == "long", compact=compact)
+        # every layer's next position in one read (the prefill of the next frame rotates from it on the host)
+        last = torch.stack([p[-1] if p.numel() else p.new_full((), self.n_init - 1) for p in self.positions])
+        self.next_positions = [p + 1 for p in last.tolist()]
         self.compressions += 1
         self.compactions += int(compact)
 
-    def _shrink(self, idx: int, picked: torch.Tensor, summarise: bool, compact: bool) -> None:
+    def _shrink(self, idx: int, picked: torch.Tensor, held: int, summarise: bool, compact: bool) -> None:
+        """Keep ``picked`` (sorted indices of the ``held`` tokens) in layer ``idx``; ``summarise``: the dropped ones
+        become one summary token after the last kept one. No value is read by the host (sizes are known)."""
         rope, keys, values = self.llm.rope, self.keys[idx], self.values[idx]
         positions, tokens = self.positions[idx], self.tokens[idx]
         kept_pos = torch.arange(self.n_init, self.n_init + picked.numel(), device=positions.device) if compact \
@@ -259,18 +264,19 @@ class Hermes(KeptKVCache):
             kept_k = rope.rotate(kept_k, (kept_pos - positions[picked]).float())
         parts_k, parts_v = [kept_k], [values[:, :, picked]]
         parts_pos, parts_tok = [kept_pos], [tokens[:, picked]]
-        dropped = torch.ones(keys.shape[-2], dtype=torch.bool, device=keys.device)
-        dropped[picked] = False
-        if summarise and bool(dropped.any()):
-            at = int(kept_pos[-1]) + 1 if kept_pos.numel() else self.n_init
-            moved = rope.rotate(keys[:, :, dropped], (at - positions[dropped]).float())
+        n_drop = held - picked.numel()
+        if summarise and n_drop > 0:
+            dropped = torch.ones(held, dtype=torch.uint8, device=keys.device)
+            dropped[picked] = 0
+            gone = dropped.sort(descending=True, stable=True).indices[:n_drop]  # the dropped indices, in order
+            at = kept_pos[-1:] + 1 if picked.numel() else positions.new_full((1,), self.n_init)
+            moved = rope.rotate(keys[:, :, gone], (at - positions[gone]).float())
             parts_k.append(moved.mean(-2, keepdim=True))
-            parts_v.append(values[:, :, dropped].mean(-2, keepdim=True))
-            parts_pos.append(torch.tensor([at], device=positions.device))
+            parts_v.append(values[:, :, gone].mean(-2, keepdim=True))
+            parts_pos.append(at)
             parts_tok.append(torch.full((tokens.shape[0], 1), SUMMARY_TOKEN, device=tokens.device))
         self.keys[idx], self.values[idx] = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
         self.positions[idx], self.tokens[idx] = torch.cat(parts_pos), torch.cat(parts_tok, dim=-1)
-        self.next_positions[idx] = int(self.positions[idx][-1]) + 1 if self.positions[idx].numel() else self.n_init
 
     # ---------------------------------------------------------------------------------- recall
     def recall(self, question: str) -> AnswerContext[HermesRecall]:

@@ -37,6 +37,11 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int, head_dim: int = 1) -> torch
     return x.repeat_interleave(groups, dim=head_dim) if groups > 1 else x
 
 
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, without an operator call where it already is (``.float()`` is one even then)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will differentiate through these. The fused kernels give no gradient through their
     log-sum-exp output, so a merge by log-sum-exp would get the queries' and keys' gradients wrong: training
@@ -61,11 +66,7 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: flo
 
 def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
     """Queries are the last ``lq`` of ``lk`` keys: every earlier key visible, causal among the new ones."""
-    if lq == 1:
-        return None
-    i = torch.arange(lq, device=device)[:, None] + (lk - lq)
-    j = torch.arange(lk, device=device)[None, :]
-    return j <= i
+    return None if lq == 1 else memo_mask("suffix", lq, lk, torch.device(device))
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -82,12 +83,47 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: to
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+_BIASES: list[tuple[torch.Tensor, torch.dtype, torch.Tensor]] = []  # (mask, dtype, additive bias), newest last
+
+
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True where allowed) as an additive bias (0 / -inf). The bias of the last few mask
+    tensors is kept: the layers of one forward pass the same (memoized) mask, so it is built once per forward
+    and not once per layer (operator calls are host time on a GPU)."""
+    for m, d, bias in _BIASES:
+        if m is mask and d == dtype and bias.is_inference() == torch.is_inference_mode_enabled():
+            return bias
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _BIASES.append((mask, dtype, bias))
+    del _BIASES[:-4]
+    return bias
+
+
 def _cpu_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
     """torch's CPU flash kernel; a mask goes in as an additive bias (-inf where not allowed)."""
-    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-        ~mask, float("-inf"))
-    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
-    return out, lse.float()
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=None if mask is None else mask_bias(mask, q.dtype),
+                          scale=scaling)
+    return out, as_float(lse)
+
+
+_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def memo_mask(kind: str, lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """Boolean masks of fixed shape, kept for the last few shapes (every layer of a forward asks for the same):
+    ``suffix``: queries are the last ``lq`` of ``lk`` keys (each sees every earlier key and itself);
+    ``from_row``: query r sees keys r.. of ``lk`` = ``lq`` (the window's oldest keys, see ``SinkWindowKV``)."""
+    # inference tensors must not reach autograd (training evaluates under inference mode, then trains)
+    key = (kind, lq, lk, device, torch.is_inference_mode_enabled())
+    got = _MASKS.get(key)
+    if got is None:
+        i = torch.arange(lq, device=device)[:, None]
+        j = torch.arange(lk, device=device)[None, :]
+        got = j <= i + (lk - lq) if kind == "suffix" else j >= i
+        _MASKS[key] = got
+        if len(_MASKS) > 8:
+            _MASKS.pop(next(iter(_MASKS)))
+    return got
 
 
 def _lse_rows(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -138,33 +174,54 @@ def lse_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, masked: 
     """The fastest fused attention of this device that returns the log-sum-exp and agrees with the one-softmax
     reference on a small problem (square causal and unmasked, and with a mask when ``masked``; checked once per
     device, dtype, head size and ``masked``). ``masked``: one that takes a mask (CPU flash; CUDA
-    memory-efficient). None: none does (callers then take the reference path)."""
+    memory-efficient). None: none does (callers then take the reference path).
+
+    The kernel returned takes grouped KV heads (fewer than the queries'): where the aten op takes them itself
+    (torch's CPU flash kernel does, checked here against the expanded heads) they go in as they are, with no
+    copy and no extra operator call; elsewhere a wrapper repeats them for each query group."""
     key = (device.type, device.index, dtype, head_dim, masked)
     if key not in _LSE_KERNELS:
         candidates = [c for c in _CANDIDATES.get(device.type, []) if not masked or c in _TAKES_MASK]
-        _LSE_KERNELS[key] = next((c for c in candidates if _agrees(c, device, dtype, head_dim, masked)), None)
+        found = next((c for c in candidates if _agrees(c, device, dtype, head_dim, masked)), None)
+        if found is not None and not _agrees(found, device, dtype, head_dim, masked, kv_heads=1):
+            found = _expanding(found)
+        _LSE_KERNELS[key] = found
     return _LSE_KERNELS[key]
 
 
-def _agrees(kernel: LseKernel, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool) -> bool:
-    """Whether ``kernel``'s output and log-sum-exp match one softmax over the same scores."""
+def _expanding(kernel: LseKernel) -> LseKernel:
+    """``kernel`` for grouped KV heads, repeated per query group before the call."""
+    def grouped(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
+        hq = q.shape[1]
+        return kernel(q, expand_kv_heads(k, hq), expand_kv_heads(v, hq), causal, scaling, mask)
+
+    grouped.__name__ = f"{kernel.__name__}_expanding"
+    return grouped
+
+
+def _agrees(kernel: LseKernel, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
+            kv_heads: int = 2) -> bool:
+    """Whether ``kernel``'s output and log-sum-exp match one softmax over the same scores (``kv_heads`` 1:
+    keys and values with one head for the queries' two, i.e. whether it takes grouped heads)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, head_dim, generator=g).to(device, dtype) for n in (37, 53, 53))
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    kx, vx = expand_kv_heads(k, 2), expand_kv_heads(v, 2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     causal_mask = torch.ones(37, 37, dtype=torch.bool, device=device).tril()
-    cases = [(True, k[..., :37, :], v[..., :37, :], None), (False, k, v, None)]
+    cases = [(True, 37, None), (False, 53, None)]
     if masked:  # a band with some keys of every row hidden (no row without a visible key)
         i, j = torch.arange(37, device=device)[:, None] + 16, torch.arange(53, device=device)[None, :]
-        cases.append((False, k, v, (j <= i) & (i - j < 24)))
+        cases.append((False, 53, (j <= i) & (i - j < 24)))
     try:
-        for causal, kk, vv, mask in cases:
-            out, lse = kernel(q, kk, vv, causal, 0.125, mask)
-            s = (q.float() @ kk.float().transpose(-1, -2)) * 0.125
+        for causal, n, mask in cases:
+            out, lse = kernel(q, k[..., :n, :], v[..., :n, :], causal, 0.125, mask)
+            s = (q.float() @ kx[..., :n, :].float().transpose(-1, -2)) * 0.125
             allowed = causal_mask if causal else mask
             if allowed is not None:
                 s = s.masked_fill(~allowed, float("-inf"))
             want_lse = s.logsumexp(-1)
-            want = s.softmax(-1) @ vv.float()
+            want = s.softmax(-1) @ vx[..., :n, :].float()
             if lse.shape != want_lse.shape or not torch.allclose(lse, want_lse, atol=tol, rtol=tol) or \
                     not torch.allclose(out.float(), want, atol=tol, rtol=tol):
                 return False
@@ -174,14 +231,21 @@ def _agrees(kernel: LseKernel, device: torch.device, dtype: torch.dtype, head_di
 
 
 def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """Softmax attention over the union of the parts' keys, from each part's output and log-sum-exp."""
-    m = torch.stack([lse for _, lse in parts]).amax(dim=0)
-    num = den = 0
-    for out, lse in parts:
-        w = (lse - m).exp()
-        num = num + out.float() * w[..., None]
-        den = den + w
-    return (num / den[..., None]).to(dtype)
+    """Softmax attention over the union of the parts' keys, from each part's output and log-sum-exp.
+
+    Two parts weigh as ``sigmoid(lse_a - lse_b)`` (= exp(lse_a) / (exp(lse_a) + exp(lse_b))) in one ``lerp``;
+    more parts by a softmax over the stacked log-sum-exps: a few operator calls whatever the number of parts
+    (each call is host time on a GPU). A part with log-sum-exp -inf (no visible key) weighs 0."""
+    if len(parts) == 1:
+        return parts[0][0] if parts[0][0].dtype == dtype else parts[0][0].to(dtype)
+    if len(parts) == 2:
+        (out_a, lse_a), (out_b, lse_b) = parts
+        w = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
+        out = torch.lerp(as_float(out_b), as_float(out_a), w)
+    else:
+        w = torch.stack([lse for _, lse in parts]).softmax(dim=0).unsqueeze(-1)
+        out = (as_float(torch.stack([out for out, _ in parts])) * w).sum(0)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 # ------------------------------------------------------------------------ attention built on them
@@ -205,13 +269,12 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     split = q.device.type in SUFFIX_PARTS_DEVICES and 0 < lq <= lk and not needs_grad(q, k, v)
     kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if split else None
     if kernel is not None:
-        hq, new = q.shape[1], slice(lk - lq, lk)
+        new = slice(lk - lq, lk)
         try:
-            parts = [kernel(q, expand_kv_heads(k[..., new, :], hq), expand_kv_heads(v[..., new, :], hq), True, scaling)]
+            parts = [kernel(q, k[..., new, :], v[..., new, :], True, scaling)]
             if lk > lq:
                 old = slice(0, lk - lq)
-                parts.append(kernel(q, expand_kv_heads(k[..., old, :], hq), expand_kv_heads(v[..., old, :], hq),
-                                    False, scaling))
+                parts.append(kernel(q, k[..., old, :], v[..., old, :], False, scaling))
             count_attention(q, k)
             return parts[0][0] if len(parts) == 1 else merge_parts(parts, q.dtype)
         except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
@@ -222,8 +285,7 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 def _masked_attention_lse(kernel: LseKernel, q, k, v, mask: torch.Tensor, scaling: float):
     """(output, log-sum-exp) of masked attention with grouped KV heads from a mask-taking ``kernel``; a row
     with no visible key gets log-sum-exp -inf (the kernels report 0), so that it weighs nothing."""
-    k, v = expand_kv_heads(k, q.shape[1]).to(q.dtype), expand_kv_heads(v, q.shape[1]).to(q.dtype)
-    out, lse = kernel(q, k, v, False, scaling, mask)
+    out, lse = kernel(q, k.to(q.dtype), v.to(q.dtype), False, scaling, mask)
     return out, lse.masked_fill(~mask.any(-1), float("-inf"))
 
 

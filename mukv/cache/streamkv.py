@@ -84,6 +84,17 @@ def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(x @ y / (x.norm() * y.norm() + 1e-8))
 
 
+def consecutive_similarities(features: torch.Tensor, previous: torch.Tensor | None) -> list[float]:
+    """``frame_similarity`` of each frame of ``features`` (F, tokens, hidden) with the one before it (the first
+    with ``previous``; nan without one), read by the host once for all frames instead of once per frame."""
+    means = features.float().mean(1)
+    if previous is not None:
+        means = torch.cat((previous.float().mean(0)[None], means))
+    a, b = means[:-1], means[1:]
+    sims = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
+    return ([math.nan] if previous is None else []) + sims.tolist()
+
+
 def merge_most_similar(frames: list[torch.Tensor], spans: list[list[int]], sims: list[float]) -> None:
     """Average the two adjacent frames of a segment whose similarity is highest, in place (``sims[i]``: frame i
     with frame i + 1), and update the similarities around the merged frame."""
@@ -108,15 +119,20 @@ def layer_counts(scores: list[torch.Tensor], target: int) -> list[int]:
     cumulative = []
     for s in scores:
         s = s.float()
-        spread = float(s.std()) if s.numel() > 1 else 0.0
-        z = (s - s.mean()) / spread if spread > 0 else torch.zeros_like(s)  # constant scores: uniform
+        if s.numel() > 1:
+            spread = s.std()
+            z = torch.where(spread > 0, (s - s.mean()) / spread, 0.0)  # constant scores: uniform
+        else:
+            z = torch.zeros_like(s)
         cumulative.append(z.softmax(0).sort(descending=True).values.cumsum(0))
     width = max(c.numel() for c in cumulative)
     table = torch.stack([torch.cat((c, c.new_full((width - c.numel(),), math.inf))) for c in cumulative])
 
-    def counts_at(threshold: float) -> torch.Tensor:
-        column = table.new_full((table.shape[0], 1), threshold)
-        return torch.searchsorted(table, column, right=False).clamp(min=1).view(-1)
+    rows = np.asarray(table.tolist(), dtype=np.float32)  # one read by the host; the search runs there
+
+    def counts_at(threshold: float) -> np.ndarray:
+        t = np.float32(threshold)  # compared in the table's precision, as torch.searchsorted on it would
+        return np.maximum(np.array([np.searchsorted(row, t, side="left") for row in rows]), 1)
 
     low, high, mid = 0.0, 1.0, 0.0
     while high - low > 1e-6:
@@ -128,7 +144,7 @@ def layer_counts(scores: list[torch.Tensor], target: int) -> list[int]:
             high = mid
         else:
             low = mid
-    return counts_at(mid).tolist()
+    return [int(c) for c in counts_at(mid)]
 
 
 def rescale_counts(counts: list[int], low: float, high: float) -> list[int]:
@@ -259,13 +275,18 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         self.guidance_ids = self.llm.tokenize(self.guidance_prompt)
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
+        # compared by their embeddings alone (an adapter may pack side channels after them: Qwen-VL's)
+        features = self.llm.token_features(visual)
+        sims = consecutive_similarities(features, self.previous) if self.segment_mode == SegmentMode.semantic \
+            else [None] * visual.shape[0]
         for i in range(visual.shape[0]):
-            # compared by their embeddings alone (an adapter may pack side channels after them: Qwen-VL's)
-            self._add_frame(visual[i], first_frame + i, self.llm.token_features(visual[i]))
+            self._add_frame(visual[i], first_frame + i, features[i], sims[i])
         self.frames_seen = first_frame + visual.shape[0]
 
-    def _add_frame(self, frame: torch.Tensor, index: int, features: torch.Tensor | None = None) -> None:
-        """Add a frame's tokens to the open segment; ``features`` (default: the tokens) are what it is compared by."""
+    def _add_frame(self, frame: torch.Tensor, index: int, features: torch.Tensor | None = None,
+                   similarity: float | None = None) -> None:
+        """Add a frame's tokens to the open segment; ``features`` (default: the tokens) are what it is compared by,
+        ``similarity`` its ``frame_similarity`` with the previous frame where already computed."""
         features = frame if features is None else features
         if self.segment_mode == SegmentMode.uniform:
             self.open_frames.append(frame)
@@ -276,7 +297,8 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         if not self.open_frames:
             self.open_frames, self.open_spans, self.previous = [frame], [[index]], features
             return
-        similarity = frame_similarity(features, self.previous)
+        if similarity is None:
+            similarity = frame_similarity(features, self.previous)
         self.open_sims.append(similarity)
         if len(self.open_frames) < self.min_segment_frames or similarity > self.segment_theta:
             self.open_frames.append(frame)
@@ -327,9 +349,13 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
 
         self.run_layers(embeds, attend)
         keep = self.keep_counts(scores, n_frames) if compress else [n_frames] * len(scores)
+        cut = [idx for idx in range(len(layers)) if keep[idx] < n_frames]
+        chosen = torch.cat([scores[idx].topk(keep[idx]).indices.sort().values for idx in cut]).tolist() if cut else []
+        picks: dict[int, list[int]] = {}
+        for idx in cut:  # every layer's frames in one read
+            picks[idx], chosen = chosen[:keep[idx]], chosen[keep[idx]:]
         for idx, layer in enumerate(layers):
-            picked = list(range(n_frames)) if keep[idx] >= n_frames else \
-                scores[idx].topk(keep[idx]).indices.sort().values.tolist()
+            picked = picks.get(idx, list(range(n_frames)))
             if self.use_segment_summary:
                 picked.append(n_frames)
             k, v = new_kv[idx]

@@ -169,7 +169,7 @@ class VideoLLM:
         attention and cache; returns the final normed hidden states (1, L, D)."""
         from mukv.cache.instrumentation import OpCounter
 
-        OpCounter.llm_tokens += embeds.shape[0] * embeds.shape[1]
+        OpCounter.add_forward(embeds)
         pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         out = self.language_model(
             inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False, mukv_attention=attention,

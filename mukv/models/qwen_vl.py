@@ -318,7 +318,7 @@ class QwenVLVideoLLM(VideoLLM):
     def forward(self, embeds: torch.Tensor, attention) -> torch.Tensor:
         from mukv.cache.instrumentation import OpCounter
 
-        OpCounter.llm_tokens += embeds.shape[0] * embeds.shape[1]
+        OpCounter.add_forward(embeds)
         if embeds.shape[-1] != self.packed_width:
             raise ValueError(f"expected packed tokens of width {self.packed_width} (embed_ids / encode_frames), "
                              f"got {embeds.shape[-1]}")

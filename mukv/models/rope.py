@@ -22,6 +22,7 @@ class RotaryTable:
     def __init__(self, inv_freq: torch.Tensor) -> None:
         self.inv_freq = inv_freq.detach().float()
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._turns: dict[tuple, torch.Tensor] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (..., L, head_dim) for positions (..., L) (e.g. one row per head, for methods
@@ -37,9 +38,23 @@ class RotaryTable:
         return self._apply(x, *self.cos_sin(positions, x.dtype))
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated_half * sin
+        """``x * cos + rotate_half(x) * sin`` (transformers' formula), with ``rotate_half`` as one matmul by a
+        signed permutation (exact: one non-zero product per output) and the sum as ``addcmul``: 3 operator
+        calls where slicing, negating and concatenating took 9 (operator calls are host time on a GPU)."""
+        return torch.addcmul(x * cos, x @ self._half_turn(x), sin)
+
+    def _half_turn(self, x: torch.Tensor) -> torch.Tensor:
+        """(d, d) with ``y @ it == cat((-y[d/2:], y[:d/2]))`` for rows y, per head size, dtype and device."""
+        d = x.shape[-1]
+        key = (d, x.dtype, x.device, torch.is_inference_mode_enabled())
+        got = self._turns.get(key)
+        if got is None:
+            half = torch.arange(d // 2)
+            got = torch.zeros(d, d)
+            got[half + d // 2, half] = -1.0
+            got[half, half + d // 2] = 1.0
+            got = self._turns[key] = got.to(x.device, x.dtype)
+        return got
 
     def rotate_range(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate ``x`` to the contiguous positions start .. start + L - 1."""
