@@ -55,6 +55,41 @@ class Block:
     def tokens(self) -> int:
         return int(self.k.shape[2])
 
+    @classmethod
+    def of_batch(cls, block_id: int, batch: _Batch, row: int, first_frame: float, num_frames: float) -> Block:
+        """A block that is row ``row`` of ``batch`` (``BlockStore.add_many``): its k, v, positions and meta are
+        taken from the batch when first read (at a question), not while the stream is encoded."""
+        block = cls.__new__(cls)
+        block.id, block.first_frame, block.num_frames, block.on_disk = block_id, first_frame, num_frames, False
+        block._source = (batch, row)
+        return block
+
+    def __getattr__(self, name: str) -> Any:  # only for members not set yet: those of a block of a batch
+        source = self.__dict__.get("_source")
+        if source is None or name not in ("k", "v", "positions", "meta"):
+            raise AttributeError(name)
+        batch, row = source
+        self.k, self.v, self.positions = batch.k[row], batch.v[row], batch.positions[row]
+        self.meta = {key: m[row] for key, m in batch.meta_lists().items()}
+        del self.__dict__["_source"]
+        return self.__dict__[name]
+
+
+@dataclass
+class _Batch:
+    """Blocks added together (``BlockStore.add_many``): (B, ...) tensors, moved to the host as a whole."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor  # (B, n)
+    meta: dict[str, Any]  # name -> (B, ...) tensor or a list of B values
+    _lists: dict[str, list] | None = None
+
+    def meta_lists(self) -> dict[str, list]:
+        if self._lists is None:
+            self._lists = {key: m.tolist() if isinstance(m, torch.Tensor) else list(m) for key, m in self.meta.items()}
+        return self._lists
+
     @property
     def nbytes(self) -> int:
         return _nbytes(self.k) + _nbytes(self.v)
@@ -85,6 +120,8 @@ class BlockStore:
         self._spill_dir: Path | None = None
         self._blocks: list[Block] = []
         self._staged: list[Block] = []  # added from a device, not yet moved to host memory (see flush)
+        self._staged_batches: list[_Batch] = []  # the same, added together (add_many)
+        self._tokens = 0
         self._staged_bytes = 0
         # flushed blocks whose device-to-host copy may still run: (CUDA event or None, blocks, copy sources)
         self._landing: list[tuple[Any, list[Block], list[torch.Tensor]]] = []
@@ -109,7 +146,7 @@ class BlockStore:
 
     @property
     def tokens(self) -> int:
-        return sum(b.tokens for b in self._blocks)
+        return self._tokens
 
     @property
     def spill_dir(self) -> Path | None:
@@ -133,6 +170,7 @@ class BlockStore:
         block = Block(len(self._blocks), k, v, positions.detach().to(torch.long), first_frame, num_frames, spill,
                       dict(meta or {}))
         self._blocks.append(block)
+        self._tokens += n
         if _leaves(k)[0].device.type == "cpu" and not self.stage_host_blocks:
             self._settle(block)
         else:
@@ -142,6 +180,32 @@ class BlockStore:
                 self.flush()
         return block.id
 
+    def add_many(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, first_frames: list[float],
+                 num_frames: float | list[float], meta: dict[str, Any] | None = None) -> list[int]:
+        """Store B blocks of equal size at once: k and v (B, layers, kv_heads, n, head_dim), positions (B, n), meta
+        values (B, ...) tensors or lists of B; ``num_frames`` one for all or a list. The same blocks as B ``add`` calls; from a device, with a few
+        operator calls for all of them (each call is host time on a GPU) and none per block, whose views are
+        taken when first read. Quantized or spilling stores, and host tensors, go block by block."""
+        b, n = int(k.shape[0]), int(k.shape[3])
+        meta = dict(meta or {})
+        spans = list(num_frames) if isinstance(num_frames, (list, tuple)) else [num_frames] * b
+        size = 2 * math.prod(k.shape[1:]) * k.element_size()
+        per_block = (self.quant != "none" or (k.device.type == "cpu" and not self.stage_host_blocks)
+                     or (self.ram_budget_bytes is not None and self.ram_bytes + b * size > self.ram_budget_bytes))
+        if per_block:
+            return [self.add(k[i], v[i], positions[i], first_frames[i], spans[i],
+                             {key: m[i] for key, m in meta.items()}) for i in range(b)]
+        batch = _Batch(k, v, positions.detach().to(torch.long), meta)
+        first = len(self._blocks)
+        self._blocks += [Block.of_batch(first + i, batch, i, first_frames[i], spans[i]) for i in range(b)]
+        self.ram_bytes += b * size
+        self._tokens += b * n
+        self._staged_batches.append(batch)
+        self._staged_bytes += b * size
+        if self._staged_bytes > self.stage_limit_bytes:
+            self.flush()
+        return list(range(first, first + b))
+
     def flush(self) -> None:
         """Move the staged blocks to host memory (or disk): one device-to-host copy per dtype for all of them.
 
@@ -150,13 +214,17 @@ class BlockStore:
         waiting, or waited for when a block is read (``blocks``, at a question). So a chunk's encoding never
         waits for the device."""
         self._land(wait=False)
-        if not self._staged:
+        if not self._staged and not self._staged_batches:
             return
         staged, self._staged, self._staged_bytes = self._staged, [], 0
+        batches, self._staged_batches = self._staged_batches, []
         tensors = []
         for b in staged:
             tensors += _leaves(b.k) + _leaves(b.v) + [b.positions]
             tensors += [m for m in b.meta.values() if isinstance(m, torch.Tensor)]
+        for batch in batches:
+            tensors += [batch.k, batch.v, batch.positions]
+            tensors += [m for m in batch.meta.values() if isinstance(m, torch.Tensor)]
         host: dict[int, torch.Tensor] = {}
         sources = []
         for device, dtype in {(t.device, t.dtype) for t in tensors}:
@@ -176,6 +244,9 @@ class BlockStore:
             b.v = _map_leaves(b.v, lambda t: host[id(t)])
             b.positions = host[id(b.positions)]
             b.meta = {key: host[id(m)] if isinstance(m, torch.Tensor) else m for key, m in b.meta.items()}
+        for batch in batches:  # its blocks take their rows when first read
+            batch.k, batch.v, batch.positions = host[id(batch.k)], host[id(batch.v)], host[id(batch.positions)]
+            batch.meta = {key: host[id(m)] if isinstance(m, torch.Tensor) else m for key, m in batch.meta.items()}
         event = None
         if self.pin_memory and any(t.device.type == "cuda" for t in sources):
             event = torch.cuda.Event()
@@ -257,7 +328,9 @@ class BlockStore:
         self._blocks.clear()
         self._land(wait=True)
         self._staged.clear()
+        self._staged_batches.clear()
         self._staged_bytes = 0
+        self._tokens = 0
         self.ram_bytes = self.disk_bytes = 0
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)

@@ -222,6 +222,41 @@ class TrimmedBlock:
     kept: torch.Tensor  # (n,) the kept tokens' offsets in the block
 
 
+@dataclass
+class TrimmedBatch:
+    """Blocks of one granularity trimmed to the same number of tokens, as (B, ...) tensors: they are scored,
+    gathered and stored together (``BlockStore.add_many``), a few operator calls per batch instead of per block."""
+
+    keys: torch.Tensor  # (B, layers, H_kv, n, d) kept keys, un-rotated
+    values: torch.Tensor
+    positions: torch.Tensor  # (B, n)
+    representatives: torch.Tensor  # (B, heads * d) fp32
+    kept: torch.Tensor  # (B, n) the kept tokens' offsets in their block
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def block(self, row: int) -> TrimmedBlock:
+        return TrimmedBlock(self.keys[row], self.values[row], self.positions[row], self.representatives[row],
+                            self.kept[row])
+
+    def take(self, rows: torch.Tensor) -> TrimmedBatch:
+        return TrimmedBatch(*(getattr(self, f).index_select(0, rows.to(getattr(self, f).device))
+                              for f in ("keys", "values", "positions", "representatives", "kept")))
+
+    @staticmethod
+    def cat(parts: list[TrimmedBatch]) -> TrimmedBatch:
+        if len(parts) == 1:
+            return parts[0]
+        return TrimmedBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                              ("keys", "values", "positions", "representatives", "kept")))
+
+
+def trimmed_entries(got: TrimmedBatch | list[TrimmedBlock]) -> list[tuple[TrimmedBatch, int] | TrimmedBlock]:
+    """``MuKVCache._select``'s result as one entry per block: (batch, row) or the block itself."""
+    return [(got, j) for j in range(len(got))] if isinstance(got, TrimmedBatch) else list(got)
+
+
 @dataclass(frozen=True)
 class MuKVPlan:
     """What the knobs mean on the bound model (``bind``), the same for every video."""
@@ -445,7 +480,7 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
         t = visual.shape[1]
         sizes = self.plan.sizes
         # per granularity: block index -> the block trimmed (from its own prefill or a coarser one's)
-        chosen: list[dict[int, TrimmedBlock]] = [{} for _ in sizes]
+        chosen: list[dict[int, tuple[TrimmedBatch, int] | TrimmedBlock]] = [{} for _ in sizes]
         for gi in reversed(range(len(sizes))):
             g = sizes[gi]
             tokens = self._layout(visual, g)
@@ -459,20 +494,49 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
             positions = self.video.n_init + torch.arange(g, device=visual.device)
             for a in range(0, len(fresh), self.batch_blocks):
                 ids = fresh[a:a + self.batch_blocks]
-                kv = self.prefill_blocks(blocks[ids], prefix_lengths=[sizes[fi] for fi in finer])
-                chosen[gi].update(zip(ids, self._select(gi, kv, positions.expand(len(ids), g)), strict=True))
+                kv = self.prefill_blocks(blocks[ids] if len(ids) < n_blocks else blocks,
+                                         prefix_lengths=[sizes[fi] for fi in finer])
+                chosen[gi].update(zip(ids, trimmed_entries(self._select(gi, kv, positions.expand(len(ids), g))),
+                                      strict=True))
                 for fi in finer:  # blocks of a finer granularity that start where these start
                     gf = sizes[fi]
                     rows = [j for j, b in enumerate(ids) if (b * g) % gf == 0 and (b * g) // gf not in chosen[fi]]
                     if rows:
                         part = kv.prefix(gf, None if len(rows) == len(ids) else rows)
                         pos = positions[:gf].expand(len(rows), gf)  # a prefix sits at the block's first positions
-                        chosen[fi].update(zip([ids[j] * g // gf for j in rows], self._select(fi, part, pos),
-                                              strict=True))
+                        chosen[fi].update(zip([ids[j] * g // gf for j in rows],
+                                              trimmed_entries(self._select(fi, part, pos)), strict=True))
             order = start + self._layout(torch.arange(n_frames * t, device=visual.device).view(n_frames, t, 1),
                                          g).view(-1)  # video tokens
-            for b in range(n_blocks):  # stream order, as without sharing
-                self._store(gi, chosen[gi].pop(b), start + b * g, order[b * g:(b + 1) * g])
+            # stream order, as without sharing
+            self._store_many(gi, [chosen[gi].pop(b) for b in range(n_blocks)], start, order[: n_blocks * g])
+
+    def _store_many(self, gi: int, entries: list, start: int, order: torch.Tensor) -> None:
+        """Store a granularity's blocks of a chunk in stream order (block b starts at video token
+        ``start + b * g``; ``order``: the video token of each of their tokens, block after block). Rows of trimmed
+        batches go to the store as one batch (the batches joined by one ``cat``, their rows put in stream order by
+        one gather)."""
+        g, t = self.plan.sizes[gi], self.geometry.tokens_per_frame
+        if not all(isinstance(e, tuple) for e in entries):  # blocks trimmed one by one (dedup): one by one
+            for b, e in enumerate(entries):
+                block = e[0].block(e[1]) if isinstance(e, tuple) else e
+                self._store(gi, block, start + b * g, order[b * g:(b + 1) * g])
+            return
+        batches: dict[int, tuple[TrimmedBatch, int]] = {}  # distinct batches, in order, and their first row
+        for batch, _ in entries:
+            if id(batch) not in batches:
+                batches[id(batch)] = (batch, sum(len(b) for b, _ in batches.values()))
+        whole = TrimmedBatch.cat([b for b, _ in batches.values()])
+        rows = [batches[id(batch)][1] + row for batch, row in entries]
+        if rows != list(range(len(whole))):  # blocks from several prefills, interleaved: one gather
+            whole = whole.take(torch.tensor(rows, device=whole.keys.device))
+        video, n = self.video, len(entries)
+        tokens = order.view(n, g).gather(1, whole.kept.to(order.device))
+        ids = video.store.add_many(whole.keys, whole.values, whole.positions,
+                                   [(start + b * g) / t for b in range(n)], g / t,
+                                   meta={"granularity": [gi] * n, "video_tokens": tokens})
+        video.block_ids[gi] += ids
+        video.pending[gi].append(whole.representatives)
 
     def _warn_large(self, g: int, n_frames: int) -> None:
         if not self._warned_large:
@@ -571,11 +635,13 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
                 kv = BlockPrefill(keys=kb, values=vb, received=received,
                                   last_keys_rot=rope.rotate_range(kb[:, plan.last_layer], n0),
                                   signal_keys_rot=rope.rotate_range(kb[:, plan.signal_layer], n0))
-                for j, (trimmed, b) in enumerate(zip(self._select(gi, kv, n0 + start + idx), idx, strict=True)):
+                got = trimmed_entries(self._select(gi, kv, n0 + start + idx))
+                for j, (entry, b) in enumerate(zip(got, idx, strict=True)):
+                    trimmed = entry[0].block(entry[1]) if isinstance(entry, tuple) else entry
                     self._store(gi, trimmed, start + firsts[a + j], start + b)
 
     # ------------------------------------------------------------------------------ trimming
-    def _select(self, gi: int, kv: BlockPrefill, positions: torch.Tensor) -> list[TrimmedBlock]:
+    def _select(self, gi: int, kv: BlockPrefill, positions: torch.Tensor) -> TrimmedBatch | list[TrimmedBlock]:
         """Score and trim a batch of blocks of granularity ``gi`` (positions (B, g)); only the kept tokens
         are gathered (the batch itself may be a view into a larger prefill)."""
         g, keep = self.plan.sizes[gi], self.plan.kept[gi]
@@ -599,7 +665,7 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
             out.append(TrimmedBlock(k, v, positions[b][idx], reprs, idx))
         return out
 
-    def _gather_kept(self, kv: BlockPrefill, positions: torch.Tensor, top: torch.Tensor) -> list[TrimmedBlock]:
+    def _gather_kept(self, kv: BlockPrefill, positions: torch.Tensor, top: torch.Tensor) -> TrimmedBatch:
         """``_select``'s gather for a whole batch at once, when every block keeps the same number of tokens
         (``top``: (B, n)): a few operations per batch instead of per block (on a GPU each is a launch)."""
         keys, values = kv.keys, kv.values  # (B, layers, H_kv, g, d)
@@ -612,7 +678,7 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
             last = k[:, self.plan.last_layer]
         reprs = last.float().mean(dim=2).reshape(top.shape[0], -1)  # heads concatenated
         pos = positions.gather(1, top)
-        return [TrimmedBlock(k[b], v[b], pos[b], reprs[b], top[b]) for b in range(top.shape[0])]
+        return TrimmedBatch(k, v, pos, reprs, top)
 
     def _store(self, gi: int, block: TrimmedBlock, start: int, tokens: torch.Tensor) -> None:
         """Add a trimmed block (starting at video token ``start``; ``tokens``: the video token index of each of
@@ -622,7 +688,7 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
                               num_frames=self.plan.sizes[gi] / t,
                               meta={"granularity": gi, "video_tokens": tokens[block.kept.to(tokens.device)]})
         video.block_ids[gi].append(bid)
-        video.pending[gi].append(block.representative)
+        video.pending[gi].append(block.representative[None])
 
     # ---------------------------------------------------------------------------------- recall
     @torch.inference_mode()
@@ -659,7 +725,7 @@ class MuKVCache(VideoStoreState["MuKVVideoState"], CacheMethod, SinkWindowOption
         """(blocks, H_kv * d) representatives of granularity ``gi``, in storage order, on the device."""
         video = self.video
         if video.pending[gi]:
-            video.reprs[gi] = torch.cat((video.reprs[gi], torch.stack(video.pending[gi])))
+            video.reprs[gi] = torch.cat((video.reprs[gi], *video.pending[gi]))
             video.pending[gi] = []
         return video.reprs[gi]
 

@@ -114,9 +114,10 @@ class ReKVCache(VideoStoreState[ReKVVideoState], WindowStreamingCache, SinkWindo
         video.new_kv.clear()
         kb = k.unflatten(2, (frames, t))  # (layers, kv_heads, F, T, d)
         vb = v.unflatten(2, (frames, t))
-        for f in range(frames):
-            start = self.n_init + (first_frame + f) * t
-            video.store.add(kb[:, :, f], vb[:, :, f], torch.arange(start, start + t), first_frame + f, 1)
+        start = self.n_init + first_frame * t  # the chunk's frames as one batch of frame blocks
+        positions = torch.arange(start, start + frames * t).view(frames, t)
+        video.store.add_many(kb.transpose(0, 2).transpose(1, 2), vb.transpose(0, 2).transpose(1, 2), positions,
+                             [first_frame + f for f in range(frames)], 1)
         video.reprs = torch.cat((video.reprs, block_representatives(kb, self.geometry.num_heads)), dim=1)
         video.store.flush()  # the chunk's blocks leave the device in one copy
 

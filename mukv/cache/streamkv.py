@@ -360,12 +360,16 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
                 picked.append(n_frames)
             k, v = new_kv[idx]
             kb, vb = k.unflatten(2, (len(parts), tpf)), v.unflatten(2, (len(parts), tpf))
-            for f in picked:
-                covers = spans[f] if f < n_frames else []
-                first = covers[0] if covers else spans[0][0]
-                layer.store.add(kb[:, :, f], vb[:, :, f], None, first, len(covers), {"summary": f == n_frames})
-                layer.frames.append(covers)
-            layer.reprs = torch.cat((layer.reprs, block_representatives(kb[:, :, picked], self.geometry.num_heads)[0]))
+            covers = [spans[f] if f < n_frames else [] for f in picked]
+            rows = torch.tensor(picked, device=kb.device) if len(picked) < len(parts) else None
+            kept_k, kept_v = (kb, vb) if rows is None else (kb.index_select(2, rows), vb.index_select(2, rows))
+            # the segment's kept frames of this layer as one batch of blocks (1 layer each)
+            layer.store.add_many(kept_k.permute(2, 0, 1, 3, 4), kept_v.permute(2, 0, 1, 3, 4),
+                                 torch.arange(tpf).expand(len(picked), tpf),
+                                 [c[0] if c else spans[0][0] for c in covers], [len(c) for c in covers],
+                                 {"summary": [f == n_frames for f in picked]})
+            layer.frames += covers
+            layer.reprs = torch.cat((layer.reprs, block_representatives(kept_k, self.geometry.num_heads)[0]))
             layer.store.flush()
         self.segments += 1
         return scores if compress else None
@@ -444,6 +448,9 @@ class _OverlayStore:
 
     def add(self, k, v, positions=None, first_frame=0.0, num_frames=1.0, meta=None) -> int:
         return len(self.base) + self.extra.add(k, v, positions, first_frame, num_frames, meta)
+
+    def add_many(self, k, v, positions, first_frames, num_frames, meta=None) -> list[int]:
+        return [len(self.base) + i for i in self.extra.add_many(k, v, positions, first_frames, num_frames, meta)]
 
     def flush(self) -> None:
         self.extra.flush()
