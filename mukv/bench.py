@@ -318,8 +318,9 @@ def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None =
     engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=4, progress=False))
     from mukv.cache.block_store import BlockStore
 
-    staged = BlockStore.stage_host_blocks
+    staged, threads = BlockStore.stage_host_blocks, torch.get_num_threads()
     BlockStore.stage_host_blocks = True  # a CPU run takes the device path of the block stores (staged, flushed)
+    torch.set_num_threads(1)  # counts independent of the machine (count_calls); compiled code sees one setting
     try:
         with torch.inference_mode():
             method.start_video(llm.init_prompt_ids())
@@ -337,6 +338,7 @@ def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None =
             plain_decode, plain_decode_s = _plain_decode_calls(llm, context_tokens)
     finally:
         BlockStore.stage_host_blocks = staged
+        torch.set_num_threads(threads)
     return {"method": method.name, "frames_before": frames, "chunk_ops": step.ops, "plain_ops": plain,
             "ratio": step.ops / plain if plain else None, "ratio_one_forward": step.ops / one,
             "forwards": step.forwards, "host_reads": step.host_reads, "host_read_sites": dict(step.sites),
@@ -643,6 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", action="store_true",
                         help="operator calls and host reads per steady chunk and per answer token, against the stock "
                              "transformers forward and decode step (--model 0.5b: its layout, narrow widths)")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce_overhead"],
+                        help="engine.compile: the decoder layers compiled (torch.compile; reduce_overhead: CUDA graphs)")
     parser.add_argument("--llm-only", action="store_true",
                         help="--growth: random visual tokens instead of the vision tower (LLM-side curves)")
     parser.add_argument("overrides", nargs="*",
@@ -672,6 +676,9 @@ def main(argv: list[str] | None = None) -> None:
         llm = random_llava_ov(args.model, dtype, args.device)
     tpf = llm.geometry.tokens_per_frame
     methods = [build_bench_method(spec, tpf, args.overrides) for spec in specs]  # every config error before timing
+    if args.compile != "none":
+        llm.compile(args.compile.replace("_", "-"))
+        llm.name += f" (compiled: {args.compile})"
     for method in methods:
         try:
             method.validate(llm.geometry)

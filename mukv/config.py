@@ -294,12 +294,25 @@ class LoggerConfig:
     plots: bool = True  # log per-run figures (accuracy by age, memory and latency along the stream)
 
 
+class CompileMode(str, enum.Enum):
+    """engine.compile: whether the language model's decoder layers run compiled (``VideoLLM.compile``)."""
+
+    none = "none"  # eager (published)
+    default = "default"  # torch.compile, dynamic shapes
+    reduce_overhead = "reduce_overhead"  # torch.compile mode="reduce-overhead": CUDA graphs on a GPU
+
+    @property
+    def torch_mode(self) -> str:
+        return self.value.replace("_", "-")
+
+
 @dataclass
 class EngineConfig:
     encode_chunk_size: int = 64
     max_new_tokens: int = 256
     progress: bool = True
     answer_text: AnswerText = AnswerText.auto  # auto (the published code of the method run) | keep_newlines | ...
+    compile: CompileMode = CompileMode.none  # none | default | reduce_overhead (VideoLLM.compile)
 
 
 @dataclass

@@ -70,6 +70,7 @@ class EngineSettings:
     max_new_tokens: int = 256
     progress: bool = True
     answer_text: str = "auto"  # auto: the published code of the method being run (CacheMethod.published_answer_text)
+    compile: str = "none"  # none | default | reduce_overhead: the decoder layers compiled (VideoLLM.compile)
 
 
 @dataclass
@@ -162,6 +163,8 @@ class StreamingEngine:
     def __init__(self, llm: VideoLLM, method: CacheMethod, settings: EngineSettings) -> None:
         self.llm, self.method, self.settings = llm, method, settings
         check_chunk(settings.encode_chunk_size, llm.geometry, llm.name)
+        if str(getattr(settings.compile, "value", settings.compile)) != "none":
+            llm.compile(str(getattr(settings.compile, "value", settings.compile)).replace("_", "-"))
         method.bind(llm)
         self._sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
 

@@ -41,14 +41,20 @@ class ExpectedAttentionPress(ChunkPress):
             raise ConfigError("cache.n_future_positions", f"must be at least 1, got {self.n_future_positions}")
 
     def average_rope(self, start: int, device: torch.device) -> torch.Tensor:
-        """The RoPE matrix averaged over positions start .. start + n_future_positions - 1: (d, d)."""
+        """The RoPE matrix averaged over positions start .. start + n_future_positions - 1: (d, d); the same for
+        every layer of a block, so it is computed once per block."""
+        memo = getattr(self, "_average_rope", None)
+        if memo is not None and memo[0] == (start, device):
+            return memo[1]
         cos, sin = self.llm.rope.cos_sin(torch.arange(start, start + self.n_future_positions, device=device),
                                          torch.float32)
         d = cos.shape[-1]
         half = torch.eye(d // 2, device=device)
         swap = torch.zeros(d, d, device=device)  # swap @ x = rotate_half(x)
         swap[: d // 2, d // 2:], swap[d // 2:, : d // 2] = -half, half
-        return (torch.diag_embed(cos) + swap[None] * sin[:, None, :]).mean(0)
+        rot = (torch.diag_embed(cos) + swap[None] * sin[:, None, :]).mean(0)
+        self._average_rope = ((start, device), rot)
+        return rot
 
     def score(self, layer: int, block: PressBlock) -> torch.Tensor:
         keys, values = self.block_keys(layer, block)

@@ -47,10 +47,11 @@ def count_attention(q: torch.Tensor, k: torch.Tensor) -> None:
 
 
 # Operators whose result's size depends on tensor values: on a GPU the host waits for the device to know it
-# (boolean indexing is ``index`` with a boolean index, counted too).
+# (boolean indexing calls ``nonzero``). Counted from the profiler's events (no Python line: ``sites`` names the op).
 HOST_READ_OPS = frozenset({"aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive",
-                           "aten::unique_dim", "aten::repeat_interleave.Tensor"})
-# Tensor methods that hand values to Python or NumPy (``item``, ``int()``, ``bool()``, ``tolist`` ...)
+                           "aten::unique_dim", "aten::nonzero_static"})
+# Tensor methods that hand values to Python or NumPy (``item``, ``int()``, ``bool()``, ``tolist`` ...): counted
+# by wrapping them, which adds no operator call (a dispatch mode would: it doubles every operator in the profile)
 _HOST_READ_METHODS = ("item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__")
 
 
@@ -94,49 +95,51 @@ def _device_tensor(t: Any, host_is_device: bool) -> bool:
     return host_is_device or t.device.type != "cpu"
 
 
-def _blocking_copy_to_host(args: tuple, kwargs: dict, host_is_device: bool) -> bool:
-    """A ``copy_`` from a device tensor into host memory that the host waits for (not ``non_blocking``)."""
-    dst, src = args[0], args[1] if len(args) > 1 else None
-    host_dst = getattr(dst, "_mukv_host", False) or (not host_is_device and dst.device.type == "cpu")
-    blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
-    return host_dst and blocking and _device_tensor(src, host_is_device)
+def _to_host_device(args: tuple, kwargs: dict) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` names the CPU as the device (and is not ``non_blocking``)."""
+    device = kwargs.get("device")
+    for a in args:
+        if isinstance(a, (str, torch.device)):
+            device = a
+    return device is not None and torch.device(device).type == "cpu" and not kwargs.get("non_blocking", False)
 
 
 @contextlib.contextmanager
 def _host_reads_counted(sites: Counter, host_is_device: bool) -> Iterator[None]:
-    """Count host reads (``HOST_READ_OPS`` through a dispatch mode; ``_HOST_READ_METHODS`` patched) by site."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Count, by the line that made them, host reads of device tensors: the ``_HOST_READ_METHODS``, and copies
+    into host memory the host waits for (``copy_`` into a ``mark_host`` / CPU tensor, ``.cpu()``, ``.to("cpu")``,
+    none ``non_blocking``)."""
+    originals = {name: getattr(torch.Tensor, name) for name in (*_HOST_READ_METHODS, "copy_", "cpu", "to")}
 
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func._schema.name + (f".{func._overloadname}" if func._overloadname == "Tensor" else "")
-            if (name in HOST_READ_OPS or func._schema.name in HOST_READ_OPS) and args and \
-                    _device_tensor(args[0], host_is_device):
-                sites[f"{_site()} {func._schema.name.removeprefix('aten::')}"] += 1
-            elif func._schema.name == "aten::index" and len(args) > 1 and any(
-                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]) and \
-                    _device_tensor(args[0], host_is_device):
-                sites[f"{_site()} boolean index"] += 1
-            elif func._schema.name == "aten::copy_" and _blocking_copy_to_host(args, kwargs or {}, host_is_device):
-                sites[f"{_site()} copy to host"] += 1
-            return func(*args, **(kwargs or {}))
-
-    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READ_METHODS}
-
-    def wrap(name: str, original: Callable) -> Callable:
+    def reading(name: str, original: Callable) -> Callable:
         def counted(self, *args: Any, **kwargs: Any):
             if _device_tensor(self, host_is_device):
                 sites[f"{_site()} {name}"] += 1
-            with torch.utils._python_dispatch._disable_current_modes():
-                return original(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
 
         return counted
 
+    def copy_(self, src, non_blocking: bool = False):
+        host_dst = getattr(self, "_mukv_host", False) or (not host_is_device and self.device.type == "cpu")
+        if host_dst and not non_blocking and _device_tensor(src, host_is_device):
+            sites[f"{_site()} copy to host"] += 1
+        return originals["copy_"](self, src, non_blocking)
+
+    def cpu(self, *args: Any, **kwargs: Any):
+        if not host_is_device and _device_tensor(self, host_is_device):
+            sites[f"{_site()} cpu"] += 1
+        return originals["cpu"](self, *args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any):
+        if not host_is_device and _to_host_device(args, kwargs) and _device_tensor(self, host_is_device):
+            sites[f"{_site()} to cpu"] += 1
+        return originals["to"](self, *args, **kwargs)
+
     try:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, wrap(name, original))
-        with Reads():
-            yield
+        for name in _HOST_READ_METHODS:
+            setattr(torch.Tensor, name, reading(name, originals[name]))
+        torch.Tensor.copy_, torch.Tensor.cpu, torch.Tensor.to = copy_, cpu, to
+        yield
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
@@ -145,22 +148,19 @@ def _host_reads_counted(sites: Counter, host_is_device: bool) -> Iterator[None]:
 def count_calls(step: Callable[[], Any], device: torch.device | str = "cpu") -> CallCount:
     """Run ``step`` once under torch's profiler (CPU activity: the operators dispatched, whatever the device)
     and count its operator calls and its host reads (``CallCount``). On a CPU ``device`` every tensor not
-    marked ``mark_host`` stands in for a device tensor. It runs on one thread: torch's CPU kernels split large
-    inputs between threads with a few more view operators (a few per thousand calls, growing with widths), which
-    would make the counts depend on the machine."""
+    marked ``mark_host`` stands in for a device tensor. Run it on one thread (``torch.set_num_threads(1)``, as
+    ``mukv.bench.ops_row`` does): torch's CPU kernels split large inputs between threads with a few more view
+    operators (a few per thousand calls, growing with widths), which would make counts depend on the machine."""
     from torch.profiler import ProfilerActivity, profile
 
     sites: Counter = Counter()
     OpCounter.forwards = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof, \
-                _host_reads_counted(sites, torch.device(device).type == "cpu"):
-            step()
-    finally:
-        torch.set_num_threads(threads)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, \
+            _host_reads_counted(sites, torch.device(device).type == "cpu"):
+        step()
     by_op = Counter({e.key: e.count for e in prof.key_averages()})
+    for name in HOST_READ_OPS & set(by_op):
+        sites[name] += by_op[name]
     return CallCount(ops=sum(by_op.values()), host_reads=sum(sites.values()), forwards=list(OpCounter.forwards),
                      by_op=by_op, sites=sites)
 

@@ -94,6 +94,47 @@ class VideoLLM:
         if tokenizer.convert_tokens_to_ids("<|im_end|>") is not None:
             self.eos_token_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
+    # engine.compile: the torch.compile mode of the decoder layers (``compile``); None: eager
+    compiled: str | None = None
+
+    def compile(self, mode: str = "default") -> None:
+        """Compile every decoder layer with ``torch.compile`` (dynamic shapes: chunks, blocks, questions and
+        decoded tokens share the compiled code instead of recompiling per length). The stream attention stays
+        eager, as one opaque operator inside the compiled layer (``attention_hook.stream_attention``); the
+        compiled part is the rest of the layer, whose dozens of operator calls become a few fused kernels.
+        ``reduce-overhead`` adds CUDA graphs on a GPU, split around the attention (graph partitioning)."""
+        if self.compiled == mode:
+            return
+        import torch._dynamo
+        import torch._inductor.config as inductor
+
+        import torch.fx.experimental._config as fx_config
+
+        layers = self.language_model.layers
+        # Each layer is one more guarded entry of one code object, and each method's shapes (chunks, batches of
+        # blocks, questions, tokens) a few more: past the limit, torch would run new shapes eagerly.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64 * len(layers)))
+        if hasattr(fx_config, "use_duck_shape"):  # two lengths equal once are not assumed equal for ever
+            fx_config.use_duck_shape = False
+        if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 64 * len(layers))
+        if mode == "reduce-overhead" and hasattr(inductor, "graph_partition"):
+            inductor.graph_partition = True
+        for layer in layers:
+            layer.compile(dynamic=True, mode=None if mode == "default" else mode)
+        self.compiled = mode
+
+    def attention_kwargs(self, attention: LayerAttention) -> dict:
+        """How a forward hands ``attention`` to the layers: as a keyword argument, or (compiled layers) through
+        ``attention_hook.set_current`` with ``DEFERRED`` in its place."""
+        if self.compiled is None:
+            return {"mukv_attention": attention}
+        attention_hook.set_current(attention)
+        return {"mukv_attention": attention_hook.DEFERRED}
+
     def make_geometry(self, config, dtype: torch.dtype) -> KVGeometry:
         """The KV geometry of ``config`` (each model family's adapter says how its tokens are laid out)."""
         return KVGeometry.from_config(config, dtype)
@@ -171,10 +212,14 @@ class VideoLLM:
 
         OpCounter.add_forward(embeds)
         pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        out = self.language_model(
-            inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False, mukv_attention=attention,
-            attention_mask=attention_hook.handled_mask(embeds.device),
-        )
+        outer = attention_hook.current()
+        try:
+            out = self.language_model(
+                inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False,
+                attention_mask=attention_hook.handled_mask(embeds.device), **self.attention_kwargs(attention),
+            )
+        finally:
+            attention_hook.set_current(outer)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,54 @@ class LayerAttention(Protocol):
     ) -> torch.Tensor: ...
 
 
+# ----------------------------------------------------------------------------- compiled layers
+# Under ``engine.compile`` the decoder layers are compiled (``VideoLLM.compile``) and a forward's handler is not
+# passed through the layers' keyword arguments (the compiler would guard on each new callable, and trace into its
+# Python): the forward puts it here and passes ``DEFERRED``; each layer calls the opaque operator below, which
+# runs the current handler eagerly. The compiled graph is everything else of the layer (norms, projections, MLP).
+DEFERRED = "mukv_deferred"
+_CURRENT: list[Callable | None] = [None]
+
+
+def set_current(handler: Callable | None) -> None:
+    """The handler the ``stream_attention`` operator runs (a deferred forward's)."""
+    _CURRENT[0] = handler
+
+
+def current() -> Callable | None:
+    return _CURRENT[0]
+
+
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("mukv::stream_attention", mutates_args=(), tags=_TAGS)
+def stream_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int,
+                     scaling: float) -> torch.Tensor:
+    """The current handler's attention (B, Hq, L, d) of one layer: opaque to the compiler (it keeps caches and
+    reads Python state), and outside any CUDA graph (``cudagraph_unsafe``: the graph is split around it)."""
+    handler = _CURRENT[0]
+    if handler is None:
+        raise RuntimeError("mukv::stream_attention called outside a deferred forward (set_current)")
+    return handler(layer_idx, q, k, v, scaling).contiguous()
+
+
+@stream_attention.register_fake
+def _stream_attention_fake(q, k, v, layer_idx, scaling):
+    return q.new_empty(q.shape)
+
+
 def _stream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    handler: Callable | None = kwargs.pop("mukv_attention", None)
+    handler: Callable | str | None = kwargs.pop("mukv_attention", None)
     if handler is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    out = handler(module.layer_idx, query, key, value, scaling if scaling is not None else module.scaling)
+    scaling = scaling if scaling is not None else module.scaling
+    if isinstance(handler, str):  # DEFERRED: a compiled layer
+        out = torch.ops.mukv.stream_attention(query, key, value, module.layer_idx, scaling)
+    else:
+        out = handler(module.layer_idx, query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,96 @@
+"""``engine.compile``: the decoder layers compiled (torch.compile, the inductor backend on the CPU) give the
+eager path's answers, with fewer operator calls per chunk and per answer token (issue #30)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mukv.bench import MethodSpec, build_bench_method, ops_row
+from mukv.cache import ordered_methods
+from mukv.engine import EngineSettings, StreamingEngine
+from mukv.models.loading import build_tiny
+from tests.conftest import compose_cfg
+
+QUESTION = "What happened just before the person opened the door?"
+CHUNK, BUDGET_FRAMES = 8, 16  # as tests/test_ops.py
+
+
+def stream_and_answer(llm, name: str, compile_mode: str):
+    method = build_bench_method(MethodSpec(name), llm.geometry.tokens_per_frame, ["budget_frames=4"])
+    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=4, max_new_tokens=6, progress=False,
+                                                         compile=compile_mode))
+    gen = torch.Generator().manual_seed(1)
+    g = llm.geometry
+    with torch.inference_mode():
+        method.start_video(llm.init_prompt_ids())
+        for first in range(0, 12, 4):
+            method.ingest(torch.randn(4, g.tokens_per_frame, g.hidden_size, generator=gen), first)
+        answer, context, _ = engine.answer(QUESTION)
+    return answer, context
+
+
+# method: compiled, (operator calls per chunk / the EAGER plain forward of the same tokens, per answer token / the
+# eager plain decode step): the issue's target is 1.2 for both; measured 2026-12-03 (tests/test_ops.py's
+# settings: 4 layers, 8-frame chunks, 16-frame budgets), about +3%
+COMPILED_CEILINGS = {
+    "full": (0.77, 0.58),
+    "sliding_window": (1.07, 0.58),
+    "uniform": (None, 0.56),
+    "rekv": (1.17, 0.58),
+    "mukv": (1.18, 0.58),
+    "streamkv": (2.60, 0.64),
+    "infinipot_v": (1.31, 0.58),
+    "hermes": (1.11, 0.62),
+    "knorm": (1.04, 0.58),
+    "streaming_llm": (1.02, 0.58),
+    "tova": (1.30, 0.58),
+    "snapkv": (1.03, 0.58),
+    "expected_attention": (2.20, 0.58),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    eager = build_tiny(0, torch.device("cpu"), torch.float32, text_layers=4)
+    compiled = build_tiny(0, torch.device("cpu"), torch.float32, text_layers=4)
+    return eager, compiled
+
+
+@pytest.mark.parametrize("name", ["rekv", "mukv", "sliding_window"])
+def test_compiled_layers_answer_as_eager_ones(models, name):
+    eager, compiled = models
+    a, ca = stream_and_answer(eager, name, "none")
+    b, cb = stream_and_answer(compiled, name, "default")
+    assert compiled.compiled == "default" and eager.compiled is None
+    for ka, kb in zip(ca.keys, cb.keys, strict=True):  # the recalled context: what the compiled stream encoded
+        torch.testing.assert_close(kb, ka, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b.first_token_logits, a.first_token_logits, atol=1e-4, rtol=1e-4)
+    assert b.token_ids == a.token_ids
+
+
+def test_every_registered_method_has_a_compiled_ceiling():
+    assert not sorted(set(ordered_methods()) - set(COMPILED_CEILINGS)), "pin its compiled operator calls here"
+
+
+@pytest.mark.parametrize("name", ordered_methods())
+def test_compiled_layers_make_fewer_operator_calls(models, name):
+    """Against the eager plain forward and decode step (ops_row's references are compiled too here: the layers
+    are): the operator calls of a steady chunk and of an answer token, pinned."""
+    eager, compiled = models
+    chunk_max, decode_max = COMPILED_CEILINGS[name]
+    rows = [ops_row(llm, build_bench_method(MethodSpec(name), llm.geometry.tokens_per_frame,
+                                            [f"budget_frames={BUDGET_FRAMES}"]), CHUNK) for llm in (eager, compiled)]
+    assert compiled.compiled == "default"
+    e, c = rows
+    if chunk_max is not None:
+        assert c["chunk_ops"] <= chunk_max * e["plain_ops"], (name, e["chunk_ops"], c["chunk_ops"], e["plain_ops"])
+    assert c["decode_ops"] <= decode_max * e["plain_decode_ops"], (name, c["decode_ops"], e["plain_decode_ops"])
+    assert c["host_reads"] == e["host_reads"], name
+
+
+def test_compile_mode_is_checked_at_compose_time():
+    assert compose_cfg().engine.compile.value == "none"
+    assert compose_cfg("engine.compile=reduce_overhead").engine.compile.torch_mode == "reduce-overhead"
+    with pytest.raises(Exception, match="compile"):
+        compose_cfg("engine.compile=fast")
