@@ -332,10 +332,11 @@ def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None =
             step = count_calls(lambda: method.ingest(x, frames // g.frames_per_step), llm.device)
             sync(llm.device)
             chunk_s = time.perf_counter() - t
-            plain = plain_forward_calls(lm, step.forwards, g.hidden_size, llm.dtype, llm.device)
-            one = plain_forward_calls(lm, [(1, steps * g.tokens_per_frame)], g.hidden_size, llm.dtype, llm.device)
             decode, decode_s, context_tokens = _decode_calls(llm, engine)
-            plain_decode, plain_decode_s = _plain_decode_calls(llm, context_tokens)
+            with _eager():  # the references are the stock eager computation, compiled layers or not
+                plain = plain_forward_calls(lm, step.forwards, g.hidden_size, llm.dtype, llm.device)
+                one = plain_forward_calls(lm, [(1, steps * g.tokens_per_frame)], g.hidden_size, llm.dtype, llm.device)
+                plain_decode, plain_decode_s = _plain_decode_calls(llm, context_tokens)
     finally:
         BlockStore.stage_host_blocks = staged
         torch.set_num_threads(threads)
@@ -346,6 +347,14 @@ def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None =
             "decode_ratio": decode.ops / plain_decode.ops, "decode_host_reads": decode.host_reads,
             "decode_ms": decode_s * 1e3, "plain_decode_ms": plain_decode_s * 1e3, "context_tokens": context_tokens,
             "top_ops": dict(step.by_op.most_common(12))}
+
+
+def _eager():
+    """Compiled code set aside (``torch.compiler.set_stance("force_eager")``) where torch has it."""
+    import contextlib
+
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def _decode_calls(llm: VideoLLM, engine: StreamingEngine, tokens: int = 4) -> tuple[CallCount, float, int]:

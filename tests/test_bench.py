@@ -100,3 +100,27 @@ def test_bench_defaults_to_the_registry_and_takes_overrides_for_every_method(tmp
     assert online["sliding_window"] < online["full"]  # one frame of window against the whole stream
     with pytest.raises(SystemExit):
         main(["--model", "tiny", "--methods", "nope"])
+
+
+def test_gpu_check_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """experiments/gpu_check.sh is the device call of BENCHMARKS section 7, written before a GPU is lent: run here
+    with the CPU and the tiny model (its knobs), every step must write its table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path),
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_MODEL": "tiny", "FRAMES": "8", "BENCH_CHUNKS": "4",
+           "GPU_CHECK_METHODS": "rekv", "COMPILE": "default", "GROWTH_FRAMES": "32", "GROWTH_METHODS": "rekv"}
+    proc = subprocess.run(["bash", "experiments/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("ops_eager.json", "ops_compiled.json", "bench4.json", "bench4_compiled.json", "log.txt",
+                 "details.tgz"):
+        assert (tmp_path / name).is_file(), name
+    eager, compiled = (json.loads((tmp_path / f"ops_{k}.json").read_text())["rows"][0] for k in ("eager", "compiled"))
+    assert compiled["decode_ops"] < eager["decode_ops"] and compiled["plain_decode_ops"] == eager["plain_decode_ops"]
+    log = (tmp_path / "log.txt").read_text()
+    assert "Traceback" not in log and "| rekv |" in log and "LLM s/frame, 2nd half" in log

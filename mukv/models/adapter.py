@@ -107,7 +107,6 @@ class VideoLLM:
             return
         import torch._dynamo
         import torch._inductor.config as inductor
-
         import torch.fx.experimental._config as fx_config
 
         layers = self.language_model.layers
