@@ -371,14 +371,20 @@ def _decode_calls(llm: VideoLLM, engine: StreamingEngine, tokens: int = 4) -> tu
         nonlocal token
         token = llm.logits(llm.forward(llm.embed_ids(token.view(1)), attend)[:, -1])[0].argmax()
 
+    counted, seconds = _count_and_time(step, llm.device, tokens)
+    return counted, seconds, context.online_tokens + len(prompt) + 2
+
+
+def _count_and_time(step, device: torch.device, repeats: int) -> tuple[CallCount, float]:
+    """One untimed ``step``, one counted (``count_calls``), then the mean time of ``repeats`` more."""
     step()
-    counted = count_calls(step, llm.device)
-    sync(llm.device)
+    counted = count_calls(step, device)
+    sync(device)
     t = time.perf_counter()
-    for _ in range(tokens):
+    for _ in range(repeats):
         step()
-    sync(llm.device)
-    return counted, (time.perf_counter() - t) / tokens, context.online_tokens + len(prompt) + 2
+    sync(device)
+    return counted, (time.perf_counter() - t) / repeats
 
 
 def _plain_decode_calls(llm: VideoLLM, length: int, tokens: int = 4) -> tuple[CallCount, float]:
@@ -401,14 +407,7 @@ def _plain_decode_calls(llm: VideoLLM, length: int, tokens: int = 4) -> tuple[Ca
         hidden = lm(inputs_embeds=lm.embed_tokens(token.view(1, 1)), use_cache=True, **{name: cache}).last_hidden_state
         token = llm.model.lm_head(hidden[:, -1]).float()[0].argmax()
 
-    step()
-    counted = count_calls(step, llm.device)
-    sync(llm.device)
-    t = time.perf_counter()
-    for _ in range(tokens):
-        step()
-    sync(llm.device)
-    return counted, (time.perf_counter() - t) / tokens
+    return _count_and_time(step, llm.device, tokens)
 
 
 def ops_markdown(rows: list[dict[str, Any]], chunk: int) -> str:
