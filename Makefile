@@ -19,7 +19,7 @@ OUT         ?=
 TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: bench bench-growth browser demo help install run test test-fast lint clean reproduce-table sweep-spec train-nano wandb-dashboard
+.PHONY: bench bench-growth bench-ops browser demo help install run test test-fast lint clean reproduce-table sweep-spec train-nano wandb-dashboard
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -80,11 +80,14 @@ lint: $(STAMP) ## ruff over the package and tests
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-# extra mukv.bench arguments for the two targets below (they come last: they override the defaults)
+# extra mukv.bench arguments for the three targets below (they come last: they override the defaults)
 BENCH_ARGS  ?=
 bench: $(STAMP) ## speed and memory of every registered cache method (0.5B architecture, random weights; ~15 min on 2 CPU cores); BENCH_ARGS="..."
 	@echo "make bench takes about 15 min on a 2-core CPU (every registered method x 8 frames of the 0.5B architecture; see BENCHMARKS.md 5d for the measured time; BENCH_ARGS=\"--methods rekv,mukv\" picks a few); results print at the end"
 	$(PY) -m mukv.bench --model 0.5b --dtype auto --frames 8 --chunk 8 $(BENCH_ARGS)
+
+bench-ops: $(STAMP) ## operator calls and host reads per steady chunk and answer token, every method (0.5B layout); BENCH_ARGS="--compile default" compiled
+	$(PY) -m mukv.bench --ops --model 0.5b --dtype fp32 --chunk 16 --out outputs/bench/ops.json $(BENCH_ARGS)
 
 bench-growth: $(STAMP) ## time, attention work and memory against stream length (nano, 2 h at 0.5 fps; ~3 min)
 	$(PY) -m mukv.bench --growth --model nano --dtype fp32 --frames 3600 --chunk 30 --answer-every 600 \

@@ -312,8 +312,9 @@ def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None =
     frames = steady_frames(method, g.tokens_per_frame, chunk) if frames is None else frames
     steps, gen = chunk // g.frames_per_step, torch.Generator().manual_seed(0)
 
-    def visual() -> torch.Tensor:
-        return torch.randn(steps, g.tokens_per_frame, g.hidden_size, generator=gen).to(llm.device, llm.dtype)
+    def visual() -> torch.Tensor:  # random embeddings, packed as the model's visual tokens (Qwen-VL: side channels)
+        return llm.visual_tokens(torch.randn(steps, g.tokens_per_frame, g.hidden_size, generator=gen).to(
+            llm.device, llm.dtype))
 
     engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=4, progress=False))
     from mukv.cache.block_store import BlockStore

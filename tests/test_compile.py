@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_cfg
 
 from mukv.bench import MethodSpec, build_bench_method, ops_row
 from mukv.cache import ordered_methods
 from mukv.engine import EngineSettings, StreamingEngine
 from mukv.models.loading import build_tiny
-from tests.conftest import compose_cfg
 
 QUESTION = "What happened just before the person opened the door?"
 CHUNK, BUDGET_FRAMES = 8, 16  # as tests/test_ops.py
@@ -22,10 +22,12 @@ def stream_and_answer(llm, name: str, compile_mode: str):
                                                          compile=compile_mode))
     gen = torch.Generator().manual_seed(1)
     g = llm.geometry
+    steps = 4 // g.frames_per_step
     with torch.inference_mode():
         method.start_video(llm.init_prompt_ids())
         for first in range(0, 12, 4):
-            method.ingest(torch.randn(4, g.tokens_per_frame, g.hidden_size, generator=gen), first)
+            method.ingest(llm.visual_tokens(torch.randn(steps, g.tokens_per_frame, g.hidden_size, generator=gen)),
+                          first // g.frames_per_step)
         answer, context, _ = engine.answer(QUESTION)
     return answer, context
 
@@ -94,3 +96,13 @@ def test_compile_mode_is_checked_at_compose_time():
     assert compose_cfg("engine.compile=reduce_overhead").engine.compile.torch_mode == "reduce-overhead"
     with pytest.raises(Exception, match="compile"):
         compose_cfg("engine.compile=fast")
+
+
+def test_compiled_qwen_vl_layers_answer_as_eager_ones():
+    """The other model family: Qwen3-VL (M-RoPE offsets through position ids, deepstack features) compiled."""
+    from mukv.bench import random_qwen
+
+    a, ca = stream_and_answer(random_qwen("qwen3-vl-tiny", torch.float32, "cpu", (128, 128)), "rekv", "none")
+    b, cb = stream_and_answer(random_qwen("qwen3-vl-tiny", torch.float32, "cpu", (128, 128)), "rekv", "default")
+    torch.testing.assert_close(b.first_token_logits, a.first_token_logits, atol=1e-4, rtol=1e-4)
+    assert b.token_ids == a.token_ids

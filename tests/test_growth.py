@@ -112,3 +112,4 @@ def test_bench_targets_keep_their_own_defaults():
     assert "--model nano" in growth and "--frames 3600" in growth and "0.5b" not in growth
     assert "--model 0.5b --dtype auto" in dry("bench")
     assert dry("bench", "BENCH_ARGS=--frames 16").rstrip().endswith("--frames 16")
+    assert "--ops --model 0.5b" in dry("bench-ops")
