@@ -43,6 +43,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from mukv.cache import ordered_methods
 from mukv.cache.base import CacheMethod
 from mukv.cache.instrumentation import CallCount, OpCounter, count_calls, plain_forward_calls
+from mukv.config import CompileMode
 from mukv.engine import EngineSettings, StreamingEngine, peak_rss_bytes
 from mukv.errors import MukvError
 from mukv.models.adapter import VideoLLM
@@ -174,6 +175,9 @@ def plain_prefill_s_per_frame(llm: VideoLLM, frames: int, repeats: int = 3) -> f
     return (time.perf_counter() - t) / repeats / frames
 
 
+QUESTION = "What happened just before the person opened the door?"  # the one question every bench answers
+
+
 class _Frames:
     """Random frames at the model's own frame size (no resize in the timings)."""
 
@@ -216,13 +220,13 @@ def bench_method(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, ne
             t2 = time.perf_counter()
             vision_s, llm_s = vision_s + t1 - t0, llm_s + t2 - t1
             chunk_s.append((t2 - t0) / len(pixels))
-        answer, context, recall_s = engine.answer("What happened just before the person opened the door?")
+        answer, context, recall_s = engine.answer(QUESTION)
         stats = method.stats()
         if profile_dir is not None:
             pixels = source.frames(frames, frames + chunk)
             visual = llm.encode_frames(pixels)
             profile_step(lambda: method.ingest(visual, frames // llm.geometry.frames_per_step), llm.device, profile_dir / f"{file_slug(method.name)}_ingest")
-            profile_step(lambda: engine.answer("What happened just before the person opened the door?"), llm.device,
+            profile_step(lambda: engine.answer(QUESTION), llm.device,
                          profile_dir / f"{file_slug(method.name)}_answer")
     finally:
         llm.eos_token_ids = eos
@@ -283,9 +287,6 @@ def profile_step(step, device: torch.device, stem: Path, top: int = 30) -> dict[
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     print(f"profile {stem.name}: {json.dumps(summary)}", flush=True)
     return summary
-
-
-QUESTION = "What happened just before the person opened the door?"
 
 
 def steady_frames(method: CacheMethod, tokens_per_frame: int, chunk: int) -> int:
@@ -485,7 +486,7 @@ def growth_curve(llm: VideoLLM, method: CacheMethod, frames: int, chunk: int, an
                    "gpu_bytes": torch.cuda.max_memory_allocated() if llm.device.type == "cuda" else None}
             if (first + n) % answer_every == 0 or first + n == frames:
                 OpCounter.reset()
-                answer, context, recall_s = engine.answer("What happened just before the person opened the door?")
+                answer, context, recall_s = engine.answer(QUESTION)
                 row.update(ttft_s=recall_s + answer.prefill_s, latency_s=recall_s + answer.prefill_s + answer.decode_s,
                            online_tokens=context.online_tokens, answer_attention_pairs=OpCounter.attention_pairs)
             rows.append(row)
@@ -654,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", action="store_true",
                         help="operator calls and host reads per steady chunk and per answer token, against the stock "
                              "transformers forward and decode step (--model 0.5b: its layout, narrow widths)")
-    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce_overhead"],
+    parser.add_argument("--compile", default="none", choices=[m.value for m in CompileMode],
                         help="engine.compile: the decoder layers compiled (torch.compile; reduce_overhead: CUDA graphs)")
     parser.add_argument("--llm-only", action="store_true",
                         help="--growth: random visual tokens instead of the vision tower (LLM-side curves)")
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     tpf = llm.geometry.tokens_per_frame
     methods = [build_bench_method(spec, tpf, args.overrides) for spec in specs]  # every config error before timing
     if args.compile != "none":
-        llm.compile(args.compile.replace("_", "-"))
+        llm.compile(CompileMode(args.compile).torch_mode)
         llm.name += f" (compiled: {args.compile})"
     for method in methods:
         try:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mukv.cache.attention import ContextKV
 from mukv.cache.base import AnswerContext, CacheMethod
-from mukv.config import AnswerText
+from mukv.config import AnswerText, CompileMode
 from mukv.data.types import Question, VideoSample, frames_until, iter_chunks
 from mukv.errors import ConfigError, MukvError
 from mukv.models.adapter import KVGeometry, VideoLLM
@@ -163,8 +163,9 @@ class StreamingEngine:
     def __init__(self, llm: VideoLLM, method: CacheMethod, settings: EngineSettings) -> None:
         self.llm, self.method, self.settings = llm, method, settings
         check_chunk(settings.encode_chunk_size, llm.geometry, llm.name)
-        if str(getattr(settings.compile, "value", settings.compile)) != "none":
-            llm.compile(str(getattr(settings.compile, "value", settings.compile)).replace("_", "-"))
+        compile_mode = CompileMode(settings.compile)
+        if compile_mode != CompileMode.none:
+            llm.compile(compile_mode.torch_mode)
         method.bind(llm)
         self._sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
 

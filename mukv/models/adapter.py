@@ -7,6 +7,8 @@ method's attention callable, and maps hidden states to logits. Nothing here know
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,13 +128,19 @@ class VideoLLM:
             layer.compile(dynamic=True, mode=None if mode == "default" else mode)
         self.compiled = mode
 
-    def attention_kwargs(self, attention: LayerAttention) -> dict:
+    @contextlib.contextmanager
+    def attention_kwargs(self, attention: LayerAttention) -> Iterator[dict]:
         """How a forward hands ``attention`` to the layers: as a keyword argument, or (compiled layers) through
-        ``attention_hook.set_current`` with ``DEFERRED`` in its place."""
+        ``attention_hook.set_current`` with ``DEFERRED`` in its place, the outer handler restored afterwards."""
         if self.compiled is None:
-            return {"mukv_attention": attention}
+            yield {"mukv_attention": attention}
+            return
+        outer = attention_hook.current()
         attention_hook.set_current(attention)
-        return {"mukv_attention": attention_hook.DEFERRED}
+        try:
+            yield {"mukv_attention": attention_hook.DEFERRED}
+        finally:
+            attention_hook.set_current(outer)
 
     def make_geometry(self, config, dtype: torch.dtype) -> KVGeometry:
         """The KV geometry of ``config`` (each model family's adapter says how its tokens are laid out)."""
@@ -211,14 +219,11 @@ class VideoLLM:
 
         OpCounter.add_forward(embeds)
         pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        outer = attention_hook.current()
-        try:
+        with self.attention_kwargs(attention) as handed:
             out = self.language_model(
                 inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False,
-                attention_mask=attention_hook.handled_mask(embeds.device), **self.attention_kwargs(attention),
+                attention_mask=attention_hook.handled_mask(embeds.device), **handed,
             )
-        finally:
-            attention_hook.set_current(outer)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

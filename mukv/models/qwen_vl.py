@@ -329,14 +329,10 @@ class QwenVLVideoLLM(VideoLLM):
             kwargs["deepstack_visual_embeds"] = [
                 embeds[..., d * (1 + i) + SIDE_CHANNELS: d * (2 + i) + SIDE_CHANNELS].reshape(-1, d).to(self.dtype)
                 for i in range(self.deepstack)]
-        outer = attention_hook.current()
-        try:
+        with self.attention_kwargs(attention) as handed:
             out = self.language_model(
                 inputs_embeds=embeds[..., : self.hidden].to(self.dtype), position_ids=self.rope_offsets(embeds),
-                use_cache=False, attention_mask=attention_hook.handled_mask(embeds.device),
-                **self.attention_kwargs(attention), **kwargs)
-        finally:
-            attention_hook.set_current(outer)
+                use_cache=False, attention_mask=attention_hook.handled_mask(embeds.device), **handed, **kwargs)
         return out.last_hidden_state
 
 
