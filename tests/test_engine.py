@@ -464,12 +464,21 @@ def test_rotate_range_reuses_cos_sin_and_equals_rotate():
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
     x = torch.randn(2, 3, 9, d)
     computed = []
-    cos_sin = rope.cos_sin
-    rope.cos_sin = lambda p, dt: computed.append(p) or cos_sin(p, dt)
+    tables = rope.tables
+    rope.tables = lambda p, dt: computed.append(p) or tables(p, dt)
     for _ in range(24):
         out = rope.rotate_range(x, 5)
     assert len(computed) == 1
     assert torch.equal(out, RotaryTable(rope.inv_freq).rotate(x, torch.arange(5, 14)))
+    # bit for bit transformers' own rotation (Qwen2's apply_rotary_pos_emb), fp32 and bf16, strided input too
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    positions = torch.tensor([[3, 0, 7, 1000, 5, 5, 2, 9, 40000]])
+    for dtype in (torch.float32, torch.bfloat16):
+        y = torch.randn(1, 9, 3, d).to(dtype).transpose(1, 2)  # (1, heads, L, d), not contiguous
+        cos, sin = rope.cos_sin(positions, dtype)
+        expected, _ = apply_rotary_pos_emb(y, y, cos, sin)
+        assert torch.equal(rope.rotate(y, positions[0]), expected)
     for start in range(40):  # many ranges: the memo stays bounded
         rope.rotate_range(x, start)
     assert len(rope._memo) <= RotaryTable.MEMO_RANGES

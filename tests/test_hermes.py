@@ -184,6 +184,29 @@ def test_positions_are_reindexed_near_the_models_maximum(tiny_llm):
     layer0_keys_at(method, full, n_init)
 
 
+def test_compaction_follows_the_exact_positions_without_reading_them_far_from_the_limit(tiny_llm):
+    """Positions stay on the device; the host keeps an upper bound of each layer's next position and reads the exact
+    ones only once the bound passes the limit: compaction happens exactly when a next position does, and the bound
+    is never below the position (short, middle and long layers: with and without summaries)."""
+    margin = tiny_llm.config.text_config.max_position_embeddings - 120
+    checks = []
+
+    class Checked(Hermes):
+        def compress(self):
+            exact = self.next_positions
+            assert all(b >= p for b, p in zip(self.next_bound, exact, strict=True))
+            before = self.compactions
+            super().compress()
+            checks.append((max(exact) - 1 > 120, self.compactions > before))
+            assert all(b >= p for b, p in zip(self.next_bound, self.next_positions, strict=True))
+            if self.compactions > before:
+                assert self.next_bound == self.next_positions
+
+    stream(tiny_llm, Checked(kv_frames=2, short_ratio=0.34, long_ratio=0.34, compact_margin=margin), random_frames(12), 3)
+    assert all(expected == done for expected, done in checks) and any(done for _, done in checks)
+    assert not all(done for _, done in checks)
+
+
 def test_history_prompts_follow_the_engines_answers(tiny_llm):
     method = Hermes(kv_frames=10)
     engine = stream(tiny_llm, method, random_frames(2), 2)

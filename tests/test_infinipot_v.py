@@ -162,3 +162,25 @@ def test_kept_tokens_keep_their_original_positions_and_memory_is_flat(tiny_llm):
         expected = full.keys[0][0, h, n_init + tokens[h]]
         torch.testing.assert_close(context.keys[0][0, h, n_init:], expected, atol=1e-5, rtol=1e-5)
     assert set(context.recalled.tokens) >= set(tokens.flatten().tolist())
+
+
+@pytest.mark.parametrize("knobs", [{}, {"adaptive_pooling": True, "tar_keys": "unrotated", "tar_patch": "position"}])
+def test_layers_compressed_together_keep_what_each_layer_alone_keeps(tiny_llm, knobs):
+    """``compress`` runs the layers that pool alike as one set of heads: every layer keeps what ``compress_layer``
+    picks from that layer alone (its own pooling, its own keys)."""
+    method = InfiniPotV(block_frames=4, keep_frames=3, **knobs)
+    stream(tiny_llm, method, random_frames(4), 4)
+    n_layers, tpf, rope = tiny_llm.geometry.num_layers, tiny_llm.geometry.tokens_per_frame, tiny_llm.rope
+    expected = []
+    for idx in range(n_layers):
+        keys, tokens = method.keys[idx], method.tokens[idx]
+        if knobs.get("tar_keys") == "unrotated":
+            keys = rope.rotate(keys, -(method.n_init + tokens).float())
+        pooling = pooling_of_layer(idx, n_layers) if method.adaptive_pooling else (0, 1)
+        picked = compress_layer(keys, method.values[idx], tar_patches(tokens, tpf, method.tar_patch),
+                                method.keep_frames * tpf, tpf, method.tar_ratio, method.query_ratio, pooling)
+        expected.append(torch.gather(tokens, 1, picked))
+    method.compress()
+    assert len({tuple(t.flatten().tolist()) for t in expected}) > 1  # the layers choose apart
+    for idx in range(n_layers):
+        assert torch.equal(method.tokens[idx], expected[idx])

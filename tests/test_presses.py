@@ -63,7 +63,7 @@ def test_streaming_llm_keeps_the_block_sinks_and_its_end():
 
     press = StreamingLLMPress(keep_ratio=0.25, n_sink=4)
     press.keys = [torch.zeros(1, 2, 32, 8)]
-    scores = press.score(0, PressBlock(start=0, length=32))
+    scores = press.score(PressBlock(start=0, length=32))[0]
     assert top(scores.mean(0), 8) == [0, 1, 2, 3, 28, 29, 30, 31]
 
 
@@ -101,22 +101,25 @@ def test_expected_attention_averages_rope_and_adds_the_covariance_term(tiny_llm)
     rotated = torch.stack([tiny_llm.rope.rotate(x, torch.full((3,), p)) for p in range(40, 47)]).mean(0)
     rot = press.average_rope(40, x.device)
     torch.testing.assert_close(x @ rot.T, rotated, atol=1e-5, rtol=1e-5)
-    # planted block: 2 KV heads, 4 query heads, 6 tokens (2 sinks)
+    # planted block in two layers (scored together): 2 KV heads, 4 query heads, 6 tokens (2 sinks)
     g = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(1, 2, 6, d, generator=g), torch.randn(1, 2, 6, d, generator=g)
-    press.keys, press.values, press.n_init = [keys], [values], 0
-    q = torch.randn(4, 5, d, generator=g)  # the block's pre-RoPE queries, sinks left out
-    block = PressBlock(start=0, length=6, first_token=0, query_sum={0: q.sum(1)},
-                       query_outer={0: q.transpose(1, 2) @ q}, query_count=5)
-    scores = press.score(0, block)
+    keys, values = torch.randn(2, 1, 2, 6, d, generator=g), torch.randn(2, 1, 2, 6, d, generator=g)
+    press.keys, press.values, press.n_init = list(keys), list(values), 0
+    q = torch.randn(2, 4, 5, d, generator=g)  # per layer, the block's pre-RoPE queries, sinks left out
+    block = PressBlock(start=0, length=6, first_token=0, query_sum={i: q[i].sum(1) for i in range(2)},
+                       query_outer={i: q[i].transpose(1, 2) @ q[i] for i in range(2)}, query_count=5)
+    both = press.score(block)
+    assert both.shape == (2, 2, 6)
     rot = press.average_rope(6, x.device)
-    mu = q.mean(1) @ rot.T
-    cov = rot @ torch.stack([torch.cov(q[h].T, correction=0) for h in range(4)]) @ rot.T
-    k = keys[0, :, 2:].repeat_interleave(2, 0)
-    direct = (k @ mu[..., None])[..., 0] / math.sqrt(d) + torch.einsum("hnd,hde,hne->hn", k, cov, k) / (2 * d)
-    direct = torch.softmax(direct, -1).view(2, 2, -1).mean(1) * values[0, :, 2:].norm(dim=-1)
-    torch.testing.assert_close(scores[:, 2:], direct, atol=1e-5, rtol=1e-4)
-    assert (scores[:, :2] > scores[:, 2:].max()).all()  # the sinks are kept
+    for layer in range(2):
+        scores = both[layer]
+        mu = q[layer].mean(1) @ rot.T
+        cov = rot @ torch.stack([torch.cov(q[layer, h].T, correction=0) for h in range(4)]) @ rot.T
+        k = keys[layer, 0, :, 2:].repeat_interleave(2, 0)
+        direct = (k @ mu[..., None])[..., 0] / math.sqrt(d) + torch.einsum("hnd,hde,hne->hn", k, cov, k) / (2 * d)
+        direct = torch.softmax(direct, -1).view(2, 2, -1).mean(1) * values[layer, 0, :, 2:].norm(dim=-1)
+        torch.testing.assert_close(scores[:, 2:], direct, atol=1e-5, rtol=1e-4)
+        assert (scores[:, :2] > scores[:, 2:].max()).all()  # the sinks are kept
 
 
 @pytest.mark.parametrize("name", PRESSES)

@@ -24,6 +24,7 @@ from mukv.cache import kernels
 from mukv.cache.instrumentation import count_attention
 from mukv.cache.kernels import (
     causal_suffix_attention,
+    in_dtype,
     grouped_sdpa,
     merge_parts,
     needs_grad,
@@ -158,7 +159,7 @@ class SinkWindowKV:
             keys, vals = keys[..., drop:, :], vals[..., drop:, :]
             self.start += drop
         self.k, self.v = keys, vals
-        return torch.cat(outs, dim=-2)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
     def _view_start(self, qa: int) -> int:
         """The first key a query block starting at ``qa`` can see (window and eviction)."""
@@ -256,7 +257,7 @@ class SinkWindowKV:
             count_attention(q_rot, k_rot[..., :lq, :])
             if sink_needed:  # every query sees every sink (``_fused_applies``), at the sink distance
                 ks = self._sink_keys(rope)
-                parts.append(kernel(q, ks.to(q.dtype), self.init_v.to(q.dtype), False, scaling))
+                parts.append(kernel(q, in_dtype(ks, q.dtype), in_dtype(self.init_v, q.dtype), False, scaling))
                 count_attention(q, ks)
         return parts
 

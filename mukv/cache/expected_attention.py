@@ -13,7 +13,6 @@ from typing import ClassVar
 import torch
 
 from mukv.cache.base import register_cache
-from mukv.cache.kernels import expand_kv_heads
 from mukv.cache.press import ChunkPress, PressBlock
 from mukv.errors import ConfigError
 
@@ -56,22 +55,23 @@ class ExpectedAttentionPress(ChunkPress):
         self._average_rope = ((start, device), rot)
         return rot
 
-    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
-        keys, values = self.block_keys(layer, block)
-        keys, values = keys[:, self.n_sink:].float(), values[:, self.n_sink:].float()
+    def score(self, block: PressBlock) -> torch.Tensor:
+        layers = range(len(self.keys))
+        keys, values = self.block_keys(block)  # (layers, kv_heads, n, d)
+        keys, values = keys[:, :, self.n_sink:].float(), values[:, :, self.n_sink:].float()
         count = block.query_count
-        mu = block.query_sum[layer] / count  # (q_heads, d)
+        mu = torch.stack([block.query_sum[i] for i in layers]) / count  # (layers, q_heads, d)
         rot = self.average_rope(self.n_init + block.first_token + block.length, mu.device)
-        groups = mu.shape[0] // keys.shape[0]
-        k = expand_kv_heads(keys, mu.shape[0], head_dim=0)  # (q_heads, n, d)
-        d = k.shape[-1]
-        scores = k @ (mu @ rot.T)[..., None] / math.sqrt(d)
-        scores = scores[..., 0]
+        n_layers, kv_heads, _, d = keys.shape
+        grouped = (n_layers, kv_heads, -1, d)  # each KV head's query group, side by side
+        scores = keys @ (mu @ rot.T).view(grouped).transpose(-1, -2) / math.sqrt(d)  # (layers, kv_heads, n, group)
+        scores = scores.transpose(-1, -2)  # (layers, kv_heads, group, n)
         if self.use_covariance:
-            cov = block.query_outer[layer] / count - mu[:, :, None] * mu[:, None, :]
-            cov = rot @ cov @ rot.T
-            scores = scores + torch.einsum("hnd,hde,hne->hn", k, cov, k) / d / 2
-        scores = torch.softmax(scores, -1).view(keys.shape[0], groups, -1).mean(1)
+            cov = torch.stack([block.query_outer[i] for i in layers]) / count - mu[..., :, None] * mu[..., None, :]
+            cov = (rot @ cov @ rot.T).view(*grouped, d)  # (layers, kv_heads, group, d, d)
+            k = keys[:, :, None]  # (layers, kv_heads, 1, n, d)
+            scores = scores + ((k @ cov) * k).sum(-1) / d / 2
+        scores = torch.softmax(scores, -1).mean(2)  # (layers, kv_heads, n)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values.norm(dim=-1)
         # the sinks first, above every other score (computed on the device: no read by the host)

@@ -38,6 +38,7 @@ from mukv.cache.base import AnswerContext, register_cache
 from mukv.cache.kept_kv import KeptKVCache
 from mukv.cache.kernels import attention_weights, prefix_causal_mask
 from mukv.errors import ConfigError
+from mukv.models.rope import RotaryTable
 
 RECENCY_K = 20.0  # the short-term layers' recency decay (published); the middle layers go from 20 to 0.5
 MID_K_DROP, MID_ALPHA_DROP = 19.5, 0.9  # over the middle layers: k 20 -> 0.5, recency weight 1 -> 0.1
@@ -179,7 +180,10 @@ class Hermes(KeptKVCache):
         n = self.geometry.num_layers
         device = self.init_k[0].device
         self.positions = [torch.empty(0, dtype=torch.long, device=device) for _ in range(n)]
-        self.next_positions = [self.n_init] * n
+        # each layer's next position, on the device (the host never waits for it while the stream plays), and an
+        # upper bound of it on the host, exact after a compaction, for the compaction check
+        self.next_pos = torch.full((n,), self.n_init, dtype=torch.long, device=device)
+        self.next_bound = [self.n_init] * n
         self.tiers = layer_tiers(n, self.short_ratio, self.long_ratio,
                                  (self.gamma_short, self.gamma_mid, self.gamma_long))
         self.compressions = self.compactions = 0
@@ -187,8 +191,29 @@ class Hermes(KeptKVCache):
         text = self.llm.config.get_text_config() if hasattr(self.llm.config, "get_text_config") else self.llm.config
         self.max_positions = getattr(text, "max_position_embeddings", None)
 
+    @property
+    def next_positions(self) -> list[int]:
+        """Each layer's next position (a read of the device's values: for answers and inspection)."""
+        return self.next_pos.tolist()
+
     def prefill_position(self, layer: int, first_token: int) -> int:
-        return self.next_positions[layer]
+        return int(self.next_pos[layer])
+
+    def answer_positions(self) -> list[int]:
+        return self.next_positions  # one read for every layer
+
+    def rotations(self, first_token: int, length: int, device: torch.device):
+        """Every layer's rotation table from its next position, built at once on the device (no read)."""
+        positions = self.next_pos[:, None] + torch.arange(length, device=device)  # (layers, length)
+        tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rotate(idx: int, x: torch.Tensor) -> torch.Tensor:
+            if x.dtype not in tables:
+                tables[x.dtype] = self.llm.rope.tables(positions, x.dtype)
+            cos, sin = tables[x.dtype]
+            return RotaryTable.apply(x, cos[idx], sin[idx])
+
+        return rotate
 
     def ingest(self, visual: torch.Tensor, first_frame: int) -> None:
         tpf, done = self.geometry.tokens_per_frame, 0
@@ -196,11 +221,11 @@ class Hermes(KeptKVCache):
             frame = first_frame + done
             n = min(self.compress_every - frame % self.compress_every, visual.shape[0] - done)
             self.prefill(visual[done:done + n], frame)
-            for idx in range(self.geometry.num_layers):
-                p = self.next_positions[idx]
-                self.positions[idx] = torch.cat((self.positions[idx],
-                                                 torch.arange(p, p + n * tpf, device=self.positions[idx].device)))
-                self.next_positions[idx] = p + n * tpf
+            added = self.next_pos[:, None] + torch.arange(n * tpf, device=self.next_pos.device)  # (layers, n x tpf)
+            for idx, new in enumerate(added.unbind(0)):
+                self.positions[idx] = torch.cat((self.positions[idx], new))
+            self.next_pos = self.next_pos + n * tpf
+            self.next_bound = [b + n * tpf for b in self.next_bound]
             done += n
             if (frame + n) % self.compress_every == 0 and self.n_init + self.held_tokens > self.layer_budget:
                 self.compress()
@@ -240,15 +265,20 @@ class Hermes(KeptKVCache):
         raw = [tier_score(attention.get(i, torch.zeros(held[i], device=self.keys[i].device)), t)
                for i, t in enumerate(self.tiers)]
         scores = consistent_scores(raw, self.tiers)
-        compact = (self.max_positions is not None
-                   and max(self.next_positions) - 1 > self.max_positions - self.compact_margin)
+        compact = False
+        if self.max_positions is not None and max(self.next_bound) - 1 > self.max_positions - self.compact_margin:
+            self.next_bound = self.next_positions  # near the limit only: read the exact positions
+            compact = max(self.next_bound) - 1 > self.max_positions - self.compact_margin
         for idx, tier in enumerate(self.tiers):
             budget = min(self.layer_budget - (tier.name == "long"), held[idx])
             picked = scores[idx].topk(budget, sorted=False).indices.sort().values
+            summary = tier.name == "long" and budget < held[idx]  # one more token, after the last kept one
             self._shrink(idx, picked, held[idx], summarise=tier.name == "long", compact=compact)
-        # every layer's next position in one read (the prefill of the next frame rotates from it on the host)
-        last = torch.stack([p[-1] if p.numel() else p.new_full((), self.n_init - 1) for p in self.positions])
-        self.next_positions = [p + 1 for p in last.tolist()]
+            # the next position is after the last kept token (or the summary): at most one past the old one
+            self.next_bound[idx] = self.n_init + budget + summary if compact else self.next_bound[idx] + summary
+        # every layer's next position, on the device: the next prefill rotates from it without a read
+        self.next_pos = torch.stack([p[-1] if p.numel() else p.new_full((), self.n_init - 1)
+                                     for p in self.positions]) + 1
         self.compressions += 1
         self.compactions += int(compact)
 

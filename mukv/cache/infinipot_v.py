@@ -112,7 +112,8 @@ def tar_patches(tokens: torch.Tensor, tokens_per_frame: int, rule: TarPatch | st
 def compress_layer(keys: torch.Tensor, values: torch.Tensor, patches: torch.Tensor, keep_tokens: int,
                    tokens_per_frame: int, tar_ratio: float, query_ratio: float,
                    pooling: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """The video tokens one layer keeps, per KV head: indices (heads, keep_tokens), sorted (time order).
+    """The video tokens one layer keeps, per KV head: indices (heads, keep_tokens), sorted (time order). Heads
+    choose apart, so several layers' heads side by side are compressed at once (``InfiniPotV.compress``).
 
     ``keys`` / ``values``: (1, heads, L, d) video tokens in cache order, L a whole number of frames' worth;
     ``patches``: (heads, L), each token's patch index for TaR (its slot modulo ``tokens_per_frame`` under the
@@ -212,16 +213,24 @@ class InfiniPotV(KeptKVCache):
             done += n
 
     def compress(self) -> None:
-        """Cut every layer back to ``keep_frames`` frames' worth of video tokens per KV head."""
+        """Cut every layer back to ``keep_frames`` frames' worth of video tokens per KV head. Heads choose apart,
+        so the layers that pool alike are compressed as one set of heads (their KV heads side by side): one
+        ``compress_layer`` per pooling instead of one per layer (operator calls are host time on a GPU)."""
         tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
-        n_layers = self.geometry.num_layers
+        n_layers, heads = self.geometry.num_layers, self.tokens[0].shape[0]
+        groups: dict[tuple[int, int], list[int]] = {}
         for idx in range(n_layers):
-            keys, tokens = self.keys[idx], self.tokens[idx]
+            groups.setdefault(pooling_of_layer(idx, n_layers) if self.adaptive_pooling else (0, 1), []).append(idx)
+        for pooling, layers in groups.items():
+            keys = torch.cat([self.keys[i] for i in layers], dim=1)  # (1, layers x heads, L, d)
+            values = torch.cat([self.values[i] for i in layers], dim=1)
+            tokens = torch.cat([self.tokens[i] for i in layers])
             if self.tar_keys == TarKeys.unrotated:  # undo each token's own rotation
                 keys = rope.rotate(keys, -(self.n_init + tokens).float())
-            pooling = pooling_of_layer(idx, n_layers) if self.adaptive_pooling else (0, 1)
-            self.keep(idx, compress_layer(keys, self.values[idx], tar_patches(tokens, tpf, self.tar_patch),
-                                          self.keep_frames * tpf, tpf, self.tar_ratio, self.query_ratio, pooling))
+            picked = compress_layer(keys, values, tar_patches(tokens, tpf, self.tar_patch), self.keep_frames * tpf,
+                                    tpf, self.tar_ratio, self.query_ratio, pooling)
+            for idx, rows in zip(layers, picked.split(heads), strict=True):
+                self.keep(idx, rows)
         self.compressions += 1
 
     # ---------------------------------------------------------------------------------- recall

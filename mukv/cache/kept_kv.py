@@ -50,13 +50,13 @@ class KeptKVCache(CacheMethod):
     def prefill(self, visual: torch.Tensor, first_frame: int, observe: Observer | None = None) -> None:
         """Frames (F, tokens_per_frame, hidden) at their original positions, attending to the init prompt, every
         kept token and themselves (causal); their KV joins the kept tokens of every head."""
-        tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
+        tpf = self.geometry.tokens_per_frame
         start = first_frame * tpf
         new_tokens = torch.arange(start, start + visual.shape[0] * tpf, device=visual.device)
+        rotate = self.rotations(start, visual.shape[0] * tpf, visual.device)
 
         def attend(idx: int, q, k, v, scaling):
-            position = self.prefill_position(idx, start)
-            k_rot, q_rot = rope.rotate_range(k, position), rope.rotate_range(q, position)
+            k_rot, q_rot = rotate(idx, k), rotate(idx, q)
             keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
             if observe is not None:
@@ -73,12 +73,10 @@ class KeptKVCache(CacheMethod):
         """Run the tokens ``ids`` (a template, a pseudo-question) after everything kept, each layer at the position
         its next video token would take, causal among themselves, and hand each layer's attention inputs to
         ``observe`` (as ``prefill``'s); their KV is not kept."""
-        rope = self.llm.rope
-        next_token = self.frames_seen * self.geometry.tokens_per_frame
+        rotate = self.rotations(self.frames_seen * self.geometry.tokens_per_frame, len(ids), self.llm.device)
 
         def attend(idx: int, q, k, v, scaling):
-            position = self.prefill_position(idx, next_token)
-            q_rot, k_rot = rope.rotate_range(q, position), rope.rotate_range(k, position)
+            q_rot, k_rot = rotate(idx, q), rotate(idx, k)
             keys = torch.cat((self.init_k[idx], self.keys[idx], k_rot), dim=-2)
             vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
             observe(idx, q, q_rot, keys, vals, scaling)
@@ -90,6 +88,13 @@ class KeptKVCache(CacheMethod):
         """Position of video token ``first_token`` (the first being prefilled) in ``layer``: its original one
         (after the init prompt); a method that moves positions (HERMES) says where its next tokens go."""
         return self.n_init + first_token
+
+    def rotations(self, first_token: int, length: int, device: torch.device) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``rotate(layer, x)``: ``x`` (..., length, d) rotated to the positions from ``prefill_position(layer,
+        first_token)`` on. A method whose positions live on the device (HERMES) builds every layer's table at once,
+        without reading them."""
+        rope = self.llm.rope
+        return lambda idx, x: rope.rotate_range(x, self.prefill_position(idx, first_token))
 
     def keep(self, layer: int, picked: torch.Tensor) -> None:
         """Keep, in ``layer``, the held tokens at ``picked`` (kv_heads, n) indices into its video tokens, sorted."""
@@ -105,10 +110,14 @@ class KeptKVCache(CacheMethod):
         keys = [torch.cat((ik, k), dim=-2) for ik, k in zip(self.init_k, self.keys, strict=True)]
         values = [torch.cat((iv, v), dim=-2) for iv, v in zip(self.init_v, self.values, strict=True)]
         held = torch.unique(torch.cat([t.flatten() for t in self.tokens]))
-        next_token = self.frames_seen * self.geometry.tokens_per_frame
-        positions = [self.prefill_position(i, next_token) for i in range(len(keys))]
+        positions = self.answer_positions()
         return AnswerContext(keys, values, next_position=max(positions), recalled=Recalled(tokens=held[held >= 0].tolist()),
                              detail=detail, layer_positions=positions)
+
+    def answer_positions(self) -> list[int]:
+        """Each layer's position for the answer's first token: where its next video token would go."""
+        next_token = self.frames_seen * self.geometry.tokens_per_frame
+        return [self.prefill_position(i, next_token) for i in range(len(self.keys))]
 
     def stats(self) -> CacheStats:
         kv = sum(tensor_bytes(ik, iv, k, v)

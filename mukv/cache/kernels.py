@@ -39,7 +39,12 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int, head_dim: int = 1) -> torch
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32, without an operator call where it already is (``.float()`` is one even then)."""
-    return x if x.dtype == torch.float32 else x.float()
+    return in_dtype(x, torch.float32)
+
+
+def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, without an operator call where it already is (``.to`` is one even then)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

@@ -15,6 +15,6 @@ from mukv.cache.press import ChunkPress, PressBlock
 class KnormPress(ChunkPress):
     display_order = 60
 
-    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
-        keys, _ = self.block_keys(layer, block)
+    def score(self, block: PressBlock) -> torch.Tensor:
+        keys, _ = self.block_keys(block)
         return -keys.float().norm(dim=-1)  # rotation keeps the norm: rotated or not, the same scores

@@ -23,7 +23,7 @@ import torch
 
 from mukv.cache.base import AnswerContext
 from mukv.cache.kept_kv import KeptKVCache
-from mukv.cache.kernels import attention_weights
+from mukv.cache.kernels import as_float, attention_weights
 from mukv.errors import ConfigError
 
 
@@ -53,7 +53,9 @@ class PressRecall:
 @dataclass
 class ChunkPress(KeptKVCache):
     """Base of the presses: block buffering, the per-head reduction and the keep rule. A press is a dataclass
-    with ``score(layer, block) -> (kv_heads, block.length)`` (higher is kept) and the ``signals`` it needs."""
+    with ``score(block) -> (layers, kv_heads, block.length)`` (higher is kept) and the ``signals`` it needs.
+    Every layer is scored at once (the block's keys of all layers side by side, ``block_keys``): one batched
+    computation per block instead of one per layer (operator calls are host time on a GPU)."""
 
     block_frames: int = 8  # frames per compressed block (no published streaming setting: this project's)
     keep_ratio: float = 0.25  # share of each block's tokens kept (kvpress: 1 - compression_ratio)
@@ -68,7 +70,7 @@ class ChunkPress(KeptKVCache):
         if not 0 < self.keep_ratio <= 1:
             raise ConfigError("cache.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
 
-    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
+    def score(self, block: PressBlock) -> torch.Tensor:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------- streaming
@@ -97,28 +99,30 @@ class ChunkPress(KeptKVCache):
             block.last_attention[idx] = attention_weights(q_rot[..., -1:, :], keys, scaling, None)[0, :, 0]
         if "query_stats" in self.signals:
             skip = max(0, self.stats_skip - block.length)  # the block's first stats_skip tokens are left out
-            qs = q[0, :, skip:].float()  # (q_heads, rows, d)
-            block.query_sum[idx] = block.query_sum.get(idx, 0) + qs.sum(1)
-            block.query_outer[idx] = block.query_outer.get(idx, 0) + qs.transpose(1, 2) @ qs
+            qs = as_float(q[0, :, skip:] if skip else q[0])  # (q_heads, rows, d)
+            total, outer = block.query_sum.get(idx), block.query_outer.get(idx)  # accumulated in place
+            block.query_sum[idx] = qs.sum(1) if total is None else total.add_(qs.sum(1))
+            block.query_outer[idx] = torch.bmm(qs.mT, qs) if outer is None else outer.baddbmm_(qs.mT, qs)
             if idx == 0:
                 block.query_count += qs.shape[1]
 
     def compress_block(self) -> None:
         """Keep ``int(n x keep_ratio)`` of the finished block's ``n`` tokens in every layer (mean score over heads)."""
         block, self.block = self.block, None
-        n = block.length
+        n, layers = block.length, self.geometry.num_layers
         keep = max(1, int(n * self.keep_ratio))
-        for idx in range(self.geometry.num_layers):
-            scores = self.score(idx, block).float().mean(0)  # one token set for all heads
-            chosen = scores.topk(keep).indices.sort().values + block.start
-            held = torch.cat((torch.arange(block.start, device=chosen.device), chosen))
-            self.keep(idx, held.expand(self.tokens[idx].shape[0], -1))
+        scores = self.score(block).float().mean(1)  # (layers, n): one token set for all heads of a layer
+        chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values + block.start
+        held = torch.cat((torch.arange(block.start, device=chosen.device).expand(layers, -1), chosen), dim=-1)
+        heads = self.tokens[0].shape[0]
+        for idx, picked in enumerate(held.unbind(0)):
+            self.keep(idx, picked.expand(heads, -1))
         self.blocks_done += 1
 
-    def block_keys(self, layer: int, block: PressBlock) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's rotated keys and values in ``layer``: (kv_heads, n, d)."""
+    def block_keys(self, block: PressBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's rotated keys and values in every layer: (layers, kv_heads, n, d)."""
         part = slice(block.start, block.start + block.length)
-        return self.keys[layer][0, :, part], self.values[layer][0, :, part]
+        return (torch.cat([k[..., part, :] for k in self.keys]), torch.cat([v[..., part, :] for v in self.values]))
 
     def recall(self, question: str) -> AnswerContext[PressRecall]:
         """Everything kept (query-agnostic), at its original positions."""

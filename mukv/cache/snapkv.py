@@ -42,5 +42,5 @@ class SnapKVPress(ChunkPress):
         self.probe(self.llm.question_prompt_ids(""), observe)  # the template tokens after the frames
         super().compress_block()
 
-    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
-        return block.scores[layer]
+    def score(self, block: PressBlock) -> torch.Tensor:
+        return torch.stack([block.scores[i] for i in range(len(self.keys))])

@@ -23,9 +23,9 @@ class StreamingLLMPress(ChunkPress):
         if self.n_sink < 0 or self.n_sink >= self.block_frames * geometry.tokens_per_frame:
             raise ConfigError("cache.n_sink", f"must be in [0, the block's tokens), got {self.n_sink}")
 
-    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
+    def score(self, block: PressBlock) -> torch.Tensor:
         n = block.length
         pruned = n - max(1, int(n * self.keep_ratio))
-        scores = torch.ones(self.keys[layer].shape[1], n, device=self.keys[layer].device)
-        scores[:, self.n_sink:self.n_sink + pruned] = 0  # the middle goes
-        return scores
+        scores = torch.ones(n, device=self.keys[0].device)
+        scores[self.n_sink:self.n_sink + pruned] = 0  # the middle goes (the same in every layer and head)
+        return scores.expand(len(self.keys), self.keys[0].shape[1], -1)

@@ -18,8 +18,10 @@ class TOVAPress(ChunkPress):
     display_order = 62
     signals: ClassVar[frozenset[str]] = frozenset({"last_attention"})
 
-    def score(self, layer: int, block: PressBlock) -> torch.Tensor:
-        attention = block.last_attention[layer][:, -block.length:]  # (q_heads, n): over the block's tokens
-        scores = attention.mean(0)
-        scores[-1] = scores.max() + 1  # the last token (kvpress pads it with the max)
-        return scores.expand(self.keys[layer].shape[1], -1)
+    def score(self, block: PressBlock) -> torch.Tensor:
+        layers = range(len(self.keys))
+        # (layers, q_heads, n): over the block's tokens (every layer sees as many tokens)
+        attention = torch.stack([block.last_attention[i] for i in layers])[..., -block.length:]
+        scores = attention.mean(1)
+        scores[:, -1] = scores.amax(-1) + 1  # the last token (kvpress pads it with the max)
+        return scores[:, None].expand(-1, self.keys[0].shape[1], -1)
