@@ -24,8 +24,8 @@ from mukv.cache import kernels
 from mukv.cache.instrumentation import count_attention
 from mukv.cache.kernels import (
     causal_suffix_attention,
-    in_dtype,
     grouped_sdpa,
+    in_dtype,
     merge_parts,
     needs_grad,
     two_part_attention,
