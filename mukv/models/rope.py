@@ -48,8 +48,8 @@ class RotaryTable:
     def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """transformers' ``x * cos + rotate_half(x) * sin``, bit for bit: ``rotate_half(x) * sin`` is ``x`` with
         its halves swapped (one flip of a (2, d/2) view) times the sin whose first half is negated (``tables``):
-        9 operator calls where slicing, negating and concatenating took 13 (operator calls are host time on a
-        GPU). Not ``addcmul``: it rounds once where transformers rounds twice (a bf16 ulp apart)."""
+        9 operator calls where slicing, negating and concatenating take 13-15 (operator calls are host time on
+        a GPU). Not ``addcmul``: it rounds once where transformers rounds twice (a bf16 ulp apart)."""
         d = x.shape[-1]
         if x.stride(-1) != 1:
             x = x.contiguous()
