@@ -122,6 +122,9 @@ def summarise(rows: pd.DataFrame, mem: pd.DataFrame, window_s: float | None = No
         out[f"detail_{name}"], out[f"detail_{name}_n"] = b.get("accuracy"), b.get("judged", 0)
         out[f"recall_{name}"] = b.get("recall")
     out["window_s"] = window_s
+    # of the KV held, what sits on the device when a question is answered (the rest is in a host store)
+    device = pd.to_numeric(df["device_kv_bytes"], errors="coerce") if "device_kv_bytes" in df else pd.Series(dtype=float)
+    out["device_kv_mib"] = float(device.mean()) / 2**20 if device.notna().any() else float("nan")
     out.update(online_tokens=float(df.online_tokens.mean()), kv_mib=float(mem.peak_kv_bytes.mean()) / 2**20,
                latency_ms=1000 * float(df.latency_s.mean()), mean_age_s=float(df.end_time.sub(df.start_time).mean()))
     return out
@@ -145,7 +148,7 @@ def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> 
     cols = ["length_s", "frames", "streams", "method", "budget", "budget_video_tokens", "kv_quant", "questions",
             "accuracy", "per_seed",
             *QUESTION_CATEGORIES, *(f"vs_{ref}" for ref in references), *QUESTION_TYPES, "detail_recall", "detail_by_window_age", "recall_by_window_age", "beyond_trained", "online_tokens",
-            "kv_mib", "latency_ms"]
+            "kv_mib", "device_kv_mib", "latency_ms"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
     for _, r in results.iterrows():
@@ -192,7 +195,9 @@ def markdown(results: pd.DataFrame, references: tuple[str, ...] = ("full",)) -> 
                                        "(counts per bucket in results.csv). per_seed: the range of the "
                                        "held-out seeds' accuracies (several seeds: the other columns pool them). "
                                        "beyond_trained: % of answers whose context reaches past the model's trained "
-                                       "positions.\n")
+                                       "positions. kv_mib: peak KV bytes of a video, device and host store "
+                                       "together (mean over videos); device_kv_mib: the part on the device when a "
+                                       "question is answered (mean over answers).\n")
 
 
 def changed_knobs(default: dict[str, Any], used: dict[str, Any]) -> dict[str, Any]:

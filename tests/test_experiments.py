@@ -381,6 +381,11 @@ def test_nano_benchmark_quick_preset_runs_every_method(tmp_path):
     assert json.loads(df.set_index("method").loc["rekv", "knobs"]) == {"n_local": 512, "retrieve_size": 16}
     full = json.loads((runs["full_all_L60"] / "metrics.json").read_text())
     assert full["budget_frames"] is None and df.set_index("method").loc["full", "budget"] == "all"
+    # device KV at the answers: never above the peak held (uniform sampling holds none); ReKV's store is in host memory
+    by = df.set_index("method")
+    assert (by.device_kv_mib <= by.kv_mib * (1 + 1e-9)).all() and by.drop("uniform").device_kv_mib.gt(0).all()
+    assert by.loc["rekv", "device_kv_mib"] < 0.5 * by.loc["rekv", "kv_mib"]
+    assert "device_kv_mib" in (tmp_path / "results.md").read_text()
 
 
 def test_nano_benchmark_reports_categories_pairs_with_full_and_flags_extrapolation(tmp_path):
