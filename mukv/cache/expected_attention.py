@@ -56,18 +56,17 @@ class ExpectedAttentionPress(ChunkPress):
         return rot
 
     def score(self, block: PressBlock) -> torch.Tensor:
-        layers = range(len(self.keys))
         keys, values = self.block_keys(block)  # (layers, kv_heads, n, d)
         keys, values = keys[:, :, self.n_sink:].float(), values[:, :, self.n_sink:].float()
         count = block.query_count
-        mu = torch.stack([block.query_sum[i] for i in layers]) / count  # (layers, q_heads, d)
+        mu = self.by_layer(block.query_sum) / count  # (layers, q_heads, d)
         rot = self.average_rope(self.n_init + block.first_token + block.length, mu.device)
         n_layers, kv_heads, _, d = keys.shape
         grouped = (n_layers, kv_heads, -1, d)  # each KV head's query group, side by side
         scores = keys @ (mu @ rot.T).view(grouped).transpose(-1, -2) / math.sqrt(d)  # (layers, kv_heads, n, group)
         scores = scores.transpose(-1, -2)  # (layers, kv_heads, group, n)
         if self.use_covariance:
-            cov = torch.stack([block.query_outer[i] for i in layers]) / count - mu[..., :, None] * mu[..., None, :]
+            cov = self.by_layer(block.query_outer) / count - mu[..., :, None] * mu[..., None, :]
             cov = (rot @ cov @ rot.T).view(*grouped, d)  # (layers, kv_heads, group, d, d)
             k = keys[:, :, None]  # (layers, kv_heads, 1, n, d)
             scores = scores + ((k @ cov) * k).sum(-1) / d / 2

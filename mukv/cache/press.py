@@ -119,6 +119,10 @@ class ChunkPress(KeptKVCache):
             self.keep(idx, picked.expand(heads, -1))
         self.blocks_done += 1
 
+    def by_layer(self, signal: dict[int, torch.Tensor]) -> torch.Tensor:
+        """A per-layer signal of the block (``PressBlock.last_attention``, ``query_sum`` ...) stacked over layers."""
+        return torch.stack([signal[i] for i in range(len(self.keys))])
+
     def block_keys(self, block: PressBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's rotated keys and values in every layer: (layers, kv_heads, n, d)."""
         part = slice(block.start, block.start + block.length)

@@ -43,4 +43,4 @@ class SnapKVPress(ChunkPress):
         super().compress_block()
 
     def score(self, block: PressBlock) -> torch.Tensor:
-        return torch.stack([block.scores[i] for i in range(len(self.keys))])
+        return self.by_layer(block.scores)

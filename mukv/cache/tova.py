@@ -19,9 +19,8 @@ class TOVAPress(ChunkPress):
     signals: ClassVar[frozenset[str]] = frozenset({"last_attention"})
 
     def score(self, block: PressBlock) -> torch.Tensor:
-        layers = range(len(self.keys))
         # (layers, q_heads, n): over the block's tokens (every layer sees as many tokens)
-        attention = torch.stack([block.last_attention[i] for i in layers])[..., -block.length:]
+        attention = self.by_layer(block.last_attention)[..., -block.length:]
         scores = attention.mean(1)
         scores[:, -1] = scores.amax(-1) + 1  # the last token (kvpress pads it with the max)
         return scores[:, None].expand(-1, self.keys[0].shape[1], -1)

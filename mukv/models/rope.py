@@ -26,18 +26,19 @@ class RotaryTable:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (..., L, head_dim) for positions (..., L) (e.g. one row per head, for methods
         that keep different tokens per head), computed in fp32 then cast (as transformers does)."""
-        inv = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * inv
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = torch.cat((self._angles(positions),) * 2, dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``apply`` rotates by: ``cos_sin``'s cos, and its sin with the first half negated (the same
         values, signs moved from ``rotate_half`` into the table)."""
-        inv = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * inv
+        freqs = self._angles(positions)
         sin = freqs.sin()
         return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 angles (..., L, head_dim / 2): each position times each inverse frequency."""
+        return positions.float()[..., None] * self.inv_freq.to(positions.device)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (..., L, d) so that token i sits at ``positions[..., i]`` (positions (L,) or, per head,
