@@ -38,7 +38,7 @@ def stream_and_answer(llm, name: str, compile_mode: str):
 COMPILED_CEILINGS = {
     "full": (0.75, 0.57),
     "sliding_window": (1.0, 0.57),
-    "uniform": (None, 0.55),
+    "uniform": (None, 0.57),  # 0.531 in a fresh process, 0.553 (as the others) after other compiled tests
     "rekv": (1.1, 0.57),
     "mukv": (1.08, 0.57),
     "streamkv": (2.47, 0.64),
