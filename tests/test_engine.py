@@ -539,3 +539,81 @@ def test_answer_text_follows_the_published_code_of_the_method(tiny_llm):
         engine.settings.answer_text = "spaces"
         answer, _, _ = engine.answer("what colour was the star?")
         assert answer.text == answer_text(tiny_llm, answer.token_ids, "spaces")
+
+
+def _stock_attention(llm):
+    """Put the language model's attention modules back to their stock classes (undo ``skip_identity_rotation``)."""
+    for m in llm.language_model.modules():
+        if type(m).__name__.startswith("Unrotated"):
+            m.__class__ = type(m).__mro__[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_identity_rotation_is_skipped_bit_for_bit(dtype):
+    """LLaVA-OV's layers run at position 0, where their own rotary step is the identity: skipped while a handler
+    owns the attention (34 operator calls per layer), with the same hidden states bit for bit in fp32 and bf16;
+    plain forwards (no handler: training, references) keep the stock forward and its rotation."""
+    from mukv.cache.instrumentation import count_calls
+    from mukv.models import attention_hook
+    from mukv.models.loading import build_tiny
+
+    llm = build_tiny(0, torch.device("cpu"), dtype, text_layers=3)
+    lm = llm.language_model
+    assert all(type(layer.self_attn).__name__ == "UnrotatedQwen2Attention" for layer in lm.layers)
+
+    def handler(idx, q, k, v, scaling):  # the handler rotates, at positions of its own
+        q, k = llm.rope.rotate_range(q, 5), llm.rope.rotate_range(k, 5)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                enable_gqa=True)
+
+    x = torch.randn(1, 23, llm.geometry.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    positions = torch.arange(5, 28)[None]
+    with torch.inference_mode():
+        skipped, skipped_calls = llm.forward(x, handler), count_calls(lambda: llm.forward(x, handler)).ops
+        plain = lm(inputs_embeds=x, position_ids=positions).last_hidden_state
+        _stock_attention(llm)
+        stock, stock_calls = llm.forward(x, handler), count_calls(lambda: llm.forward(x, handler)).ops
+        plain_stock = lm(inputs_embeds=x, position_ids=positions).last_hidden_state
+    assert torch.equal(skipped, stock) and torch.equal(plain, plain_stock)
+    assert torch.allclose(skipped.float(), plain.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert stock_calls - skipped_calls >= 30 * len(lm.layers), (stock_calls, skipped_calls)
+    assert attention_hook.skip_identity_rotation(lm) == len(lm.layers)
+
+
+def test_no_rotation_is_skipped_where_it_is_not_the_identity():
+    """A rotary embedding that scales q and k (``attention_scaling`` not 1) is not the identity at position 0: its
+    step stays; Qwen-VL adapters hand the model real in-frame positions: their layers keep the stock forward."""
+    from mukv.models import attention_hook
+    from mukv.models.loading import build_tiny
+    from mukv.models.qwen_vl import build_qwen_tiny
+
+    llm = build_tiny(0, torch.device("cpu"), torch.float32, text_layers=2)
+    _stock_attention(llm)
+    llm.language_model.rotary_emb.attention_scaling = 0.5
+    assert attention_hook.skip_identity_rotation(llm.language_model) == 0
+    assert all(not type(m).__name__.startswith("Unrotated") for m in llm.language_model.modules())
+    qwen = build_qwen_tiny("qwen3_vl", (128, 128), 0, torch.device("cpu"), torch.float32)
+    assert not qwen.positions_at_zero
+    assert all(not type(m).__name__.startswith("Unrotated") for m in qwen.language_model.modules())
+
+
+def test_parts_fold_into_one_softmax_over_their_union():
+    """``merge_parts`` folds any number of parts (lerp by log-sum-exp, one at a time) into the softmax attention
+    over the union of their keys; a part no query sees (log-sum-exp -inf) weighs nothing."""
+    from mukv.cache import kernels
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 7, 16, generator=g)
+    k, v = torch.randn(1, 4, 30, 16, generator=g), torch.randn(1, 4, 30, 16, generator=g)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
+
+    def part(a, b):
+        s = (q @ k[..., a:b, :].mT) * 0.25
+        return s.softmax(-1) @ v[..., a:b, :], s.logsumexp(-1)
+
+    for cuts in ([0, 30], [0, 11, 30], [0, 3, 17, 30], [0, 1, 2, 9, 20, 30]):
+        parts = [part(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        assert torch.allclose(kernels.merge_parts(parts, q.dtype), want, atol=1e-5), cuts
+    empty = (torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf")))
+    got = kernels.merge_parts([part(0, 11), empty, part(11, 30)], q.dtype)
+    assert torch.allclose(got, want, atol=1e-5)

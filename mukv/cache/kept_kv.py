@@ -52,7 +52,9 @@ class KeptKVCache(CacheMethod):
         kept token and themselves (causal); their KV joins the kept tokens of every head."""
         tpf = self.geometry.tokens_per_frame
         start = first_frame * tpf
-        new_tokens = torch.arange(start, start + visual.shape[0] * tpf, device=visual.device)
+        # every KV head holds the new tokens (expanded once here, not once per layer)
+        new_tokens = torch.arange(start, start + visual.shape[0] * tpf, device=visual.device).expand(
+            self.tokens[0].shape[0], -1)
         rotate = self.rotations(start, visual.shape[0] * tpf, visual.device)
 
         def attend(idx: int, q, k, v, scaling):
@@ -61,9 +63,10 @@ class KeptKVCache(CacheMethod):
             vals = torch.cat((self.init_v[idx], self.values[idx], v), dim=-2)
             if observe is not None:
                 observe(idx, q, q_rot, keys, vals, scaling)
-            self.keys[idx] = torch.cat((self.keys[idx], k_rot), dim=-2)
-            self.values[idx] = torch.cat((self.values[idx], v), dim=-2)
-            self.tokens[idx] = torch.cat((self.tokens[idx], new_tokens.expand(k.shape[1], -1)), dim=-1)
+            # the kept tokens are a view of what was just attended (one copy of the kept KV per prefill, not two)
+            n_init = self.n_init
+            self.keys[idx], self.values[idx] = keys[..., n_init:, :], vals[..., n_init:, :]
+            self.tokens[idx] = torch.cat((self.tokens[idx], new_tokens), dim=-1)
             return causal_suffix_attention(q_rot, keys, vals, scaling)
 
         self.run_layers(visual.reshape(1, -1, visual.shape[-1]), attend)

@@ -63,7 +63,8 @@ _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 
 def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                  mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA with grouped KV heads; ``mask`` is boolean (Lq, Lk), True where attention is allowed."""
+    """SDPA with grouped KV heads; ``mask`` (Lq, Lk) is boolean, True where attention is allowed, or the additive
+    bias of one (``mask_bias``)."""
     count_attention(q, k)
     with sdpa_kernel(_NO_CUDNN) if q.device.type == "cuda" else nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -239,17 +240,16 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dty
     """Softmax attention over the union of the parts' keys, from each part's output and log-sum-exp.
 
     Two parts weigh as ``sigmoid(lse_a - lse_b)`` (= exp(lse_a) / (exp(lse_a) + exp(lse_b))) in one ``lerp``;
-    more parts by a softmax over the stacked log-sum-exps: a few operator calls whatever the number of parts
-    (each call is host time on a GPU). A part with log-sum-exp -inf (no visible key) weighs 0."""
-    if len(parts) == 1:
-        return parts[0][0] if parts[0][0].dtype == dtype else parts[0][0].to(dtype)
-    if len(parts) == 2:
-        (out_a, lse_a), (out_b, lse_b) = parts
-        w = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
-        out = torch.lerp(as_float(out_b), as_float(out_a), w)
-    else:
-        w = torch.stack([lse for _, lse in parts]).softmax(dim=0).unsqueeze(-1)
-        out = (as_float(torch.stack([out for out, _ in parts])) * w).sum(0)
+    more parts fold in one at a time, the merged part's log-sum-exp being ``logaddexp`` of the two. Each fold is
+    five operator calls (each call is host time on a GPU), and ``lerp`` keeps the kernels' output layout, so
+    the caller's transpose to (B, L, H, d) costs no copy (a softmax over stacked parts took twice the calls and
+    a copy). A part with log-sum-exp -inf (no visible key) weighs 0."""
+    out, lse = parts[0]
+    for i, (out_b, lse_b) in enumerate(parts[1:], start=2):
+        w = torch.sigmoid(lse - lse_b).unsqueeze(-1)
+        out = torch.lerp(as_float(out_b), as_float(out), w)
+        if i < len(parts):
+            lse = torch.logaddexp(lse, lse_b)
     return out if out.dtype == dtype else out.to(dtype)
 
 
@@ -284,7 +284,10 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             return parts[0][0] if len(parts) == 1 else merge_parts(parts, q.dtype)
         except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
             pass
-    return grouped_sdpa(q, k, v, scaling, prefix_causal_mask(lq, lk, q.device))
+    mask = prefix_causal_mask(lq, lk, q.device)
+    if q.device.type == "cpu":  # as the additive bias SDPA would make of it, but once per forward (``mask_bias``)
+        mask = mask_bias(mask, q.dtype)
+    return grouped_sdpa(q, k, v, scaling, mask)
 
 
 def _masked_attention_lse(kernel: LseKernel, q, k, v, mask: torch.Tensor, scaling: float):

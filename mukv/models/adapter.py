@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -92,10 +93,15 @@ class VideoLLM:
         self.question_template = question_template
         lm = self.language_model
         self.rope = RotaryTable(lm.rotary_emb.inv_freq)
+        if self.positions_at_zero:  # the layers' own rotary step is the identity: skipped (attention_hook)
+            attention_hook.skip_identity_rotation(lm)
         self.eos_token_ids = {tokenizer.eos_token_id}
         if tokenizer.convert_tokens_to_ids("<|im_end|>") is not None:
             self.eos_token_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
+    # whether ``forward`` runs the language model with every position id at 0 (the handler rotates): LLaVA-OV's
+    # does; an adapter that hands the model real positions (Qwen-VL's in-frame offsets) sets False
+    positions_at_zero: ClassVar[bool] = True
     # engine.compile: the torch.compile mode of the decoder layers (``compile``); None: eager
     compiled: str | None = None
 

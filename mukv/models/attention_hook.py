@@ -79,6 +79,51 @@ def _stream_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+# ----------------------------------------------------------------------------- the identity rotation skipped
+# LLaVA-OneVision's language model runs with every position id at 0 (``VideoLLM.forward``): the handler rotates
+# q and k itself, at the positions its cache method chooses (``mukv.models.rope``), and the layer's own rotary
+# step is the identity. It is still 34 operator calls per layer (two unsqueezes, and per tensor a multiply,
+# ``rotate_half``'s slices, negation and concatenation, a multiply and an add): on the 0.5B layout a sixth of
+# a steady chunk's calls and of a decoded token's. Attention modules of the families below whose forward is
+# projections, the rotary step, the attention interface and the output projection get the same forward minus
+# the rotary step while a handler owns the attention (``mukv_attention`` in the keyword arguments); without
+# one (plain forwards: training, reference computations) they run the stock forward unchanged.
+UNROTATED_FAMILIES = ("Qwen2Attention", "LlamaAttention")
+_UNROTATED_CLASSES: dict[type, type] = {}
+
+
+def _unrotated_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+    if kwargs.get("mukv_attention") is None:
+        return self._mukv_stock_forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    out, _ = _stream_attention(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
+
+
+def skip_identity_rotation(language_model: torch.nn.Module) -> int:
+    """Give the attention modules of ``language_model`` (families in ``UNROTATED_FAMILIES``) a forward without
+    the rotary step while a handler owns the attention; for a model that runs every position at 0 (LLaVA-OV's
+    ``VideoLLM.forward``), where that step is the identity. Returns how many modules were switched: none where
+    the rotary embedding scales q and k (``attention_scaling`` not 1: the step is then not the identity)."""
+    rotary = getattr(language_model, "rotary_emb", None)
+    if rotary is None or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        return 0
+    switched = 0
+    for module in language_model.modules():
+        cls = type(module)
+        if cls.__name__ not in UNROTATED_FAMILIES:
+            continue
+        if cls not in _UNROTATED_CLASSES:
+            _UNROTATED_CLASSES[cls] = type(f"Unrotated{cls.__name__}", (cls,),
+                                           {"forward": _unrotated_forward, "_mukv_stock_forward": cls.forward})
+        module.__class__ = _UNROTATED_CLASSES[cls]
+        switched += 1
+    return switched
+
+
 _HANDLED: dict[torch.device, torch.Tensor] = {}
 
 

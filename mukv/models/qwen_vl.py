@@ -235,6 +235,8 @@ def frame_patches(frames: np.ndarray, frame_size: tuple[int, int], mean: Sequenc
 class QwenVLVideoLLM(VideoLLM):
     """A Qwen2.5-VL or Qwen3-VL model as a ``VideoLLM`` (see the module docstring for the position rule)."""
 
+    positions_at_zero = False  # the model rotates by each token's in-frame offsets (``rope_offsets``)
+
     def __init__(self, model, tokenizer, frame_size: Sequence[int], name: str = "qwen-vl",
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
         self.family = family_of(model.config)
