@@ -93,6 +93,8 @@ _UNROTATED_CLASSES: dict[type, type] = {}
 
 
 def _unrotated_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+    """The stock forward minus its rotary step while a handler owns the attention: the handler gets q and k
+    un-rotated (``LayerAttention``'s contract) whatever positions the model was given."""
     if kwargs.get("mukv_attention") is None:
         return self._mukv_stock_forward(hidden_states, position_embeddings, attention_mask, **kwargs)
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
