@@ -617,3 +617,22 @@ def test_parts_fold_into_one_softmax_over_their_union():
     empty = (torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf")))
     got = kernels.merge_parts([part(0, 11), empty, part(11, 30)], q.dtype)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_mask_memos_keep_the_newest_and_stay_within_their_bytes(monkeypatch):
+    """Every layer of a forward asks for the same mask and bias (built once per forward); a context that grows
+    asks for a new shape every forward, so the memos drop the oldest past ``MEMO_BYTES`` (the newest is kept)."""
+    from mukv.cache import kernels
+
+    monkeypatch.setattr(kernels, "MEMO_BYTES", 3 * 64 * 100 * 4)  # three fp32 biases of 64 x 100
+    monkeypatch.setattr(kernels, "_MASKS", {})
+    monkeypatch.setattr(kernels, "_BIASES", [])
+    for lk in range(100, 400, 20):
+        mask = kernels.memo_mask("suffix", 64, lk, torch.device("cpu"))
+        bias = kernels.mask_bias(mask, torch.float32)
+        assert kernels.memo_mask("suffix", 64, lk, torch.device("cpu")) is mask  # the next layer's ask
+        assert kernels.mask_bias(mask, torch.float32) is bias
+        assert torch.equal(bias == 0, mask) and bool(torch.isneginf(bias[~mask]).all())
+        assert sum(b.numel() * 4 for _, _, b in kernels._BIASES) <= kernels.MEMO_BYTES or len(kernels._BIASES) == 1
+        assert sum(m.numel() for m in kernels._MASKS.values()) <= kernels.MEMO_BYTES or len(kernels._MASKS) == 1
+    assert len(kernels._BIASES) < 4  # the byte bound, not the count, dropped them

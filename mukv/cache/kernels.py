@@ -102,7 +102,18 @@ def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     _BIASES.append((mask, dtype, bias))
     del _BIASES[:-4]
+    while len(_BIASES) > 1 and sum(_nbytes(b) for _, _, b in _BIASES) > MEMO_BYTES:
+        del _BIASES[0]  # a context that grows makes a new shape every forward: older ones are not asked again
     return bias
+
+
+# bytes the mask and bias memos keep at most (the newest entry is always kept): a prefill over a long kept context
+# (a press at an hour of video) has a mask of hundreds of MB, and each forward's is a new shape
+MEMO_BYTES = 1 << 29
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _cpu_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
@@ -128,6 +139,8 @@ def memo_mask(kind: str, lq: int, lk: int, device: torch.device) -> torch.Tensor
         got = j <= i + (lk - lq) if kind == "suffix" else j >= i
         _MASKS[key] = got
         if len(_MASKS) > 8:
+            _MASKS.pop(next(iter(_MASKS)))
+        while len(_MASKS) > 1 and sum(_nbytes(m) for m in _MASKS.values()) > MEMO_BYTES:
             _MASKS.pop(next(iter(_MASKS)))
     return got
 
