@@ -89,6 +89,15 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: to
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+# bytes the mask and bias memos keep at most (the newest entry is always kept): a prefill over a long kept context
+# (a press at an hour of video) has a mask of hundreds of MB, and each forward's is a new shape
+MEMO_BYTES = 1 << 29
+
+
+def _over_memo_bytes(tensors) -> bool:
+    return sum(t.numel() * t.element_size() for t in tensors) > MEMO_BYTES
+
+
 _BIASES: list[tuple[torch.Tensor, torch.dtype, torch.Tensor]] = []  # (mask, dtype, additive bias), newest last
 
 
@@ -102,18 +111,9 @@ def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     _BIASES.append((mask, dtype, bias))
     del _BIASES[:-4]
-    while len(_BIASES) > 1 and sum(_nbytes(b) for _, _, b in _BIASES) > MEMO_BYTES:
+    while len(_BIASES) > 1 and _over_memo_bytes(b for _, _, b in _BIASES):
         del _BIASES[0]  # a context that grows makes a new shape every forward: older ones are not asked again
     return bias
-
-
-# bytes the mask and bias memos keep at most (the newest entry is always kept): a prefill over a long kept context
-# (a press at an hour of video) has a mask of hundreds of MB, and each forward's is a new shape
-MEMO_BYTES = 1 << 29
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _cpu_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
@@ -140,7 +140,7 @@ def memo_mask(kind: str, lq: int, lk: int, device: torch.device) -> torch.Tensor
         _MASKS[key] = got
         if len(_MASKS) > 8:
             _MASKS.pop(next(iter(_MASKS)))
-        while len(_MASKS) > 1 and sum(_nbytes(m) for m in _MASKS.values()) > MEMO_BYTES:
+        while len(_MASKS) > 1 and _over_memo_bytes(_MASKS.values()):
             _MASKS.pop(next(iter(_MASKS)))
     return got
 
