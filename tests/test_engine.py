@@ -636,3 +636,39 @@ def test_mask_memos_keep_the_newest_and_stay_within_their_bytes(monkeypatch):
         assert sum(b.numel() * 4 for _, _, b in kernels._BIASES) <= kernels.MEMO_BYTES or len(kernels._BIASES) == 1
         assert sum(m.numel() for m in kernels._MASKS.values()) <= kernels.MEMO_BYTES or len(kernels._MASKS) == 1
     assert len(kernels._BIASES) < 4  # the byte bound, not the count, dropped them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_attention_weights_are_the_softmax_of_each_query_heads_logits(dtype):
+    """``attention_weights`` meets each KV head's query group in one product (no keys repeated per head): the
+    softmax of each query head's logits against its KV head's keys, masked where the mask says, in fp32; a
+    query block that is a strided view (queries as the projection leaves them) too."""
+    from mukv.cache import kernels
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 9, 6, 16, generator=g).transpose(1, 2).to(dtype)  # (2, 6 heads, 9 queries, 16), strided
+    k = torch.randn(2, 2, 20, 16, generator=g).to(dtype)  # 2 KV heads: groups of 3
+    mask = kernels.memo_mask("suffix", 9, 20, torch.device("cpu"))
+    want = (q.float() @ k.float().repeat_interleave(3, dim=1).mT * 0.25).masked_fill(~mask, float("-inf"))
+    unmasked = q.float() @ k.float().repeat_interleave(3, dim=1).mT * 0.25
+    for m, logits in ((None, unmasked), (mask, want)):
+        got = kernels.attention_weights(q, k, 0.25, m)
+        assert got.dtype == torch.float32 and got.shape == (2, 6, 9, 20)
+        torch.testing.assert_close(got, logits.softmax(-1), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(kernels.attention_weights(q, k.flip(1), 0.25, mask), want.softmax(-1))
+
+
+def test_token_range_is_the_slice_in_one_view_call():
+    """``token_range`` is ``x[..., a:b, :]``: the same values, a view of the same storage, one operator call
+    (slicing makes two); under autograd a plain slice, gradients as the slice's."""
+    from mukv.cache import kernels
+    from mukv.cache.instrumentation import count_calls
+
+    x = torch.randn(2, 3, 40, 8).transpose(0, 1)[:, :, 5:]  # strided, with a storage offset
+    for a, b in ((0, 35), (3, 20), (34, 35), (7, None)):
+        got = kernels.token_range(x, a, b)
+        assert torch.equal(got, x[..., a:b, :]) and got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert count_calls(lambda: kernels.token_range(x, 3, 20)).ops == 1
+    w = torch.randn(1, 2, 10, 4, requires_grad=True)
+    kernels.token_range(w, 2, 6).sum().backward()
+    assert torch.equal(w.grad[..., 2:6, :], torch.ones(1, 2, 4, 4)) and float(w.grad.sum()) == 32

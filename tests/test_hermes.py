@@ -15,7 +15,15 @@ from test_presses import offline_attentions
 
 from mukv.cache import FullCache
 from mukv.cache.base import budget_knobs_for_tokens, video_tokens
-from mukv.cache.hermes import SUMMARY_TOKEN, Hermes, consistent_scores, history_prompts, layer_tiers, tier_score
+from mukv.cache.hermes import (
+    SUMMARY_TOKEN,
+    Hermes,
+    consistent_scores,
+    history_prompts,
+    layer_tiers,
+    tier_score,
+    tier_scores,
+)
 from mukv.errors import ConfigError
 from mukv.models.adapter import KVGeometry
 
@@ -98,6 +106,55 @@ def test_pseudo_question_attention_is_a_stock_eager_forwards(tiny_llm):
     for layer, attn in enumerate(reference):
         expected = attn.mean(0)[-len(ids):, n_init:n_init + 2 * TPF].mean(0)
         torch.testing.assert_close(ours[layer], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_probe_stops_after_the_last_layer_it_reads(tiny_llm):
+    """The pseudo-question read in layer 0 alone runs layer 0 alone (layer 1 would compute what nobody reads):
+    the same attention bit for bit, the model's layers restored afterwards, also when the forward fails."""
+    method = Hermes(kv_frames=10)
+    stream(tiny_llm, method, random_frames(2), 2)
+    text = method.pseudo_questions()["global"]
+    layers = tiny_llm.language_model.layers
+    ran = []
+    hook = layers[1].register_forward_pre_hook(lambda module, args: ran.append(1))
+    try:
+        both = method.pseudo_attention(text, {0, 1})
+        assert len(ran) == 1
+        first = method.pseudo_attention(text, {0})
+        assert len(ran) == 1 and set(first) == {0}  # layer 1 did not run
+    finally:
+        hook.remove()
+    assert torch.equal(first[0], both[0])
+    assert tiny_llm.language_model.layers is layers and len(layers) == 2
+    with pytest.raises(RuntimeError, match="planted"), tiny_llm.first_layers(1):
+        assert len(tiny_llm.language_model.layers) == 1
+        raise RuntimeError("planted")
+    assert tiny_llm.language_model.layers is layers
+
+
+def test_tier_scores_of_every_layer_at_once_are_each_layers_own():
+    """The batched tier scores are, bit for bit, the release's per-layer computation (min-max of the attention
+    and of the recency, weighted by the tier), and the cascade is the release's loop."""
+    tiers = layer_tiers(24, 0.1, 0.3, (0.1, 0.3, 0.4))
+
+    def min_max(x):
+        return (x - x.min()) / (x.max() - x.min() + 1e-6)
+
+    def one_layer(attention, tier):
+        n = attention.numel()
+        distance = (n - 1 - torch.arange(n, dtype=torch.float32)) / max(n - 1, 1)
+        recency = torch.exp(-tier.recency_k * distance)
+        return min_max(attention.float()) * (1 - tier.recency_weight) + min_max(recency) * tier.recency_weight
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 9, 3000):
+        attention = torch.rand(24, n, generator=gen)
+        batched = tier_scores(attention, tiers)
+        assert all(torch.equal(batched[i], one_layer(attention[i], t)) for i, t in enumerate(tiers))
+        expected = [row.clone() for row in batched]
+        for i in range(22, -1, -1):
+            expected[i] = (1 - tiers[i].gamma) * expected[i] + tiers[i].gamma * expected[i + 1]
+        assert all(torch.equal(a, b) for a, b in zip(consistent_scores(list(batched), tiers), expected, strict=True))
 
 
 def test_compression_recency_layers_keep_the_newest_long_layers_fold_a_summary(tiny_llm):

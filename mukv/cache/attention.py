@@ -28,6 +28,7 @@ from mukv.cache.kernels import (
     in_dtype,
     merge_parts,
     needs_grad,
+    token_range,
     two_part_attention,
 )
 from mukv.cache.options import StrOption
@@ -156,7 +157,7 @@ class SinkWindowKV:
                     for a in range(0, q.shape[-2], self.query_block)]
         if self.n_local is not None and keys.shape[-2] > self.n_local:
             drop = keys.shape[-2] - self.n_local
-            keys, vals = keys[..., drop:, :], vals[..., drop:, :]
+            keys, vals = token_range(keys, drop), token_range(vals, drop)
             self.start += drop
         self.k, self.v = keys, vals
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
@@ -183,7 +184,7 @@ class SinkWindowKV:
         lq = q.shape[-2]
         qb = qa + lq  # global query range [qa, qb)
         lo = self._view_start(qa)
-        kw, vw = keys[..., lo - self.start:qb - self.start, :], vals[..., lo - self.start:qb - self.start, :]
+        kw, vw = token_range(keys, lo - self.start, qb - self.start), token_range(vals, lo - self.start, qb - self.start)
         # Positions relative to the first key in view keep the rotation angles small (as ReKV does).
         q_rot = rope.rotate_range(q, qa - lo)
         k_rot = rope.rotate_range(kw, 0)
@@ -237,24 +238,27 @@ class SinkWindowKV:
         lq = q.shape[-2]
         own = k_rot.shape[-2] - lq
         n_local = self.n_local
-        parts = [kernel(q_rot, k_rot[..., own:, :], vw[..., own:, :], True, scaling)]
-        count_attention(q_rot, k_rot[..., own:, :])
+
+        def keys_in(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:  # keys [a, b) of the view, counted
+            kk = token_range(k_rot, a, b)
+            count_attention(q_rot, kk)
+            return kk, token_range(vw, a, b)
+
+        parts = [kernel(q_rot, *keys_in(own, own + lq), True, scaling)]
         if n_local is None:
             if own > 0:
-                parts.append(kernel(q_rot, k_rot[..., :own, :], vw[..., :own, :], False, scaling))
-                count_attention(q_rot, k_rot[..., :own, :])
+                parts.append(kernel(q_rot, *keys_in(0, own), False, scaling))
         else:
             if own > lq:
-                parts.append(kernel(q_rot, k_rot[..., lq:own, :], vw[..., lq:own, :], False, scaling))
-                count_attention(q_rot, k_rot[..., lq:own, :])
+                parts.append(kernel(q_rot, *keys_in(lq, own), False, scaling))
+            oldest_k, oldest_v = keys_in(0, lq)
             masked = kernels.lse_kernel(q.device, q.dtype, q.shape[-1], masked=True)
             if masked is kernel:  # the kernel takes a mask (CPU): the oldest lq keys under a fixed (memoized) one
-                parts.append(kernel(q_rot, k_rot[..., :lq, :], vw[..., :lq, :], False, scaling,
+                parts.append(kernel(q_rot, oldest_k, oldest_v, False, scaling,
                                     kernels.memo_mask("from_row", lq, lq, q.device)))
             else:
-                out, lse = kernel(q_rot.flip(-2), k_rot[..., :lq, :].flip(-2), vw[..., :lq, :].flip(-2), True, scaling)
+                out, lse = kernel(q_rot.flip(-2), oldest_k.flip(-2), oldest_v.flip(-2), True, scaling)
                 parts.append((out.flip(-2), lse.flip(-1)))
-            count_attention(q_rot, k_rot[..., :lq, :])
             if sink_needed:  # every query sees every sink (``_fused_applies``), at the sink distance
                 ks = self._sink_keys(rope)
                 parts.append(kernel(q, in_dtype(ks, q.dtype), in_dtype(self.init_v, q.dtype), False, scaling))

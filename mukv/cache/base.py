@@ -256,9 +256,10 @@ class CacheMethod(abc.ABC):
         return None
 
     # ------------------------------------------------------------------------------ shared helpers
-    def run_layers(self, embeds: torch.Tensor, per_layer: Callable) -> torch.Tensor:
-        """Forward ``embeds`` with ``per_layer(layer_idx, q, k, v, scaling) -> out`` as attention."""
-        return self.llm.forward(embeds, per_layer)
+    def run_layers(self, embeds: torch.Tensor, per_layer: Callable, num_layers: int | None = None) -> torch.Tensor:
+        """Forward ``embeds`` with ``per_layer(layer_idx, q, k, v, scaling) -> out`` as attention; ``num_layers``:
+        through the first ones only (a probe read in those)."""
+        return self.llm.forward(embeds, per_layer, num_layers)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

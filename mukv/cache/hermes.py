@@ -36,7 +36,7 @@ import torch
 
 from mukv.cache.base import AnswerContext, register_cache
 from mukv.cache.kept_kv import KeptKVCache
-from mukv.cache.kernels import attention_weights, prefix_causal_mask
+from mukv.cache.kernels import attention_weights, prefix_causal_mask, scalar
 from mukv.errors import ConfigError
 from mukv.models.rope import RotaryTable
 
@@ -77,27 +77,39 @@ def layer_tiers(num_layers: int, short_ratio: float, long_ratio: float,
 
 
 def _min_max(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.min()) / (x.max() - x.min() + 1e-6)
+    """Each row min-max normalised (the release normalises one layer's scores at a time)."""
+    low = x.amin(-1, keepdim=True)
+    return (x - low) / (x.amax(-1, keepdim=True) - low + scalar(1e-6))  # x in fp32
 
 
 def tier_score(attention: torch.Tensor, tier: LayerTier) -> torch.Tensor:
     """One layer's raw score of its ``n`` cached tokens (cache order, oldest first) from the attention its
     pseudo-question pays them: min-max normalised attention and recency, weighted by the tier."""
-    n = attention.numel()
-    distance = (n - 1 - torch.arange(n, device=attention.device, dtype=torch.float32)) / max(n - 1, 1)
-    recency = torch.exp(-tier.recency_k * distance)
-    return _min_max(attention.float()) * (1 - tier.recency_weight) + _min_max(recency) * tier.recency_weight
+    return tier_scores(attention[None], [tier])[0]
+
+
+def tier_scores(attention: torch.Tensor, tiers: list[LayerTier]) -> torch.Tensor:
+    """``tier_score`` of every layer at once: attention (layers, n), one tier per layer (the same values as one
+    layer at a time, in one set of operator calls instead of one per layer)."""
+    n = attention.shape[-1]
+    device = attention.device
+    distance = (n - 1 - torch.arange(n, device=device, dtype=torch.float32)) / max(n - 1, 1)
+    knobs = torch.tensor([[-t.recency_k, 1 - t.recency_weight, t.recency_weight] for t in tiers],
+                         dtype=torch.float32, device=device)  # (layers, 3): as fp32 as a Python float multiplies
+    minus_k, attention_weight, recency_weight = knobs.unbind(-1)
+    recency = torch.exp(minus_k[:, None] * distance)
+    return _min_max(attention.float()) * attention_weight[:, None] + _min_max(recency) * recency_weight[:, None]
 
 
 def consistent_scores(scores: list[torch.Tensor], tiers: list[LayerTier]) -> list[torch.Tensor]:
     """Each layer's score mixed with the next layer's, from the second-to-last layer down (cascading)."""
-    out = [s.clone() for s in scores]
+    out = list(scores)  # each layer's entry is replaced, never written into
     for i in range(len(out) - 2, -1, -1):
         below = out[i + 1]
         if below.shape[0] != out[i].shape[0]:
             below = torch.nn.functional.interpolate(below.view(1, 1, -1), size=out[i].shape[0], mode="linear",
                                                     align_corners=False).view(-1)
-        out[i] = (1 - tiers[i].gamma) * out[i] + tiers[i].gamma * below
+        out[i] = scalar(1 - tiers[i].gamma) * out[i] + scalar(tiers[i].gamma) * below  # fp32 scores
     return out
 
 
@@ -179,7 +191,8 @@ class Hermes(KeptKVCache):
         super().start_video(init_ids)
         n = self.geometry.num_layers
         device = self.init_k[0].device
-        self.positions = [torch.empty(0, dtype=torch.long, device=device) for _ in range(n)]
+        # every layer's kept tokens' positions (layers, held): each layer holds as many tokens (see ``_shrink``)
+        self.positions = torch.empty(n, 0, dtype=torch.long, device=device)
         # each layer's next position, on the device (the host never waits for it while the stream plays), and an
         # upper bound of it on the host, exact after a compaction, for the compaction check
         self.next_pos = torch.full((n,), self.n_init, dtype=torch.long, device=device)
@@ -206,12 +219,16 @@ class Hermes(KeptKVCache):
         """Every layer's rotation table from its next position, built at once on the device (no read)."""
         positions = self.next_pos[:, None] + torch.arange(length, device=device)  # (layers, length)
         tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        rows: dict[tuple[torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = {}  # a layer's, for q and k
 
         def rotate(idx: int, x: torch.Tensor) -> torch.Tensor:
-            if x.dtype not in tables:
-                tables[x.dtype] = self.llm.rope.tables(positions, x.dtype)
-            cos, sin = tables[x.dtype]
-            return RotaryTable.apply(x, cos[idx], sin[idx])
+            row = rows.get((x.dtype, idx))
+            if row is None:
+                if x.dtype not in tables:
+                    tables[x.dtype] = self.llm.rope.tables(positions, x.dtype)
+                cos, sin = tables[x.dtype]
+                row = rows[x.dtype, idx] = (cos[idx], sin[idx])
+            return RotaryTable.apply(x, *row)
 
         return rotate
 
@@ -222,8 +239,7 @@ class Hermes(KeptKVCache):
             n = min(self.compress_every - frame % self.compress_every, visual.shape[0] - done)
             self.prefill(visual[done:done + n], frame)
             added = self.next_pos[:, None] + torch.arange(n * tpf, device=self.next_pos.device)  # (layers, n x tpf)
-            for idx, new in enumerate(added.unbind(0)):
-                self.positions[idx] = torch.cat((self.positions[idx], new))
+            self.positions = torch.cat((self.positions, added), dim=-1)
             self.next_pos = self.next_pos + n * tpf
             self.next_bound = [b + n * tpf for b in self.next_bound]
             done += n
@@ -250,7 +266,9 @@ class Hermes(KeptKVCache):
                                                                                    q.device))[0]
                 out[idx] = probs.mean(0)[:, self.n_init:keys.shape[-2] - q.shape[-2]].mean(0)
 
-        self.probe(self.llm.tokenize(text), observe)
+        # the layers after the last one read compute what nobody reads (the mixed prompt's tier ends at the long
+        # layers): the probe stops there (the same attention in the layers read)
+        self.probe(self.llm.tokenize(text), observe, num_layers=max(layers) + 1)
         return out
 
     def compress(self) -> None:
@@ -261,30 +279,36 @@ class Hermes(KeptKVCache):
             layers = {i for i, t in enumerate(self.tiers) if t.prompt == name and t.recency_weight < 1}
             if layers:  # short-term layers (recency alone) need no attention
                 attention.update(self.pseudo_attention(prompts[name], layers))
-        held = [int(self.keys[i].shape[-2]) for i in range(len(self.tiers))]
-        raw = [tier_score(attention.get(i, torch.zeros(held[i], device=self.keys[i].device)), t)
-               for i, t in enumerate(self.tiers)]
-        scores = consistent_scores(raw, self.tiers)
+        held = self.held_tokens  # every layer holds as many
+        no_attention = torch.zeros(held, device=self.keys[0].device)  # recency alone
+        raw = tier_scores(torch.stack([attention.get(i, no_attention) for i in range(len(self.tiers))]), self.tiers)
+        scores = consistent_scores(list(raw.unbind(0)), self.tiers)
         compact = False
         if self.max_positions is not None and max(self.next_bound) - 1 > self.max_positions - self.compact_margin:
             self.next_bound = self.next_positions  # near the limit only: read the exact positions
             compact = max(self.next_bound) - 1 > self.max_positions - self.compact_margin
+        kept = []  # every layer's kept video indices and positions (as many in each: see ``_shrink``)
         for idx, tier in enumerate(self.tiers):
-            budget = min(self.layer_budget - (tier.name == "long"), held[idx])
+            budget = min(self.layer_budget - (tier.name == "long"), held)
             picked = scores[idx].topk(budget, sorted=False).indices.sort().values
-            summary = tier.name == "long" and budget < held[idx]  # one more token, after the last kept one
-            self._shrink(idx, picked, held[idx], summarise=tier.name == "long", compact=compact)
+            summary = tier.name == "long" and budget < held  # one more token, after the last kept one
+            kept.append(self._shrink(idx, picked, held, summarise=tier.name == "long", compact=compact))
             # the next position is after the last kept token (or the summary): at most one past the old one
             self.next_bound[idx] = self.n_init + budget + summary if compact else self.next_bound[idx] + summary
+        self.tokens = torch.stack([tokens for tokens, _ in kept])
+        self.positions = torch.stack([positions for _, positions in kept])
         # every layer's next position, on the device: the next prefill rotates from it without a read
-        self.next_pos = torch.stack([p[-1] if p.numel() else p.new_full((), self.n_init - 1)
-                                     for p in self.positions]) + 1
+        self.next_pos = self.positions[:, -1] + 1 if self.positions.shape[-1] else \
+            torch.full_like(self.next_pos, self.n_init)
         self.compressions += 1
         self.compactions += int(compact)
 
-    def _shrink(self, idx: int, picked: torch.Tensor, held: int, summarise: bool, compact: bool) -> None:
+    def _shrink(self, idx: int, picked: torch.Tensor, held: int, summarise: bool,
+                compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep ``picked`` (sorted indices of the ``held`` tokens) in layer ``idx``; ``summarise``: the dropped ones
-        become one summary token after the last kept one. No value is read by the host (sizes are known)."""
+        become one summary token after the last kept one. Returns the layer's kept video indices (kv_heads, n)
+        and positions (n,), as many in every layer: ``min(kv_size, held)`` (a long-term layer ``kv_size - 1``
+        and the summary whenever it drops any). No value is read by the host (sizes are known)."""
         rope, keys, values = self.llm.rope, self.keys[idx], self.values[idx]
         positions, tokens = self.positions[idx], self.tokens[idx]
         kept_pos = torch.arange(self.n_init, self.n_init + picked.numel(), device=positions.device) if compact \
@@ -305,8 +329,11 @@ class Hermes(KeptKVCache):
             parts_v.append(values[:, :, gone].mean(-2, keepdim=True))
             parts_pos.append(at)
             parts_tok.append(torch.full((tokens.shape[0], 1), SUMMARY_TOKEN, device=tokens.device))
+        if len(parts_k) == 1:  # no summary: the gathered tensors are the layer's (no copy by a cat of one)
+            self.keys[idx], self.values[idx] = kept_k, parts_v[0]
+            return parts_tok[0], kept_pos
         self.keys[idx], self.values[idx] = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
-        self.positions[idx], self.tokens[idx] = torch.cat(parts_pos), torch.cat(parts_tok, dim=-1)
+        return torch.cat(parts_tok, dim=-1), torch.cat(parts_pos)
 
     # ---------------------------------------------------------------------------------- recall
     def recall(self, question: str) -> AnswerContext[HermesRecall]:

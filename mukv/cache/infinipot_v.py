@@ -217,20 +217,20 @@ class InfiniPotV(KeptKVCache):
         so the layers that pool alike are compressed as one set of heads (their KV heads side by side): one
         ``compress_layer`` per pooling instead of one per layer (operator calls are host time on a GPU)."""
         tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
-        n_layers, heads = self.geometry.num_layers, self.tokens[0].shape[0]
+        n_layers, heads = self.geometry.num_layers, self.tokens.shape[1]
         groups: dict[tuple[int, int], list[int]] = {}
         for idx in range(n_layers):
             groups.setdefault(pooling_of_layer(idx, n_layers) if self.adaptive_pooling else (0, 1), []).append(idx)
-        for pooling, layers in groups.items():
+        picked = []
+        for pooling, layers in groups.items():  # consecutive layers (the pooling changes by quarter)
             keys = torch.cat([self.keys[i] for i in layers], dim=1)  # (1, layers x heads, L, d)
             values = torch.cat([self.values[i] for i in layers], dim=1)
-            tokens = torch.cat([self.tokens[i] for i in layers])
+            tokens = self.tokens[layers[0]:layers[-1] + 1].flatten(0, 1)  # (layers x heads, L)
             if self.tar_keys == TarKeys.unrotated:  # undo each token's own rotation
                 keys = rope.rotate(keys, -(self.n_init + tokens).float())
-            picked = compress_layer(keys, values, tar_patches(tokens, tpf, self.tar_patch), self.keep_frames * tpf,
-                                    tpf, self.tar_ratio, self.query_ratio, pooling)
-            for idx, rows in zip(layers, picked.split(heads), strict=True):
-                self.keep(idx, rows)
+            picked.append(compress_layer(keys, values, tar_patches(tokens, tpf, self.tar_patch),
+                                         self.keep_frames * tpf, tpf, self.tar_ratio, self.query_ratio, pooling))
+        self.keep(torch.cat(picked).view(n_layers, heads, -1))
         self.compressions += 1
 
     # ---------------------------------------------------------------------------------- recall

@@ -47,6 +47,17 @@ def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def token_range(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    """``x[..., start:stop, :]`` (tokens on the second-to-last axis) as one view call: slicing is two (``slice``
+    and the ``as_strided`` under it), once per layer and forward where a kept cache is cut out of what a layer
+    attended (operator calls are host time on a GPU). Under autograd: a plain slice (its backward is cheaper)."""
+    stop = x.shape[-2] if stop is None else stop
+    if x.requires_grad:
+        return x[..., start:stop, :]
+    return x.as_strided((*x.shape[:-2], stop - start, x.shape[-1]), x.stride(),
+                        x.storage_offset() + start * x.stride(-2))
+
+
 def needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will differentiate through these. The fused kernels give no gradient through their
     log-sum-exp output, so a merge by log-sum-exp would get the queries' and keys' gradients wrong: training
@@ -75,13 +86,30 @@ def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor |
     return None if lq == 1 else memo_mask("suffix", lq, lk, torch.device(device))
 
 
+_SCALARS: dict[float, torch.Tensor] = {}
+
+
+def scalar(value: float) -> torch.Tensor:
+    """``value`` as a 0-d fp32 CPU tensor, made once, for arithmetic with fp32 tensors: a Python float is wrapped
+    into a tensor and cast at every call (4 operator calls), a 0-d tensor is used as it is (the same fp32 result;
+    with tensors of other dtypes the rounding may differ, so only fp32 tensors take it)."""
+    t = _SCALARS.get(value)
+    if t is None:
+        t = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
+    return t
+
+
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them."""
+    """Softmax attention probabilities (B, Hq, Lq, Lk) in fp32, for methods that score with them. Each KV head
+    meets its query group in one batched product (the group's queries side by side), so the keys are not
+    repeated per query head (a copy of every visible key, and operator calls, in each layer that scores)."""
     count_attention(q, k)
-    kk = expand_kv_heads(k, q.shape[1])
-    logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[-2]
+    grouped = as_float(q).reshape(b * hkv, hq // hkv * lq, d)
+    logits = torch.bmm(grouped, as_float(k).reshape(b * hkv, lk, d).mT).view(b, hq, lq, lk).mul_(scalar(scaling))
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+        logits = logits.masked_fill_(~mask, float("-inf"))
     return logits.softmax(dim=-1)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from mukv.cache.base import AnswerContext
 from mukv.cache.kept_kv import KeptKVCache
-from mukv.cache.kernels import as_float, attention_weights
+from mukv.cache.kernels import as_float, attention_weights, token_range
 from mukv.errors import ConfigError
 
 
@@ -35,7 +35,7 @@ class PressBlock:
     start: int  # index of its first token among the held tokens (the same in every layer and head)
     length: int = 0
     first_token: int = 0  # its first video token index (time)
-    last_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (q_heads, visible): last token
+    last_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (1, q_heads, 1, visible)
     query_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (q_heads, d): pre-RoPE queries
     query_outer: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (q_heads, d, d)
     query_count: int = 0
@@ -96,10 +96,11 @@ class ChunkPress(KeptKVCache):
 
     def _observe(self, block: PressBlock, completes: bool, idx: int, q, q_rot, keys, vals, scaling) -> None:
         if "last_attention" in self.signals and completes:  # the block's last token over everything it sees
-            block.last_attention[idx] = attention_weights(q_rot[..., -1:, :], keys, scaling, None)[0, :, 0]
+            # (1, q_heads, 1, visible), read as (q_heads, visible) once for all layers (``last_attention_by_layer``)
+            block.last_attention[idx] = attention_weights(q_rot[..., -1:, :], keys, scaling, None)
         if "query_stats" in self.signals:
             skip = max(0, self.stats_skip - block.length)  # the block's first stats_skip tokens are left out
-            qs = as_float(q[0, :, skip:] if skip else q[0])  # (q_heads, rows, d)
+            qs = as_float(token_range(q, skip)[0] if skip else q.view(q.shape[1:]))  # (q_heads, rows, d)
             total, outer = block.query_sum.get(idx), block.query_outer.get(idx)  # accumulated in place
             block.query_sum[idx] = qs.sum(1) if total is None else total.add_(qs.sum(1))
             block.query_outer[idx] = torch.bmm(qs.mT, qs) if outer is None else outer.baddbmm_(qs.mT, qs)
@@ -114,9 +115,7 @@ class ChunkPress(KeptKVCache):
         scores = self.score(block).float().mean(1)  # (layers, n): one token set for all heads of a layer
         chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values + block.start
         held = torch.cat((torch.arange(block.start, device=chosen.device).expand(layers, -1), chosen), dim=-1)
-        heads = self.tokens[0].shape[0]
-        for idx, picked in enumerate(held.unbind(0)):
-            self.keep(idx, picked.expand(heads, -1))
+        self.keep(held)  # (layers, n): a layer's heads keep the same tokens
         self.blocks_done += 1
 
     def by_layer(self, signal: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -125,8 +124,9 @@ class ChunkPress(KeptKVCache):
 
     def block_keys(self, block: PressBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's rotated keys and values in every layer: (layers, kv_heads, n, d)."""
-        part = slice(block.start, block.start + block.length)
-        return (torch.cat([k[..., part, :] for k in self.keys]), torch.cat([v[..., part, :] for v in self.values]))
+        start, stop = block.start, block.start + block.length
+        return (torch.cat([token_range(k, start, stop) for k in self.keys]),
+                torch.cat([token_range(v, start, stop) for v in self.values]))
 
     def recall(self, question: str) -> AnswerContext[PressRecall]:
         """Everything kept (query-agnostic), at its original positions."""

@@ -20,7 +20,7 @@ class TOVAPress(ChunkPress):
 
     def score(self, block: PressBlock) -> torch.Tensor:
         # (layers, q_heads, n): over the block's tokens (every layer sees as many tokens)
-        attention = self.by_layer(block.last_attention)[..., -block.length:]
+        attention = self.by_layer(block.last_attention)[:, 0, :, 0, -block.length:]
         scores = attention.mean(1)
         scores[:, -1] = scores.amax(-1) + 1  # the last token (kvpress pads it with the max)
         return scores[:, None].expand(-1, self.keys[0].shape[1], -1)

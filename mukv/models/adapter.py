@@ -148,6 +148,23 @@ class VideoLLM:
         finally:
             attention_hook.set_current(outer)
 
+    @contextlib.contextmanager
+    def first_layers(self, num_layers: int | None) -> Iterator[None]:
+        """The language model cut to its first ``num_layers`` decoder layers for the forwards inside (a probe
+        whose attention is read in those layers only: the later ones would compute what nobody reads). The
+        hidden states such a forward returns are not the model's output. None or every layer: unchanged."""
+        layers = self.language_model.layers
+        if num_layers is None or num_layers >= len(layers):
+            yield
+            return
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.language_model.layers = layers[:num_layers]  # a ModuleList of the same modules
+        try:
+            yield
+        finally:
+            self.language_model.layers = layers
+
     def make_geometry(self, config, dtype: torch.dtype) -> KVGeometry:
         """The KV geometry of ``config`` (each model family's adapter says how its tokens are laid out)."""
         return KVGeometry.from_config(config, dtype)
@@ -218,14 +235,15 @@ class VideoLLM:
 
     # --------------------------------------------------------------------------------- language model
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, attention: LayerAttention) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, attention: LayerAttention, num_layers: int | None = None) -> torch.Tensor:
         """Run the language model over ``embeds`` (1, L, D) with ``attention`` owning every layer's
-        attention and cache; returns the final normed hidden states (1, L, D)."""
+        attention and cache; returns the final normed hidden states (1, L, D). ``num_layers``: only the first
+        ones run (``first_layers``: a probe)."""
         from mukv.cache.instrumentation import OpCounter
 
         OpCounter.add_forward(embeds)
         pos = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        with self.attention_kwargs(attention) as handed:
+        with self.attention_kwargs(attention) as handed, self.first_layers(num_layers):
             out = self.language_model(
                 inputs_embeds=embeds.to(self.dtype), position_ids=pos, use_cache=False,
                 attention_mask=attention_hook.handled_mask(embeds.device), **handed,

@@ -317,7 +317,7 @@ class QwenVLVideoLLM(VideoLLM):
         return torch.stack((-j, r - j, c - j)) * visual
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, attention) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, attention, num_layers: int | None = None) -> torch.Tensor:
         from mukv.cache.instrumentation import OpCounter
 
         OpCounter.add_forward(embeds)
@@ -331,7 +331,7 @@ class QwenVLVideoLLM(VideoLLM):
             kwargs["deepstack_visual_embeds"] = [
                 embeds[..., d * (1 + i) + SIDE_CHANNELS: d * (2 + i) + SIDE_CHANNELS].reshape(-1, d).to(self.dtype)
                 for i in range(self.deepstack)]
-        with self.attention_kwargs(attention) as handed:
+        with self.attention_kwargs(attention) as handed, self.first_layers(num_layers):
             out = self.language_model(
                 inputs_embeds=embeds[..., : self.hidden].to(self.dtype), position_ids=self.rope_offsets(embeds),
                 use_cache=False, attention_mask=attention_hook.handled_mask(embeds.device), **handed, **kwargs)
