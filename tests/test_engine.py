@@ -672,3 +672,17 @@ def test_token_range_is_the_slice_in_one_view_call():
     w = torch.randn(1, 2, 10, 4, requires_grad=True)
     kernels.token_range(w, 2, 6).sum().backward()
     assert torch.equal(w.grad[..., 2:6, :], torch.ones(1, 2, 4, 4)) and float(w.grad.sum()) == 32
+
+
+def test_scalar_constants_serve_inference_and_autograd_alike(monkeypatch):
+    """``kernels.scalar`` memoizes 0-d constants: one made under inference mode (a stream) must still be usable
+    where autograd saves it (training after an evaluation)."""
+    from mukv.cache import kernels
+
+    monkeypatch.setattr(kernels, "_SCALARS", {})
+    with torch.inference_mode():
+        first = kernels.scalar(0.375)
+        assert torch.equal(torch.ones(3).mul_(first), torch.full((3,), 0.375))
+    x = torch.ones(3, requires_grad=True)
+    (x * kernels.scalar(0.375)).sum().backward()
+    assert kernels.scalar(0.375) is first and torch.equal(x.grad, torch.full((3,), 0.375))

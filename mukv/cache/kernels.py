@@ -95,7 +95,8 @@ def scalar(value: float) -> torch.Tensor:
     with tensors of other dtypes the rounding may differ, so only fp32 tensors take it)."""
     t = _SCALARS.get(value)
     if t is None:
-        t = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: autograd may save it (training), inference may use it
+            t = _SCALARS[value] = torch.tensor(value, dtype=torch.float32)
     return t
 
 
