@@ -96,7 +96,7 @@ class ChunkPress(KeptKVCache):
 
     def _observe(self, block: PressBlock, completes: bool, idx: int, q, q_rot, keys, vals, scaling) -> None:
         if "last_attention" in self.signals and completes:  # the block's last token over everything it sees
-            # (1, q_heads, 1, visible), read as (q_heads, visible) once for all layers (``last_attention_by_layer``)
+            # (1, q_heads, 1, visible), read as (q_heads, visible) once for all layers (``TOVAPress.score``)
             block.last_attention[idx] = attention_weights(q_rot[..., -1:, :], keys, scaling, None)
         if "query_stats" in self.signals:
             skip = max(0, self.stats_skip - block.length)  # the block's first stats_skip tokens are left out
