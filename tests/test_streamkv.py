@@ -40,8 +40,8 @@ def segment(frames: list[torch.Tensor], **knobs) -> list[list[list[int]]]:
     """The segments (frame spans) a StreamKV cuts ``frames`` into, the open one last."""
     method = StreamKV(**knobs)
     closed: list = []
-    method.encode_segment = lambda fr, spans, layers: closed.append([list(s) for s in spans])
-    method.blocks_of, method.open_frames, method.open_spans, method.open_sims, method.previous = None, [], [], [], None
+    method.encode_segment = lambda fr, spans, kept: closed.append([list(s) for s in spans])
+    method.kept, method.open_frames, method.open_spans, method.open_sims, method.previous = None, [], [], [], None
     for i, f in enumerate(frames):
         method._add_frame(f, i)
     return closed + [method.open_spans]
@@ -78,6 +78,24 @@ def test_layer_counts_share_one_threshold():
     counts = layer_counts([peaked, flat, flat], 30)
     assert counts[0] < counts[1] == counts[2] and abs(sum(counts) - 30) < streamkv.COUNT_TOLERANCE
     assert layer_counts([torch.tensor([1.0]), torch.ones(4)], 4)[0] == 1  # one block / constant scores
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5, 17, 65])
+def test_layer_counts_of_stacked_scores_are_each_layers_own_rule(frames):
+    """A segment's scores of every layer at once (a (layers, frames) tensor) give the table of the per-layer rule
+    bit for bit (a z-score of each layer's own mean and deviation, constant scores uniform), so the counts too."""
+    g = torch.Generator().manual_seed(frames)
+    scores = 3 * torch.randn(24, frames, generator=g)
+    scores[5] = 0.25  # a constant layer
+    table = streamkv._cumulative_shares(scores, dim=1)
+    for row, got in zip(scores, table, strict=True):
+        z = torch.zeros_like(row)
+        if frames > 1:
+            spread = row.std()
+            z = torch.where(spread > 0, (row - row.mean()) / spread, 0.0)
+        assert torch.equal(got, z.softmax(0).sort(descending=True).values.cumsum(0))
+    target = int(24 * frames * 0.6)
+    assert layer_counts(scores, target) == layer_counts(list(scores), target)
 
 
 def test_rescaled_counts_keep_their_total_order_and_bounds():
@@ -127,7 +145,7 @@ def test_guidance_scores_and_what_each_layer_keeps(tiny_llm):
     method.bind(tiny_llm)
     method.start_video(tiny_llm.init_prompt_ids())
     visual = tiny_llm.encode_frames(random_frames(6))
-    scores = method.encode_segment(list(visual), [[i] for i in range(6)], method.blocks_of)
+    scores = method.encode_segment(list(visual), [[i] for i in range(6)], method.kept)
     layer = tiny_llm.language_model.layers[0]
     attn, g = layer.self_attn, tiny_llm.geometry
     with torch.no_grad():
@@ -138,10 +156,23 @@ def test_guidance_scores_and_what_each_layer_keeps(tiny_llm):
     torch.testing.assert_close(scores[0], (k * q).sum((1, 2)), atol=1e-4, rtol=1e-4)
     keep = method.keep_counts(scores, 6)
     assert sum(keep) >= 2 and all(1 <= c <= 6 for c in keep)
-    for idx, blocks in enumerate(method.blocks_of):
+    kept = method.kept
+    assert len(kept.store) == kept.reprs.shape[0] == sum(keep) + len(keep)
+    for idx in range(g.num_layers):
         top = sorted(scores[idx].topk(keep[idx]).indices.tolist())
-        assert blocks.frames == [[f] for f in top] + [[]]  # the summary last, covering no single frame
-        assert blocks.reprs.shape[0] == keep[idx] + 1 and len(blocks.store) == keep[idx] + 1
+        assert kept.frames[idx] == [[f] for f in top] + [[]]  # the summary last, covering no single frame
+        assert kept.held()[idx] == keep[idx] + 1
+    # layer 0's blocks (in one store with every layer's) hold its keys of their frames (the summary's: of the
+    # frames' mean), and each block's representative is their mean, heads expanded
+    with torch.no_grad():
+        parts = torch.cat((visual, visual.mean(0, keepdim=True)))
+        k0 = attn.k_proj(layer.input_layernorm(parts)).view(7, TPF, g.num_kv_heads, g.head_dim)
+    top = sorted(scores[0].topk(keep[0]).indices.tolist())
+    for block, f in zip(kept.ids[0], top + [6], strict=True):
+        bk, _ = kept.store.layer_kv([block], 0, "cpu")
+        torch.testing.assert_close(bk[0].transpose(0, 1), k0[f], atol=1e-5, rtol=1e-5)
+        mean = k0[f].mean(0).repeat_interleave(g.num_heads // g.num_kv_heads, dim=0).reshape(-1)
+        torch.testing.assert_close(kept.reprs[block], mean, atol=1e-5, rtol=1e-5)
 
 
 def test_a_question_mid_segment_is_answered_as_from_a_fresh_encoding(tiny_llm):
@@ -151,9 +182,9 @@ def test_a_question_mid_segment_is_answered_as_from_a_fresh_encoding(tiny_llm):
     knobs = dict(min_segment_frames=3, max_segment_frames=6, retrieve_size=4, retrieve_local_size=2)
     method = StreamKV(**knobs)
     engine = stream(tiny_llm, method, frames[:8], 3)
-    held = [int(L.reprs.shape[0]) for L in method.blocks_of]
+    held = method.kept.held()
     first = engine.answer("what is red?")[2]
-    assert [int(L.reprs.shape[0]) for L in method.blocks_of] == held and first >= 0  # nothing kept of it
+    assert method.kept.held() == held and first >= 0  # nothing kept of it
     from test_hermes import engine_sample
     engine.encode_until(engine_sample(frames), 8, 14, None)
     later = engine.answer("q")[0].first_token_logits

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from mukv.cache.base import (
     tensor_bytes,
 )
 from mukv.cache.block_store import BlockStore, StoreOptions
-from mukv.cache.kernels import causal_suffix_attention, grouped_sdpa
+from mukv.cache.kernels import as_float, causal_suffix_attention, grouped_sdpa, token_range
 from mukv.cache.options import StrOption, check_options
 from mukv.cache.retrieval import (
     BlockScoring,
@@ -111,22 +111,30 @@ def merge_most_similar(frames: list[torch.Tensor], spans: list[list[int]], sims:
         del sims[i]
 
 
-def layer_counts(scores: list[torch.Tensor], target: int) -> list[int]:
+def _cumulative_shares(s: torch.Tensor, dim: int) -> torch.Tensor:
+    """``layer_counts``' table along ``dim``: z-scores (0 where the scores are constant), softmax, sorted
+    descending, cumulative sum."""
+    if s.shape[dim] > 1:
+        spread = s.std(dim=dim, keepdim=True)
+        z = torch.where(spread > 0, (s - s.mean(dim=dim, keepdim=True)) / spread, 0.0)  # constant scores: uniform
+    else:
+        z = torch.zeros_like(s)
+    return z.softmax(dim).sort(dim=dim, descending=True).values.cumsum(dim)
+
+
+def layer_counts(scores: list[torch.Tensor] | torch.Tensor, target: int) -> list[int]:
     """Per layer, how many of its blocks to keep: each layer's scores z-scored and softmaxed, sorted, summed
     cumulatively; one threshold for all layers (binary search in (0, 1)) so that the blocks before it, at least
     one per layer, total ``target`` (within ``COUNT_TOLERANCE``). Constant scores (one block, identical frames)
-    count as uniform (the release divides by a zero deviation there)."""
-    cumulative = []
-    for s in scores:
-        s = s.float()
-        if s.numel() > 1:
-            spread = s.std()
-            z = torch.where(spread > 0, (s - s.mean()) / spread, 0.0)  # constant scores: uniform
-        else:
-            z = torch.zeros_like(s)
-        cumulative.append(z.softmax(0).sort(descending=True).values.cumsum(0))
-    width = max(c.numel() for c in cumulative)
-    table = torch.stack([torch.cat((c, c.new_full((width - c.numel(),), math.inf))) for c in cumulative])
+    count as uniform (the release divides by a zero deviation there). ``scores``: one tensor per layer, or a
+    (layers, blocks) tensor when every layer has as many (a segment's frames): then each step runs for all
+    layers at once (bit for bit the per-layer rule, tested), a few operator calls instead of a dozen per layer."""
+    if isinstance(scores, torch.Tensor):
+        table = _cumulative_shares(scores.float(), dim=1)
+    else:
+        cumulative = [_cumulative_shares(s.float(), dim=0) for s in scores]
+        width = max(c.numel() for c in cumulative)
+        table = torch.stack([torch.cat((c, c.new_full((width - c.numel(),), math.inf))) for c in cumulative])
 
     rows = np.asarray(table.tolist(), dtype=np.float32)  # one read by the host; the search runs there
 
@@ -183,12 +191,34 @@ def select_with_recent(scores: torch.Tensor, count: int, recent: int | None) -> 
 
 
 @dataclass
-class StreamKVLayer:
-    """One layer's kept blocks: their representative keys on the device and their KV in a block store."""
+class KeptBlocks:
+    """Every layer's kept frames: one block store for all of them (block i is one layer's frame, KV of that layer
+    only, its representative key ``reprs[i]``), so a segment's kept frames of every layer are gathered, added and
+    moved to host memory at once (operator calls are host time on a GPU); ``ids[l]`` lists layer l's blocks in
+    time order and ``frames[l]`` the video frames each covers ([] for a summary)."""
 
-    store: BlockStore
-    reprs: torch.Tensor  # (blocks, H * d)
-    frames: list[list[int]] = field(default_factory=list)  # video frames each block covers ([] for a summary)
+    store: BlockStore | _OverlayStore
+    reprs: torch.Tensor  # (blocks, H * d), row i for block i
+    ids: list[list[int]]
+    frames: list[list[list[int]]]
+
+    @classmethod
+    def empty(cls, store: BlockStore, num_layers: int, width: int, device: torch.device) -> KeptBlocks:
+        return cls(store, torch.empty(0, width, device=device), [[] for _ in range(num_layers)],
+                   [[] for _ in range(num_layers)])
+
+    def for_question(self) -> KeptBlocks:
+        """A copy whose additions (the open segment, for one question) leave this one as it is."""
+        return KeptBlocks(_OverlayStore(self.store), self.reprs, [list(i) for i in self.ids],
+                          [list(f) for f in self.frames])
+
+    def held(self) -> list[int]:
+        """Blocks each layer holds."""
+        return [len(i) for i in self.ids]
+
+    def layer_reprs(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s representative keys (its blocks, H * d), in time order."""
+        return self.reprs.index_select(0, torch.tensor(self.ids[layer], dtype=torch.long, device=self.reprs.device))
 
 
 @dataclass
@@ -264,9 +294,8 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     def start_video(self, init_ids: list[int]) -> None:
         super().start_video(init_ids)
         g = self.geometry
-        self.blocks_of = [StreamKVLayer(self.new_store(self.llm.device),
-                                        torch.empty(0, g.num_heads * g.head_dim, device=self.llm.device))
-                          for _ in range(g.num_layers)]
+        self.kept = KeptBlocks.empty(self.new_store(self.llm.device), g.num_layers, g.num_heads * g.head_dim,
+                                     self.llm.device)
         self.open_frames: list[torch.Tensor] = []  # the open segment's frame features (tokens, hidden)
         self.open_spans: list[list[int]] = []  # the video frames each covers (several once merged)
         self.open_sims: list[float] = []
@@ -311,68 +340,78 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
             self.open_frames, self.open_spans, self.previous = [frame], [[index]], features
 
     def _close_segment(self) -> None:
-        self.encode_segment(self.open_frames, self.open_spans, self.blocks_of)
+        self.encode_segment(self.open_frames, self.open_spans, self.kept)
         self.open_frames, self.open_spans, self.open_sims = [], [], []
 
-    def encode_segment(self, frames: list[torch.Tensor], spans: list[list[int]],
-                       layers: list[StreamKVLayer]) -> list[torch.Tensor] | None:
+    def encode_segment(self, frames: list[torch.Tensor], spans: list[list[int]], kept: KeptBlocks) -> torch.Tensor | None:
         """Encode one segment (+ its summary frame) through the window, score its frames with the guidance
-        prompt, and add each layer's kept frames (and the summary) to ``layers``. Returns the per-layer scores
-        (``None`` without compression)."""
-        tpf, rope = self.geometry.tokens_per_frame, self.llm.rope
+        prompt, and add each layer's kept frames (and the summary) to ``kept``. Returns the scores (layers,
+        frames) (``None`` without compression).
+
+        The layers only attend and leave their keys, values and the prompt's mean query; the frames' mean keys,
+        the scores, the counts and the kept frames of every layer are then found at once (a few operator calls
+        per segment instead of a few dozen per layer)."""
+        g, rope = self.geometry, self.llm.rope
+        tpf = g.tokens_per_frame
         parts = list(frames) + ([torch.stack(frames).mean(0)] if self.use_segment_summary else [])
         video = torch.cat(parts)[None]  # (1, V, hidden)
-        n_video, n_frames = video.shape[1], len(frames)
+        n_video, n_frames, n_parts = video.shape[1], len(frames), len(parts)
         compress = self.compression_ratio < 1
         embeds = torch.cat((video, self.llm.embed_ids(self.guidance_ids)), dim=1) if compress else video
-        new_kv: list[tuple[torch.Tensor, torch.Tensor]] = [None] * self.geometry.num_layers  # type: ignore
-        scores: list[torch.Tensor] = [None] * self.geometry.num_layers  # type: ignore
+        keys: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
+        values: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
+        prompt_means: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
 
         def attend(idx: int, q, k, v, scaling):
-            out = self.layers[idx].attend_and_append(q[..., :n_video, :], k[..., :n_video, :], v[..., :n_video, :],
-                                                     scaling, rope)
-            new_kv[idx] = (k[..., :n_video, :], v[..., :n_video, :])
+            out = self.layers[idx].attend_and_append(token_range(q, 0, n_video), token_range(k, 0, n_video),
+                                                     token_range(v, 0, n_video), scaling, rope)
+            keys[idx], values[idx] = k, v
             if not compress:
                 return out
-            prompt_q = q[..., n_video:, :]
-            keys, q_rot = rope.rotate_range(k, 0), rope.rotate_range(prompt_q, n_video)
-            if keys.shape[-2] <= self.n_local:
-                prompt_out = causal_suffix_attention(q_rot, keys, v, scaling)
+            prompt_q = token_range(q, n_video)
+            all_k, q_rot = rope.rotate_range(k, 0), rope.rotate_range(prompt_q, n_video)
+            if all_k.shape[-2] <= self.n_local:
+                prompt_out = causal_suffix_attention(q_rot, all_k, v, scaling)
             else:  # the prompt's own sliding window (the release's window of n_local)
-                i = torch.arange(n_video, keys.shape[-2], device=q.device)[:, None]
-                j = torch.arange(keys.shape[-2], device=q.device)[None, :]
-                prompt_out = grouped_sdpa(q_rot, keys, v, scaling, (j <= i) & (i - j < self.n_local))
-            reps = block_representatives(k[..., :n_frames * tpf, :].unflatten(2, (n_frames, tpf)),
-                                         self.geometry.num_heads)[0]
-            scores[idx] = score_blocks(reps, question_vector(prompt_q), BlockScoring.dot)  # as the release
+                i = torch.arange(n_video, all_k.shape[-2], device=q.device)[:, None]
+                j = torch.arange(all_k.shape[-2], device=q.device)[None, :]
+                prompt_out = grouped_sdpa(q_rot, all_k, v, scaling, (j <= i) & (i - j < self.n_local))
+            prompt_means[idx] = as_float(prompt_q).mean(dim=2)  # (1, H, d): question_vector, before its reshape
             return torch.cat((out, prompt_out), dim=-2)
 
         self.run_layers(embeds, attend)
-        keep = self.keep_counts(scores, n_frames) if compress else [n_frames] * len(scores)
-        cut = [idx for idx in range(len(layers)) if keep[idx] < n_frames]
+        # every layer's frames as blocks (layers, kv_heads, parts, tpf, d), un-rotated, and their mean keys
+        kb = token_range(torch.cat(keys), 0, n_video).unflatten(2, (n_parts, tpf))
+        vb = token_range(torch.cat(values), 0, n_video).unflatten(2, (n_parts, tpf))
+        reprs = block_representatives(kb, g.num_heads)  # (layers, parts, H * d)
+        scores = None
+        if compress:  # each frame's mean key against the prompt's mean query, as the release (dot)
+            scores = (reprs[:, :n_frames] @ torch.cat(prompt_means).reshape(g.num_layers, -1, 1)).squeeze(-1)
+        keep = self.keep_counts(scores, n_frames) if compress else [n_frames] * g.num_layers
+        cut = [idx for idx in range(g.num_layers) if keep[idx] < n_frames]
         chosen = torch.cat([scores[idx].topk(keep[idx]).indices.sort().values for idx in cut]).tolist() if cut else []
         picks: dict[int, list[int]] = {}
         for idx in cut:  # every layer's frames in one read
             picks[idx], chosen = chosen[:keep[idx]], chosen[keep[idx]:]
-        for idx, layer in enumerate(layers):
-            picked = picks.get(idx, list(range(n_frames)))
-            if self.use_segment_summary:
-                picked.append(n_frames)
-            k, v = new_kv[idx]
-            kb, vb = k.unflatten(2, (len(parts), tpf)), v.unflatten(2, (len(parts), tpf))
-            covers = [spans[f] if f < n_frames else [] for f in picked]
-            rows = torch.tensor(picked, device=kb.device) if len(picked) < len(parts) else None
-            kept_k, kept_v = (kb, vb) if rows is None else (kb.index_select(2, rows), vb.index_select(2, rows))
-            # the segment's kept frames of this layer as one batch of blocks (1 layer each)
-            layer.store.add_many(kept_k.permute(2, 0, 1, 3, 4), kept_v.permute(2, 0, 1, 3, 4),
-                                 torch.arange(tpf).expand(len(picked), tpf),
-                                 [c[0] if c else spans[0][0] for c in covers], [len(c) for c in covers],
-                                 {"summary": [f == n_frames for f in picked]})
-            layer.frames += covers
-            layer.reprs = torch.cat((layer.reprs, block_representatives(kept_k, self.geometry.num_heads)[0]))
-            layer.store.flush()
+        rows: list[int] = []  # layer * parts + part of every kept block, layer by layer
+        covers: list[list[int]] = []  # the video frames each covers
+        for idx in range(g.num_layers):
+            picked = picks.get(idx, list(range(n_frames))) + ([n_frames] if self.use_segment_summary else [])
+            rows += [idx * n_parts + f for f in picked]
+            covers += [spans[f] if f < n_frames else [] for f in picked]
+        at = torch.tensor(rows, dtype=torch.long, device=kb.device)
+        layer_of, part_of = at // n_parts, at % n_parts  # the kept blocks of every layer in one gather
+        ids = kept.store.add_many(kb[layer_of, :, part_of][:, None], vb[layer_of, :, part_of][:, None],
+                                  torch.arange(tpf).expand(len(rows), tpf),
+                                  [c[0] if c else spans[0][0] for c in covers], [len(c) for c in covers],
+                                  {"summary": [r % n_parts == n_frames for r in rows]})
+        for r, block, c in zip(rows, ids, covers, strict=True):
+            kept.ids[r // n_parts].append(block)
+            kept.frames[r // n_parts].append(c)
+        kept.reprs = torch.cat((kept.reprs, reprs.reshape(-1, reprs.shape[-1]).index_select(0, at)))
+        kept.store.flush()
         self.segments += 1
-        return scores if compress else None
+        return scores
 
     def keep_counts(self, scores: list[torch.Tensor], n_frames: int) -> list[int]:
         """Frames each layer keeps of a segment of ``n_frames`` (``layer_counts`` then ``rescale_counts``)."""
@@ -385,43 +424,44 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
     # ---------------------------------------------------------------------------------- recall
     def recall(self, question: str) -> AnswerContext[StreamKVRecall]:
         """The open segment encoded into a copy of the state, then two retrieval runs of the question."""
-        layers, segments = self.blocks_of, self.segments
-        if self.open_frames:  # as if the video ended here; the window and the stores are left as they were
+        kept, segments = self.kept, self.segments
+        if self.open_frames:  # as if the video ended here; the window and the store are left as they were
             window = [copy.copy(w) for w in self.layers]
-            layers = [StreamKVLayer(_OverlayStore(L.store), L.reprs, list(L.frames)) for L in self.blocks_of]
-            self.encode_segment(self.open_frames, self.open_spans, layers)
+            kept = self.kept.for_question()
+            self.encode_segment(self.open_frames, self.open_spans, kept)
             self.layers, self.segments = window, segments
             segments += 1
         ids = self.llm.tokenize(question)
-        first = self._retrieval_run(ids, layers, [self.retrieve_size] * len(layers))
-        counts = layer_counts([scores for scores, _, _ in first], len(layers) * self.retrieve_size)
+        num_layers = len(kept.ids)
+        first = self._retrieval_run(ids, kept, [self.retrieve_size] * num_layers)
+        counts = layer_counts([scores for scores, _, _ in first], num_layers * self.retrieve_size)
         counts = rescale_counts(counts, max(self.retrieve_size * (1 - self.retrieve_temp), 1),
                                 min(self.retrieve_size * (1 + self.retrieve_temp), MAX_RETRIEVE))
-        second = self._retrieval_run(ids, layers, counts)
+        second = self._retrieval_run(ids, kept, counts)
         rope = self.llm.rope
         keys = [rope.rotate_range(k, 0) for _, (k, _), _ in second]
         values = [v for _, (_, v), _ in second]
         chosen = [picked for _, _, picked in second]
-        frames = sorted({f for L, picked in zip(layers, chosen, strict=True) for b in picked for f in L.frames[b]})
+        frames = sorted({f for covers, picked in zip(kept.frames, chosen, strict=True) for b in picked
+                         for f in covers[b]})
         lengths = [int(k.shape[-2]) for k in keys]
-        detail = StreamKVRecall(segments, [len(c) for c in chosen], [int(L.reprs.shape[0]) for L in layers])
+        detail = StreamKVRecall(segments, [len(c) for c in chosen], kept.held())
         return AnswerContext(keys, values, next_position=max(lengths), recalled=Recalled(frames=frames),
                              detail=detail, layer_positions=lengths)
 
-    def _retrieval_run(self, ids: list[int], layers: list[StreamKVLayer], counts: list[int]) -> list[tuple]:
+    def _retrieval_run(self, ids: list[int], kept: KeptBlocks, counts: list[int]) -> list[tuple]:
         """The raw question over init + ``counts[l]`` retrieved blocks in each layer l (the output feeding the
         next layer); per layer (scores of all its blocks, (un-rotated keys, values) of init + the retrieved
         blocks, the retrieved blocks)."""
         rope, recent = self.llm.rope, (self.retrieve_local_size if self.retrieve_local else None)
-        out: list[tuple] = [None] * len(layers)  # type: ignore[list-item]
+        out: list[tuple] = [None] * len(kept.ids)  # type: ignore[list-item]
 
         def retrieve(idx: int, q, k, v, scaling):
-            layer = layers[idx]
-            scores = score_blocks(layer.reprs, question_vector(q), BlockScoring.dot)  # as ReKV's
+            scores = score_blocks(kept.layer_reprs(idx), question_vector(q), BlockScoring.dot)  # as ReKV's
             picked = select_with_recent(scores, int(counts[idx]), recent)
             init_k, init_v = self.layers[idx].init_k, self.layers[idx].init_v
             if picked:
-                bk, bv = layer.store.layer_kv(picked, 0, init_k.device, init_k.dtype)
+                bk, bv = kept.store.layer_kv([kept.ids[idx][b] for b in picked], 0, init_k.device, init_k.dtype)
                 ctx_k, ctx_v = torch.cat((init_k, bk), dim=-2), torch.cat((init_v, bv), dim=-2)
             else:
                 ctx_k, ctx_v = init_k, init_v
@@ -432,16 +472,17 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         return out
 
     def stats(self) -> CacheStats:
-        """kv: each layer's kept blocks + the window; device: the window and the representative keys."""
+        """kv: every layer's kept blocks + the window (tokens: the layer that holds most); device: the window and
+        the representative keys."""
         window = self.window_stats()
-        reprs = sum(tensor_bytes(L.reprs) for L in self.blocks_of)
-        return CacheStats(kv_tokens=max(L.store.tokens for L in self.blocks_of) + window.kv_tokens,
-                          kv_bytes=sum(L.store.nbytes for L in self.blocks_of) + window.kv_bytes,
+        reprs = tensor_bytes(self.kept.reprs)
+        tokens = max(self.kept.held()) * self.geometry.tokens_per_frame
+        return CacheStats(kv_tokens=tokens + window.kv_tokens, kv_bytes=self.kept.store.nbytes + window.kv_bytes,
                           device_kv_bytes=window.device_kv_bytes + reprs, aux_bytes=reprs)
 
 
 class _OverlayStore:
-    """A layer's store plus blocks added for one question (the open segment), dropped after it."""
+    """The store plus blocks added for one question (the open segment), dropped after it."""
 
     def __init__(self, base: BlockStore) -> None:
         self.base, self.extra = base, BlockStore()
