@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mukv.cache.kernels import causal_suffix_attention, expand_kv_heads
+from mukv.cache.kernels import as_float, causal_suffix_attention, expand_kv_heads
 from mukv.cache.options import StrOption
 
 
@@ -22,7 +22,7 @@ class BlockScoring(StrOption):
 
 def block_representatives(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Mean un-rotated key of each block: k (layers, kv_heads, blocks, tokens, d) -> (layers, blocks, H*d)."""
-    mean = k.float().mean(dim=3)  # (layers, kv_heads, blocks, d)
+    mean = as_float(k).mean(dim=3)  # (layers, kv_heads, blocks, d)
     mean = expand_kv_heads(mean, num_heads, head_dim=1)  # (layers, H, blocks, d)
     layers, heads, blocks, d = mean.shape
     return mean.permute(0, 2, 1, 3).reshape(layers, blocks, heads * d)
@@ -30,14 +30,14 @@ def block_representatives(k: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def question_vector(q: torch.Tensor) -> torch.Tensor:
     """Mean over question tokens of un-rotated queries: (1, H, L, d) -> (H*d,)."""
-    return q.float().mean(dim=2).reshape(-1)
+    return as_float(q).mean(dim=2).reshape(-1)
 
 
 def score_blocks(reprs: torch.Tensor, query: torch.Tensor, scoring: BlockScoring | str) -> torch.Tensor:
     """Dot product (published code) or cosine similarity (the paper) of each block with the query."""
     if scoring == "cosine":
-        return F.normalize(reprs.float(), dim=-1) @ F.normalize(query.float(), dim=0)
-    return reprs.float() @ query.float()
+        return F.normalize(as_float(reprs), dim=-1) @ F.normalize(as_float(query), dim=0)
+    return as_float(reprs) @ as_float(query)
 
 
 def select_top_blocks(scores: torch.Tensor, k: int, chunk: int = 1) -> list[int]:

@@ -46,7 +46,7 @@ from mukv.cache.base import (
     tensor_bytes,
 )
 from mukv.cache.block_store import BlockStore, StoreOptions
-from mukv.cache.kernels import as_float, causal_suffix_attention, grouped_sdpa, token_range
+from mukv.cache.kernels import causal_suffix_attention, grouped_sdpa, token_range
 from mukv.cache.options import StrOption, check_options
 from mukv.cache.retrieval import (
     BlockScoring,
@@ -376,7 +376,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
                 i = torch.arange(n_video, all_k.shape[-2], device=q.device)[:, None]
                 j = torch.arange(all_k.shape[-2], device=q.device)[None, :]
                 prompt_out = grouped_sdpa(q_rot, all_k, v, scaling, (j <= i) & (i - j < self.n_local))
-            prompt_means[idx] = as_float(prompt_q).mean(dim=2)  # (1, H, d): question_vector, before its reshape
+            prompt_means[idx] = question_vector(prompt_q)
             return torch.cat((out, prompt_out), dim=-2)
 
         self.run_layers(embeds, attend)
@@ -386,34 +386,34 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         reprs = block_representatives(kb, g.num_heads)  # (layers, parts, H * d)
         scores = None
         if compress:  # each frame's mean key against the prompt's mean query, as the release (dot)
-            scores = (reprs[:, :n_frames] @ torch.cat(prompt_means).reshape(g.num_layers, -1, 1)).squeeze(-1)
+            scores = (reprs[:, :n_frames] @ torch.stack(prompt_means)[..., None]).squeeze(-1)
         keep = self.keep_counts(scores, n_frames) if compress else [n_frames] * g.num_layers
         cut = [idx for idx in range(g.num_layers) if keep[idx] < n_frames]
         chosen = torch.cat([scores[idx].topk(keep[idx]).indices.sort().values for idx in cut]).tolist() if cut else []
         picks: dict[int, list[int]] = {}
         for idx in cut:  # every layer's frames in one read
             picks[idx], chosen = chosen[:keep[idx]], chosen[keep[idx]:]
-        rows: list[int] = []  # layer * parts + part of every kept block, layer by layer
-        covers: list[list[int]] = []  # the video frames each covers
+        layers_of: list[int] = []  # the layer and the part (frame, or the summary) of every kept block
+        parts_of: list[int] = []
         for idx in range(g.num_layers):
             picked = picks.get(idx, list(range(n_frames))) + ([n_frames] if self.use_segment_summary else [])
-            rows += [idx * n_parts + f for f in picked]
-            covers += [spans[f] if f < n_frames else [] for f in picked]
-        at = torch.tensor(rows, dtype=torch.long, device=kb.device)
-        layer_of, part_of = at // n_parts, at % n_parts  # the kept blocks of every layer in one gather
+            layers_of += [idx] * len(picked)
+            parts_of += picked
+        covers = [spans[f] if f < n_frames else [] for f in parts_of]  # the video frames each covers
+        layer_of, part_of = torch.tensor([layers_of, parts_of], dtype=torch.long, device=kb.device)
         ids = kept.store.add_many(kb[layer_of, :, part_of][:, None], vb[layer_of, :, part_of][:, None],
-                                  torch.arange(tpf).expand(len(rows), tpf),
+                                  torch.arange(tpf).expand(len(parts_of), tpf),
                                   [c[0] if c else spans[0][0] for c in covers], [len(c) for c in covers],
-                                  {"summary": [r % n_parts == n_frames for r in rows]})
-        for r, block, c in zip(rows, ids, covers, strict=True):
-            kept.ids[r // n_parts].append(block)
-            kept.frames[r // n_parts].append(c)
-        kept.reprs = torch.cat((kept.reprs, reprs.reshape(-1, reprs.shape[-1]).index_select(0, at)))
+                                  {"summary": [f == n_frames for f in parts_of]})
+        for idx, block, c in zip(layers_of, ids, covers, strict=True):
+            kept.ids[idx].append(block)
+            kept.frames[idx].append(c)
+        kept.reprs = torch.cat((kept.reprs, reprs[layer_of, part_of]))  # the kept blocks of every layer, one gather
         kept.store.flush()
         self.segments += 1
         return scores
 
-    def keep_counts(self, scores: list[torch.Tensor], n_frames: int) -> list[int]:
+    def keep_counts(self, scores: torch.Tensor, n_frames: int) -> list[int]:
         """Frames each layer keeps of a segment of ``n_frames`` (``layer_counts`` then ``rescale_counts``)."""
         counts = layer_counts(scores, int(len(scores) * n_frames * self.compression_ratio))
         mean = n_frames * self.compression_ratio
