@@ -1,6 +1,6 @@
-"""On a GPU: which fused log-sum-exp kernel the streaming attention picked, and how far its unmasked-parts
-path is from the masked one on a 0.5B-shaped layer (bf16, 14 query / 2 KV heads, window 15,000, 4 sinks),
-and the same for the prefill after a context (``causal_suffix_attention``) at MuKV's block-batch shapes.
+"""On a GPU: which fused log-sum-exp and sliding-window kernels the streaming attention picked, and how far
+its fused paths (the window in one sliding-window call; the window as unmasked parts) are from the masked
+one on a 0.5B-shaped layer (bf16, 14 query / 2 KV heads, window 15,000, 4 sinks), and the same for the prefill after a context (``causal_suffix_attention``) at MuKV's block-batch shapes.
 Run by experiments/gpu_check.sh; prints one line per case."""
 
 import time
@@ -13,13 +13,17 @@ from mukv.cache.kernels import causal_suffix_attention, grouped_sdpa, lse_kernel
 from mukv.models.rope import RotaryTable
 
 
-def stream(n_local, chunks, kernel_on: bool, seed=0):
+def stream(n_local, chunks, mode: str, seed=0):
+    """One layer streamed over ``chunks``; ``mode``: band (as run), parts (no sliding-window kernel), masked
+    (no fused kernel at all)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     hq, hk, d, n_init = 14, 2, 64, 4
     rope = RotaryTable((1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))).cuda())
     layer = SinkWindowKV(n_local, 1024, block_tokens=196)  # ReKV's sinks: handed over per 196-token frame
-    saved = attention.lse_kernel
-    if not kernel_on:
+    saved = attention.lse_kernel, attention.band_kernel
+    if mode != "band":
+        attention.band_kernel = lambda *a: None
+    if mode == "masked":
         attention.lse_kernel = lambda *a: None
     try:
         def rnd(h, n):
@@ -36,7 +40,7 @@ def stream(n_local, chunks, kernel_on: bool, seed=0):
             times.append(time.perf_counter() - t)
         return torch.cat(outs, -2).float(), times
     finally:
-        attention.lse_kernel = saved
+        attention.lse_kernel, attention.band_kernel = saved
 
 
 def prefill_case(bsz: int, lq: int, lk: int) -> str:
@@ -45,7 +49,7 @@ def prefill_case(bsz: int, lq: int, lk: int) -> str:
     q = torch.randn(bsz, 14, lq, 64, generator=g, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(bsz, 2, lk, 64, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     timing = {}
-    for name, fn in (("parts", lambda: causal_suffix_attention(q, k, v, 0.125)),
+    for name, fn in (("fused", lambda: causal_suffix_attention(q, k, v, 0.125)),
                      ("masked", lambda: grouped_sdpa(q, k, v, 0.125, prefix_causal_mask(lq, lk, q.device)))):
         out = fn()
         torch.cuda.synchronize()
@@ -54,21 +58,24 @@ def prefill_case(bsz: int, lq: int, lk: int) -> str:
             fn()
         torch.cuda.synchronize()
         timing[name] = ((time.perf_counter() - t) / 10, out.float())
-    err = (timing["parts"][1] - timing["masked"][1]).abs().max().item()
-    return (f"prefill after a context, {bsz} x {lq} queries over {lk} keys: max |parts - masked| = {err:.2e} "
-            f"(bf16); {timing['parts'][0] * 1e3:.2f} ms vs {timing['masked'][0] * 1e3:.2f} ms masked")
+    err = (timing["fused"][1] - timing["masked"][1]).abs().max().item()
+    return (f"prefill after a context, {bsz} x {lq} queries over {lk} keys: max |fused - masked| = {err:.2e} "
+            f"(bf16); {timing['fused'][0] * 1e3:.2f} ms vs {timing['masked'][0] * 1e3:.2f} ms masked")
 
 
 if __name__ == "__main__":
     kernel = lse_kernel(torch.device("cuda"), torch.bfloat16, 64)
-    print("lse kernel:", getattr(kernel, "__name__", None), flush=True)
+    band = attention.band_kernel(torch.device("cuda"), torch.bfloat16, 64)
+    print("lse kernel:", getattr(kernel, "__name__", None), "| sliding-window kernel:", getattr(band, "__name__", None),
+          flush=True)
     for n_local in (15000, None):
         chunks = [3136] * 8
-        fast, tf = stream(n_local, chunks, True)
-        ref, tr = stream(n_local, chunks, False)
-        err = (fast - ref).abs().max().item()
-        print(f"n_local={n_local}: max |unmasked parts - masked| = {err:.2e} (bf16); last chunk "
-              f"{tf[-1] * 1e3:.2f} ms vs {tr[-1] * 1e3:.2f} ms masked (one layer, 3,136 queries)", flush=True)
+        ref, tr = stream(n_local, chunks, "masked")
+        for mode in ("band", "parts"):
+            fast, tf = stream(n_local, chunks, mode)
+            err = (fast - ref).abs().max().item()
+            print(f"n_local={n_local}, {mode}: max |fused - masked| = {err:.2e} (bf16); last chunk "
+                  f"{tf[-1] * 1e3:.2f} ms vs {tr[-1] * 1e3:.2f} ms masked (one layer, 3,136 queries)", flush=True)
 
     for bsz, lq, lk in ((64, 49, 63), (64, 196, 210), (16, 784, 798), (1, 30, 12000)):  # blocks; a question
         print(prefill_case(bsz, lq, lk), flush=True)

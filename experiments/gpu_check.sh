@@ -2,7 +2,7 @@
 # One device call for BENCHMARKS section 7 (a lent H100 / H200): LLaVA-OV-0.5B architecture, random weights.
 # Run from the repository root on the GPU machine; results land in $OUT (or outputs/bench/gpu), every table in
 # log.txt and one JSON per step:
-#   0. the streaming attention's fused kernel on this GPU, checked against the masked path;
+#   0. the streaming attention's fused kernels on this GPU (log-sum-exp, sliding window), checked against the masked path;
 #   1. operator calls and host reads per steady 16-frame chunk and per answer token, every method, eager and
 #      with engine.compile (ops_eager.json, ops_compiled.json; the same counts as on the CPU, plus real device
 #      tensors for the host reads);

@@ -33,15 +33,15 @@ def stream_and_answer(llm, name: str, compile_mode: str):
 
 
 # method: compiled, (operator calls per chunk / the EAGER plain forward of the same tokens, per answer token / the
-# eager plain decode step): the target is 1.2 for both; measured 2026-12-03, fourth cut (StreamKV: fifth; tests/test_ops.py's
+# eager plain decode step): the target is 1.2 for both; measured 2026-12-03, the window in one sliding-window call (tests/test_ops.py's
 # settings: 4 layers, 8-frame chunks, 16-frame budgets), about +3%
 COMPILED_CEILINGS = {
     "full": (0.71, 0.57),
-    "sliding_window": (0.93, 0.57),
+    "sliding_window": (0.67, 0.57),
     "uniform": (None, 0.57),  # 0.531 in a fresh process, 0.553 (as the others) after other compiled tests
-    "rekv": (1.03, 0.57),
+    "rekv": (0.77, 0.57),
     "mukv": (1.03, 0.57),
-    "streamkv": (1.53, 0.64),
+    "streamkv": (1.28, 0.64),
     "infinipot_v": (0.80, 0.57),
     "hermes": (0.76, 0.62),
     "knorm": (0.74, 0.57),

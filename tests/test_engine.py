@@ -102,16 +102,21 @@ def sink_reference(q, k, v, n_local: int | None, n_init: int, rope: RotaryTable,
     return reference_sink_window(q, k, v, n_local, n_init, rope, 0.25)
 
 
-def spy_on_unmasked_parts(monkeypatch, sizes: list[int]) -> None:
-    """Record how many parts each unmasked-parts call of ``SinkWindowKV`` made (one entry per call)."""
-    parts = SinkWindowKV._unmasked_parts
+def spy_on_fused_parts(monkeypatch, sizes: list[int], band: bool = True) -> None:
+    """Record how many parts each fused-parts call of ``SinkWindowKV`` made (one entry per call); ``band``
+    False: as on a device with no sliding-window kernel (the window split into unmasked parts)."""
+    from mukv.cache import kernels
+
+    parts = SinkWindowKV._fused_parts
+    if not band:
+        monkeypatch.setattr(kernels, "band_kernel", lambda *a: None)
 
     def spy(self, *args):
         out = parts(self, *args)
         sizes.append(len(out))
         return out
 
-    monkeypatch.setattr(SinkWindowKV, "_unmasked_parts", spy)
+    monkeypatch.setattr(SinkWindowKV, "_fused_parts", spy)
 
 
 def stream_layer(layer: SinkWindowKV, q, k, v, n_init: int, chunks: list[int], rope: RotaryTable) -> list:
@@ -144,16 +149,18 @@ def test_sink_window_matches_direct_masked_attention(n_local, chunks, query_bloc
     assert layer.k.shape[-2] == min(n_local, total)
 
 
+@pytest.mark.parametrize("band", [True, False], ids=["band", "no-band-kernel"])
 @pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
 @pytest.mark.parametrize("n_local", [None, 16])
-def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local, published, monkeypatch):
-    """Once the window (and the sinks' distance) is full, queries are attended as unmasked fused-kernel parts
-    merged by log-sum-exp (own keys, the keys all queries see, the reversed triangle, the sinks), a whole
-    chunk at once where it is shorter than the window, and still equal attention by definition; before
-    that the masked path runs, block by block."""
+def test_window_attention_runs_as_fused_parts_once_the_window_is_full(n_local, published, band, monkeypatch):
+    """Once the window (and the sinks' distance) is full, queries are attended as fused-kernel parts merged
+    by log-sum-exp, a whole chunk at once where it is shorter than the window, and still equal attention by
+    definition; before that the masked path runs, block by block. The parts: the window in one sliding-window
+    call and the sinks; on a device with no sliding-window kernel, the window as unmasked parts (own keys, the
+    keys all queries see, the reversed triangle)."""
 
     sizes = []
-    spy_on_unmasked_parts(monkeypatch, sizes)
+    spy_on_fused_parts(monkeypatch, sizes, band)
     torch.manual_seed(1)
     n_init, hq, hk, d, chunks = 3, 4, 2, 16, [40, 33, 50]
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
@@ -163,8 +170,9 @@ def test_window_attention_runs_as_unmasked_parts_once_the_window_is_full(n_local
     outs = stream_layer(layer, q, k, v, n_init, chunks, rope)
     ref = sink_reference(q, k, v, n_local, n_init, rope, published)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
-    assert sizes and max(sizes) == (2 if n_local is None else 4)
-    if n_local is None:  # unmasked parts need no query blocks: one call per chunk
+    # the window (one call, or 2 parts with no window and 3 with one) and, with a window, the sinks
+    assert sizes and max(sizes) == (1 if band else 2 if n_local is None else 3) + (n_local is not None)
+    if n_local is None:  # fused parts need no query blocks: one call per chunk
         assert len(sizes) == 1 + len(chunks)
     else:  # chunks longer than the window go block by block; the first blocks take the masked path
         assert 0 < len(sizes) < 1 + sum((c + 6) // 7 for c in chunks)
@@ -384,13 +392,79 @@ def test_a_fused_kernel_is_used_only_where_it_agrees_with_one_softmax(monkeypatc
         assert kernels.lse_kernel(cpu, torch.float32, 16, True) is masked
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk,window", [(9, 9, None), (7, 20, None), (30, 79, 50), (30, 60, 8), (12, 12, 5)])
+def test_the_sliding_window_kernel_is_the_band_of_one_softmax(dtype, lq, lk, window, monkeypatch):
+    """``band_kernel`` (the CPU's here): the queries are the last lq keys, each sees its own and the window - 1
+    keys before it (every earlier one with no window); output and log-sum-exp are one softmax's over exactly
+    those keys, with grouped KV heads and a batch; a key just outside a query's band does not move it. With no
+    window no mask is made (its bias would grow with the context)."""
+    from mukv.cache import kernels
+
+    band = kernels.band_kernel(torch.device("cpu"), dtype, 16)
+    assert band is not None  # this torch has the CPU flash kernel: the test exercises it
+    monkeypatch.setattr(kernels, "_MASKS", {})  # (after the start-up check, which makes masks of its own)
+    g = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(3, 6, lq, 16, generator=g).to(dtype)
+    k, v = (torch.randn(3, 2, lk, 16, generator=g).to(dtype) for _ in range(2))
+    i, j = torch.arange(lk - lq, lk)[:, None], torch.arange(lk)[None, :]
+    allowed = (j <= i) & ((j > i - window) if window is not None else True)
+    s = (q.float() @ k.float().repeat_interleave(3, dim=1).mT * 0.25).masked_fill(~allowed, float("-inf"))
+    out, lse = band(q, k, v, window, 0.25)
+    assert not kernels._MASKS if window is None else list(kernels._MASKS)[0][:4] == ("suffix", lq, lk, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, s.logsumexp(-1), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), s.softmax(-1) @ v.float().repeat_interleave(3, dim=1), atol=tol, rtol=tol)
+    if window is not None and lk - lq - window >= 0:  # the key just before the first query's band
+        k2 = k.clone()
+        k2[..., lk - lq - window, :] += 5.0
+        moved = (band(q, k2, v, window, 0.25)[0] - out).float().abs().amax(dim=(0, 1, 3))
+        assert moved.max() == 0
+
+
+def test_the_window_kernel_timing_script_compares_equal_attentions():
+    """experiments/window_kernel_cpu.py (BENCHMARKS 5f's CPU wall times) times the one sliding-window call
+    against the three parts on the same inputs, and they agree: a row at a small size."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "window_kernel_cpu.py"
+    spec = importlib.util.spec_from_file_location("window_kernel_cpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cells = [c.strip() for c in script.row(torch.float32, 24, 60, 1).strip("|").split("|")]
+    assert cells[:3] == ["float32", "24", "60"] and float(cells[6]) < 1e-5 and cells[5].endswith("x")
+
+
+def test_a_sliding_window_kernel_is_used_only_where_it_agrees(monkeypatch):
+    """``band_kernel`` checks its candidates on bands against one softmax: one that ignores the window (the
+    whole suffix instead) or gets the log-sum-exp wrong is not used, and the window then runs as parts."""
+    from mukv.cache import kernels
+
+    cpu = torch.device("cpu")
+
+    def ignores_window(q, k, v, window, scaling):
+        return kernels._cpu_flash_band(q, k, v, None, scaling)
+
+    def wrong_lse(q, k, v, window, scaling):
+        out, lse = kernels._cpu_flash_band(q, k, v, window, scaling)
+        return out, lse * 1.01
+
+    for kernel, want in ((ignores_window, None), (wrong_lse, None), (kernels._cpu_flash_band, kernels._cpu_flash_band)):
+        monkeypatch.setattr(kernels, "_BAND_CANDIDATES", {"cpu": [kernel]})
+        monkeypatch.setattr(kernels, "_BAND_KERNELS", {})
+        assert kernels.band_kernel(cpu, torch.float32, 16) is want
+
+
+@pytest.mark.parametrize("band", [True, False], ids=["band", "no-band-kernel"])
 @pytest.mark.parametrize("published", [True, False], ids=["published", "exact"])
-def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkeypatch, published):
-    """A 30-token chunk into a full 50-token window with 3 sinks: one set of unmasked parts (no per-block
-    loop), equal to attention by definition."""
+def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkeypatch, published, band):
+    """A 30-token chunk into a full 50-token window with 3 sinks: one set of fused parts (no per-block loop),
+    the window and the sinks (four with no sliding-window kernel), equal to attention by definition."""
 
     sizes = []
-    spy_on_unmasked_parts(monkeypatch, sizes)
+    spy_on_fused_parts(monkeypatch, sizes, band)
     torch.manual_seed(2)
     n_init, hq, hk, d, chunks = 3, 4, 2, 16, [30, 30, 30, 30]
     rope = RotaryTable(1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
@@ -401,7 +475,7 @@ def test_a_chunk_shorter_than_the_full_window_is_one_fused_call_per_layer(monkey
     before = len(sizes)
     outs += stream_layer(layer, q[..., total - chunks[-1]:, :], k[..., total - chunks[-1]:, :],
                          v[..., total - chunks[-1]:, :], 0, chunks[-1:], rope)
-    assert sizes[before:] == [4]  # the last chunk: one call of four parts
+    assert sizes[before:] == [2 if band else 4]  # the last chunk: one call of fused parts
     ref = sink_reference(q, k, v, 50, n_init, rope, published)
     torch.testing.assert_close(torch.cat(outs, -2).double(), ref, atol=1e-5, rtol=1e-5)
 
@@ -429,13 +503,16 @@ def test_streaming_attention_gradients_equal_attention_by_definition(n_local, pu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq,lk", [(7, 20), (9, 9), (1, 12), (33, 40)])
 def test_causal_suffix_attention_equals_the_masked_call(dtype, lq, lk, monkeypatch):
-    """A prefill after a context (queries = the last lq keys) as two unmasked fused parts (the CUDA route)
-    equals the masked call, with grouped KV heads and a batch; with more than one query it does run as parts,
-    and on the CPU, where the masked call is the faster, only there."""
+    """A prefill after a context (queries = the last lq keys) as one sliding-window call with no window, or
+    where the device has none, as two unmasked fused parts (the CUDA routes), equals the masked call, with
+    grouped KV heads and a batch; with more than one query it does run so, and on the CPU, where the masked
+    call is the faster, only there."""
     from mukv.cache import kernels
 
     calls = []
     monkeypatch.setattr(kernels, "SUFFIX_PARTS_DEVICES", {"cuda", "cpu"})  # the CUDA route, run on the CPU
+    band = kernels.band_kernel(torch.device("cpu"), dtype, 16)
+    monkeypatch.setattr(kernels, "band_kernel", lambda *a: None)  # a CUDA with no sliding-window kernel
     kernel = kernels.lse_kernel(torch.device("cpu"), dtype, 16)
     assert kernel is not None  # this torch has the CPU kernel: the test exercises the parts
     monkeypatch.setattr(kernels, "lse_kernel", lambda *a: lambda *b: calls.append(b[3]) or kernel(*b))
@@ -451,6 +528,11 @@ def test_causal_suffix_attention_equals_the_masked_call(dtype, lq, lk, monkeypat
     k2[..., -1, :] += 1.0  # the last key only matters to the last query: a changed key shows there alone
     moved = (kernels.causal_suffix_attention(q, k2, v, 0.25) - got).float().abs().amax(dim=(0, 1, 3))
     assert moved[-1] > 1e-3 and (lq == 1 or moved[:-1].max() == 0)
+    monkeypatch.setattr(kernels, "band_kernel", lambda *a: lambda *b: calls.append(b[3]) or band(*b))
+    calls.clear()
+    got = kernels.causal_suffix_attention(q, k, v, 0.25)  # with one: a single call with no window
+    assert calls == ([] if lq == 1 else [None])
+    assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     monkeypatch.setattr(kernels, "SUFFIX_PARTS_DEVICES", {"cuda"})
     calls.clear()
     kernels.causal_suffix_attention(q, k, v, 0.25)

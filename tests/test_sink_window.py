@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_frames
-from test_engine import reference_sink_window, spy_on_unmasked_parts, stream, stream_layer
+from test_engine import reference_sink_window, spy_on_fused_parts, stream, stream_layer
 
 from mukv.cache import ReKVCache, SlidingWindowCache
 from mukv.cache.attention import SinkWindowKV
@@ -114,9 +114,9 @@ def test_per_block_handover_sees_init_tokens_twice_and_exact_keeps_the_earlier_v
 @pytest.mark.parametrize("query_block", [1, 3, 7, 1 << 20])
 def test_published_encoding_does_not_depend_on_chunks_or_query_blocks(chunk_frames, query_block, monkeypatch):
     """(c) Any cut of the stream into whole-frame chunks (the engine's ``encode_chunk_size``) and any query
-    tiling give ReKV's values, on the masked and the fused (unmasked parts) paths alike."""
+    tiling give ReKV's values, on the masked and the fused paths alike."""
     sizes = []
-    spy_on_unmasked_parts(monkeypatch, sizes)
+    spy_on_fused_parts(monkeypatch, sizes)
     q, k, v, rope = planted(2)
     ref = published_encoding(q, k, v, rope, chunk_frames)
     torch.testing.assert_close(ref, published_encoding(q, k, v, rope, [8]), atol=1e-12, rtol=1e-12)
@@ -124,7 +124,7 @@ def test_published_encoding_does_not_depend_on_chunks_or_query_blocks(chunk_fram
     got = run_layer(layer, q, k, v, rope, [f * FRAME for f in chunk_frames])
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     if query_block < N_LOCAL or max(chunk_frames) * FRAME < N_LOCAL:
-        assert sizes  # some query block ran as unmasked parts (the sinks full, init still in its window)
+        assert sizes  # some query block ran as fused parts (the sinks full, init still in its window)
 
 
 def test_handover_blocks_count_from_the_sink_not_from_the_call():

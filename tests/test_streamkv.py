@@ -80,6 +80,22 @@ def test_layer_counts_share_one_threshold():
     assert layer_counts([torch.tensor([1.0]), torch.ones(4)], 4)[0] == 1  # one block / constant scores
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 151])
+def test_every_layers_prompt_mean_query_at_once_is_each_layers_own(dtype, tokens):
+    """``question_vectors`` of the layers' prompt queries concatenated (as ``encode_segment`` does after the
+    forward) equals ``question_vector`` of each layer's, on the strided views a projection leaves: to fp32
+    rounding (the sum runs over another memory layout), not bit for bit."""
+    from mukv.cache.retrieval import question_vector, question_vectors
+
+    g = torch.Generator().manual_seed(tokens)
+    rows = torch.randn(3, 1, 40 + tokens, 6, 16, generator=g).to(dtype).transpose(2, 3)  # (layers, 1, H, L, d)
+    prompts = [r[..., 40:, :] for r in rows]
+    want = torch.stack([question_vector(p) for p in prompts])
+    torch.testing.assert_close(question_vectors(torch.cat(prompts)), want, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(question_vectors(torch.cat(prompts[::-1])), want, atol=1e-3)
+
+
 @pytest.mark.parametrize("frames", [1, 2, 5, 17, 65])
 def test_layer_counts_of_stacked_scores_are_each_layers_own_rule(frames):
     """A segment's scores of every layer at once (a (layers, frames) tensor) give the table of the per-layer rule

@@ -167,7 +167,7 @@ class SinkWindowKV:
         return self.start if self.n_local is None else max(self.start, qa - self.n_local + 1)
 
     def _fused_applies(self, q: torch.Tensor, qa: int, lo: int) -> bool:
-        """Whether the block of queries ``q`` starting at ``qa`` runs as unmasked parts (``_unmasked_parts``):
+        """Whether the block of queries ``q`` starting at ``qa`` runs as fused parts (``_fused_parts``):
         a fused kernel with log-sum-exp exists here, the window is full, and either no query of the block sees
         a sink or every one sees all of them (under either ``sink_handover``)."""
         if q.shape[-2] == 0 or needs_grad(q) or kernels.lse_kernel(q.device, q.dtype, q.shape[-1]) is None:
@@ -193,7 +193,7 @@ class SinkWindowKV:
         self.max_keys_in_view = max(self.max_keys_in_view, kw.shape[-2] + n_sinks)
         if self._fused_applies(q, qa, lo) and not needs_grad(k_rot, vw):  # before any (Lq, Lk) mask is built
             try:
-                return merge_parts(self._unmasked_parts(q, k_rot, vw, q_rot, sink_needed, scaling, rope), q.dtype)
+                return merge_parts(self._fused_parts(q, k_rot, vw, q_rot, sink_needed, scaling, rope), q.dtype)
             except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
                 pass
         qi = torch.arange(qa, qb, device=q.device)[:, None]
@@ -219,50 +219,54 @@ class SinkWindowKV:
             self._sinks = (self.init_k, rope.rotate(self.init_k, at))
         return self._sinks[1]
 
-    def _unmasked_parts(self, q, k_rot, vw, q_rot, sink_needed, scaling, rope) -> list[tuple[torch.Tensor, ...]]:
-        """The block's attention as parts that need no mask, each run by a fused kernel that returns its
-        log-sum-exp (``merge_parts`` combines them exactly). Only where ``_fused_applies``: a kernel exists
-        on the device, and the window and the sinks' distance are full (before that, the masked path).
+    def _fused_parts(self, q, k_rot, vw, q_rot, sink_needed, scaling, rope) -> list[tuple[torch.Tensor, ...]]:
+        """The block's attention as parts that each run in one fused kernel call returning its log-sum-exp
+        (``merge_parts`` combines them exactly). Only where ``_fused_applies``: a kernel exists on the device,
+        and the window and the sinks' distance are full (before that, the masked path).
 
-        Keys [lo, qb) of queries [qa, qb) split into: the block's own keys (causal: a square triangle); with
-        no window, everything before them (all visible); with a window of n_local, the keys every query
-        sees, [qb - n_local + 1, qa), and the lq keys [lo, lo + lq) that query r sees from offset r on:
-        with queries and keys both reversed that is again a square causal triangle. Sinks are one more
-        unmasked part once every query sees them all (they are a separate part: under ``per_block`` an init
-        token still in a query's window is attended there too, as in ReKV's code). Before this, the window was
-        one masked kernel call and the mask cost more than the attention: the masked kernels run at half the
-        speed of the fused unmasked ones on an H200. Where the kernel takes a mask (the CPU's), the reversed
-        triangle is one call under a fixed mask instead (``memo_mask``: built once, no flips). Kernels take
-        the grouped KV heads as they are (``lse_kernel``)."""
-        kernel = kernels.lse_kernel(q.device, q.dtype, q.shape[-1])
-        lq = q.shape[-2]
+        The window, keys [lo, qb) of queries [qa, qb) (query r sees the n_local keys ending at its own, all
+        earlier ones with no window), is one call of the device's sliding-window kernel (``band_kernel``: on
+        the CPU the flash kernel under a memoized band mask, on CUDA flash-attention's own window); where none
+        agrees, it splits into unmasked parts (``_window_parts``). The sinks are one more unmasked part once
+        every query sees them all (a separate part: under ``per_block`` an init token still in a query's window
+        is attended there too, as in ReKV's code). Kernels take the grouped KV heads as they are."""
+        count_attention(q_rot, k_rot)
+        band = kernels.band_kernel(q.device, q.dtype, q.shape[-1])
+        if band is not None:
+            parts = [band(q_rot, k_rot, vw, self.n_local, scaling)]
+        else:
+            parts = self._window_parts(q_rot, k_rot, vw, scaling)
+        if sink_needed:  # every query sees every sink (``_fused_applies``), at the sink distance
+            kernel = kernels.lse_kernel(q.device, q.dtype, q.shape[-1])
+            ks = self._sink_keys(rope)
+            parts.append(kernel(q, in_dtype(ks, q.dtype), in_dtype(self.init_v, q.dtype), False, scaling))
+            count_attention(q, ks)
+        return parts
+
+    def _window_parts(self, q_rot, k_rot, vw, scaling) -> list[tuple[torch.Tensor, ...]]:
+        """The window as unmasked parts, for a device with no sliding-window kernel: the block's own keys
+        (causal: a square triangle); with no window, everything before them (all visible); with a window of
+        n_local, the keys every query sees, [qb - n_local + 1, qa), and the lq keys [lo, lo + lq) that query r
+        sees from offset r on: with queries and keys both reversed that is again a square causal triangle."""
+        kernel = kernels.lse_kernel(q_rot.device, q_rot.dtype, q_rot.shape[-1])
+        lq = q_rot.shape[-2]
         own = k_rot.shape[-2] - lq
-        n_local = self.n_local
 
-        def keys_in(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:  # keys [a, b) of the view, counted
-            kk = token_range(k_rot, a, b)
-            count_attention(q_rot, kk)
-            return kk, token_range(vw, a, b)
+        def run(a: int, b: int, causal: bool, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            q, k, v = q_rot, token_range(k_rot, a, b), token_range(vw, a, b)
+            if not flip:
+                return kernel(q, k, v, causal, scaling)
+            out, lse = kernel(q.flip(-2), k.flip(-2), v.flip(-2), causal, scaling)
+            return out.flip(-2), lse.flip(-1)
 
-        parts = [kernel(q_rot, *keys_in(own, own + lq), True, scaling)]
-        if n_local is None:
+        parts = [run(own, own + lq, True)]
+        if self.n_local is None:
             if own > 0:
-                parts.append(kernel(q_rot, *keys_in(0, own), False, scaling))
+                parts.append(run(0, own, False))
         else:
             if own > lq:
-                parts.append(kernel(q_rot, *keys_in(lq, own), False, scaling))
-            oldest_k, oldest_v = keys_in(0, lq)
-            masked = kernels.lse_kernel(q.device, q.dtype, q.shape[-1], masked=True)
-            if masked is kernel:  # the kernel takes a mask (CPU): the oldest lq keys under a fixed (memoized) one
-                parts.append(kernel(q_rot, oldest_k, oldest_v, False, scaling,
-                                    kernels.memo_mask("from_row", lq, lq, q.device)))
-            else:
-                out, lse = kernel(q_rot.flip(-2), oldest_k.flip(-2), oldest_v.flip(-2), True, scaling)
-                parts.append((out.flip(-2), lse.flip(-1)))
-            if sink_needed:  # every query sees every sink (``_fused_applies``), at the sink distance
-                ks = self._sink_keys(rope)
-                parts.append(kernel(q, in_dtype(ks, q.dtype), in_dtype(self.init_v, q.dtype), False, scaling))
-                count_attention(q, ks)
+                parts.append(run(lq, own, False))
+            parts.append(run(0, lq, True, flip=True))
         return parts
 
 

@@ -155,17 +155,19 @@ def _cpu_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None 
 _MASKS: dict[tuple, torch.Tensor] = {}
 
 
-def memo_mask(kind: str, lq: int, lk: int, device: torch.device) -> torch.Tensor:
+def memo_mask(kind: str, lq: int, lk: int, device: torch.device, window: int | None = None) -> torch.Tensor:
     """Boolean masks of fixed shape, kept for the last few shapes (every layer of a forward asks for the same):
-    ``suffix``: queries are the last ``lq`` of ``lk`` keys (each sees every earlier key and itself);
-    ``from_row``: query r sees keys r.. of ``lk`` = ``lq`` (the window's oldest keys, see ``SinkWindowKV``)."""
+    ``suffix``: queries are the last ``lq`` of ``lk`` keys, each sees every earlier key and itself, or only the
+    last ``window`` of them (itself included) where ``window`` is given (a sliding window, see ``band_kernel``)."""
+    if kind != "suffix":
+        raise ValueError(f"unknown mask kind {kind!r}")
     # inference tensors must not reach autograd (training evaluates under inference mode, then trains)
-    key = (kind, lq, lk, device, torch.is_inference_mode_enabled())
+    key = (kind, lq, lk, window, device, torch.is_inference_mode_enabled())
     got = _MASKS.get(key)
     if got is None:
-        i = torch.arange(lq, device=device)[:, None]
+        i = torch.arange(lq, device=device)[:, None] + (lk - lq)
         j = torch.arange(lk, device=device)[None, :]
-        got = j <= i + (lk - lq) if kind == "suffix" else j >= i
+        got = j <= i if window is None else (j <= i) & (j > i - window)
         _MASKS[key] = got
         if len(_MASKS) > 8:
             _MASKS.pop(next(iter(_MASKS)))
@@ -230,44 +232,57 @@ def lse_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, masked: 
     key = (device.type, device.index, dtype, head_dim, masked)
     if key not in _LSE_KERNELS:
         candidates = [c for c in _CANDIDATES.get(device.type, []) if not masked or c in _TAKES_MASK]
-        found = next((c for c in candidates if _agrees(c, device, dtype, head_dim, masked)), None)
-        if found is not None and not _agrees(found, device, dtype, head_dim, masked, kv_heads=1):
-            found = _expanding(found)
-        _LSE_KERNELS[key] = found
+        _LSE_KERNELS[key] = _first_agreeing(candidates, _lse_cases(masked), device, dtype, head_dim)
     return _LSE_KERNELS[key]
 
 
-def _expanding(kernel: LseKernel) -> LseKernel:
+def _lse_cases(masked: bool) -> list[tuple]:
+    """``_agrees`` cases of an ``LseKernel``: square causal, unmasked, and (``masked``) a band with some keys of
+    every row hidden (no row without a visible key)."""
+    i, j = torch.arange(37)[:, None] + 16, torch.arange(53)[None, :]
+    cases = [(37, (True, 0.125, None), torch.ones(37, 37, dtype=torch.bool).tril()), (53, (False, 0.125, None), None)]
+    if masked:
+        band = (j <= i) & (i - j < 24)
+        cases.append((53, (False, 0.125, band), band))
+    return cases
+
+
+def _first_agreeing(candidates: list, cases: list[tuple], device: torch.device, dtype: torch.dtype,
+                    head_dim: int):
+    """The first candidate that agrees with one softmax on every case, wrapped to repeat grouped KV heads where
+    it does not take them itself; None if none agrees."""
+    found = next((c for c in candidates if _agrees(c, cases, device, dtype, head_dim)), None)
+    if found is not None and not _agrees(found, cases, device, dtype, head_dim, kv_heads=1):
+        found = _expanding(found)
+    return found
+
+
+def _expanding(kernel):
     """``kernel`` for grouped KV heads, repeated per query group before the call."""
-    def grouped(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None = None):
+    def grouped(q, k, v, *args):
         hq = q.shape[1]
-        return kernel(q, expand_kv_heads(k, hq), expand_kv_heads(v, hq), causal, scaling, mask)
+        return kernel(q, expand_kv_heads(k, hq), expand_kv_heads(v, hq), *args)
 
     grouped.__name__ = f"{kernel.__name__}_expanding"
     return grouped
 
 
-def _agrees(kernel: LseKernel, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
+def _agrees(kernel, cases: list[tuple], device: torch.device, dtype: torch.dtype, head_dim: int,
             kv_heads: int = 2) -> bool:
-    """Whether ``kernel``'s output and log-sum-exp match one softmax over the same scores (``kv_heads`` 1:
-    keys and values with one head for the queries' two, i.e. whether it takes grouped heads)."""
+    """Whether ``kernel``'s output and log-sum-exp match one softmax over the same scores on every case: (keys,
+    the kernel's arguments after q, k, v, the boolean mask of what each of the 37 queries sees or None). With
+    ``kv_heads`` 1, keys and values have one head for the queries' two: whether it takes grouped heads."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, head_dim, generator=g).to(device, dtype) for n in (37, 53, 53))
+    q, k, v = (torch.randn(1, 2, n, head_dim, generator=g).to(device, dtype) for n in (37, 60, 60))
     k, v = k[:, :kv_heads], v[:, :kv_heads]
     kx, vx = expand_kv_heads(k, 2), expand_kv_heads(v, 2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    causal_mask = torch.ones(37, 37, dtype=torch.bool, device=device).tril()
-    cases = [(True, 37, None), (False, 53, None)]
-    if masked:  # a band with some keys of every row hidden (no row without a visible key)
-        i, j = torch.arange(37, device=device)[:, None] + 16, torch.arange(53, device=device)[None, :]
-        cases.append((False, 53, (j <= i) & (i - j < 24)))
     try:
-        for causal, n, mask in cases:
-            out, lse = kernel(q, k[..., :n, :], v[..., :n, :], causal, 0.125, mask)
+        for n, args, allowed in cases:
+            out, lse = kernel(q, k[..., :n, :], v[..., :n, :], *args)
             s = (q.float() @ kx[..., :n, :].float().transpose(-1, -2)) * 0.125
-            allowed = causal_mask if causal else mask
             if allowed is not None:
-                s = s.masked_fill(~allowed, float("-inf"))
+                s = s.masked_fill(~allowed.to(device), float("-inf"))
             want_lse = s.logsumexp(-1)
             want = s.softmax(-1) @ vx[..., :n, :].float()
             if lse.shape != want_lse.shape or not torch.allclose(lse, want_lse, atol=tol, rtol=tol) or \
@@ -276,6 +291,72 @@ def _agrees(kernel: LseKernel, device: torch.device, dtype: torch.dtype, head_di
     except (RuntimeError, TypeError, NotImplementedError, ValueError):
         return False
     return True
+
+
+# ------------------------------------------------------------------------ sliding-window (band) kernels
+# (q, k, v, window, scaling) -> (output (B, H, Lq, d), log-sum-exp (B, H, Lq) fp32): the queries are the last lq
+# of the lk keys; query r sees its own key and the ``window - 1`` keys before it, or every earlier key where
+# ``window`` is None. A streaming layer's whole window in one call (``SinkWindowKV``).
+BandKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _cpu_flash_band(q, k, v, window: int | None, scaling: float):
+    """torch's CPU flash kernel under the band as a memoized mask (``memo_mask``; its bias is built once per
+    forward for every layer, ``mask_bias``). With no window (or one wider than the keys) no mask, whose bias
+    would grow with the context (``full`` over an hour of video): the square causal triangle alone, or after
+    earlier keys, the triangle and the earlier keys unmasked, merged by log-sum-exp (the kernel's causal
+    triangle is top-left aligned, so it cannot take both in one call)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if window is not None and window < lk:
+        return _cpu_flash(q, k, v, False, scaling, memo_mask("suffix", lq, lk, q.device, window))
+    if lq == lk:
+        return _cpu_flash(q, k, v, True, scaling)
+    own = _cpu_flash(q, token_range(k, lk - lq), token_range(v, lk - lq), True, scaling)
+    earlier = _cpu_flash(q, token_range(k, 0, lk - lq), token_range(v, 0, lk - lq), False, scaling)
+    return merge_parts([own, earlier], q.dtype), torch.logaddexp(own[1], earlier[1])
+
+
+_FLASH_CUDA = getattr(torch.ops.aten, "_flash_attention_forward", None)
+
+
+def _cuda_flash_band(q, k, v, window: int | None, scaling: float):
+    """flash-attention's own sliding window (``window_size_left``, causal with the last query on the last key):
+    the band in one unmasked call that skips the tiles outside it, where the window took three parts (own
+    triangle, middle, the reversed oldest triangle) and two merges. The layout is flash's (B, L, H, d): the
+    transposes are views."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    r = _FLASH_CUDA(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, lq, lk, 0.0, True, False,
+                    scale=scaling, window_size_left=None if window is None else window - 1, window_size_right=0)
+    return r[0].transpose(1, 2), _lse_rows(r[1], q)
+
+
+_BAND_CANDIDATES: dict[str, list[BandKernel]] = {
+    "cpu": [_cpu_flash_band] if _FLASH_CPU is not None else [],
+    "cuda": [_cuda_flash_band] if _FLASH_CUDA is not None else [],
+}
+_BAND_KERNELS: dict[tuple, BandKernel | None] = {}
+
+
+def _band_cases() -> list[tuple]:
+    """``_agrees`` cases of a ``BandKernel``: causal square and after a context (no window), a full window of 24
+    over 60 keys (every query sees exactly 24) and a window of 8 over 53 keys."""
+    def band(n: int, window: int | None) -> torch.Tensor:
+        i, j = torch.arange(37)[:, None] + (n - 37), torch.arange(n)[None, :]
+        return (j <= i) if window is None else (j <= i) & (j > i - window)
+
+    return [(n, (w, 0.125), band(n, w)) for n, w in ((37, None), (53, None), (60, 24), (53, 8))]
+
+
+def band_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> BandKernel | None:
+    """The fused kernel of this device that attends a sliding window in one call and returns the log-sum-exp
+    (``BandKernel``), checked against one softmax once per device, dtype and head size like ``lse_kernel``:
+    on the CPU torch's flash kernel with the band as a mask, on CUDA flash-attention's ``window_size``. None:
+    none agrees (``SinkWindowKV`` then splits the window into unmasked parts)."""
+    key = (device.type, device.index, dtype, head_dim)
+    if key not in _BAND_KERNELS:
+        _BAND_KERNELS[key] = _first_agreeing(_BAND_CANDIDATES.get(device.type, []), _band_cases(), device, dtype,
+                                             head_dim)
+    return _BAND_KERNELS[key]
 
 
 def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
@@ -304,28 +385,33 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     among the new ones (``prefix_causal_mask``). That is every prefill after a context: a block after the init
     prompt, a question after the init prompt or a recalled context.
 
-    On CUDA it runs as two parts that need no mask, the earlier keys and the square causal triangle of the
-    new ones, each in the fused kernel that returns its log-sum-exp (``lse_kernel``), merged exactly
-    (``merge_parts``). There the masked call took torch's unfused math path (grouped heads and a mask):
-    half of MuKV's kernel time per chunk on an H200. On the CPU the masked call is torch's flash kernel,
-    which takes both, and it was faster than the parts at block and question shapes (BENCHMARKS.md 7a); it
-    stays there, and under autograd."""
+    On CUDA it runs as one call of the sliding-window kernel with no window (``band_kernel``: flash-attention,
+    causal with the last query on the last key), or where that does not agree, as two parts that need no mask,
+    the earlier keys and the square causal triangle of the new ones, each in the fused kernel that returns its
+    log-sum-exp (``lse_kernel``), merged exactly (``merge_parts``). There the masked call took torch's unfused
+    math path (grouped heads and a mask): half of MuKV's kernel time per chunk on an H200. On the CPU the
+    masked call is torch's flash kernel, which takes both, and it was faster than the parts at block and
+    question shapes (BENCHMARKS.md 7a); it stays there, and under autograd."""
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == 1:
         return grouped_sdpa(q, k, v, scaling, None)
     split = q.device.type in SUFFIX_PARTS_DEVICES and 0 < lq <= lk and not needs_grad(q, k, v)
-    kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if split else None
-    if kernel is not None:
-        new = slice(lk - lq, lk)
-        try:
+    band = band_kernel(q.device, q.dtype, q.shape[-1]) if split else None
+    kernel = lse_kernel(q.device, q.dtype, q.shape[-1]) if split and band is None else None
+    try:
+        if band is not None:
+            count_attention(q, k)
+            return band(q, k, v, None, scaling)[0]
+        if kernel is not None:
+            new = slice(lk - lq, lk)
             parts = [kernel(q, k[..., new, :], v[..., new, :], True, scaling)]
             if lk > lq:
                 old = slice(0, lk - lq)
                 parts.append(kernel(q, k[..., old, :], v[..., old, :], False, scaling))
             count_attention(q, k)
             return parts[0][0] if len(parts) == 1 else merge_parts(parts, q.dtype)
-        except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
-            pass
+    except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
+        pass
     mask = prefix_causal_mask(lq, lk, q.device)
     if q.device.type == "cpu":  # as the additive bias SDPA would make of it, but once per forward (``mask_bias``)
         mask = mask_bias(mask, q.dtype)

@@ -33,6 +33,11 @@ def question_vector(q: torch.Tensor) -> torch.Tensor:
     return as_float(q).mean(dim=2).reshape(-1)
 
 
+def question_vectors(q: torch.Tensor) -> torch.Tensor:
+    """``question_vector`` of each row of a batch (one per layer, say), in one call: (N, H, L, d) -> (N, H*d)."""
+    return as_float(q).mean(dim=2).flatten(1)
+
+
 def score_blocks(reprs: torch.Tensor, query: torch.Tensor, scoring: BlockScoring | str) -> torch.Tensor:
     """Dot product (published code) or cosine similarity (the paper) of each block with the query."""
     if scoring == "cosine":

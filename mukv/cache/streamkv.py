@@ -53,6 +53,7 @@ from mukv.cache.retrieval import (
     attend_after_context,
     block_representatives,
     question_vector,
+    question_vectors,
     score_blocks,
 )
 from mukv.errors import ConfigError
@@ -348,8 +349,8 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         prompt, and add each layer's kept frames (and the summary) to ``kept``. Returns the scores (layers,
         frames) (``None`` without compression).
 
-        The layers only attend and leave their keys, values and the prompt's mean query; the frames' mean keys,
-        the scores, the counts and the kept frames of every layer are then found at once (a few operator calls
+        The layers only attend and leave their keys, values and the prompt's queries; the prompt's mean queries,
+        the frames' mean keys, the scores, the counts and the kept frames of every layer are then found at once (a few operator calls
         per segment instead of a few dozen per layer)."""
         g, rope = self.geometry, self.llm.rope
         tpf = g.tokens_per_frame
@@ -360,7 +361,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         embeds = torch.cat((video, self.llm.embed_ids(self.guidance_ids)), dim=1) if compress else video
         keys: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
         values: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
-        prompt_means: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
+        prompt_qs: list[torch.Tensor] = [None] * g.num_layers  # type: ignore[list-item]
 
         def attend(idx: int, q, k, v, scaling):
             out = self.layers[idx].attend_and_append(token_range(q, 0, n_video), token_range(k, 0, n_video),
@@ -376,7 +377,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
                 i = torch.arange(n_video, all_k.shape[-2], device=q.device)[:, None]
                 j = torch.arange(all_k.shape[-2], device=q.device)[None, :]
                 prompt_out = grouped_sdpa(q_rot, all_k, v, scaling, (j <= i) & (i - j < self.n_local))
-            prompt_means[idx] = question_vector(prompt_q)
+            prompt_qs[idx] = prompt_q
             return torch.cat((out, prompt_out), dim=-2)
 
         self.run_layers(embeds, attend)
@@ -385,8 +386,8 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         vb = token_range(torch.cat(values), 0, n_video).unflatten(2, (n_parts, tpf))
         reprs = block_representatives(kb, g.num_heads)  # (layers, parts, H * d)
         scores = None
-        if compress:  # each frame's mean key against the prompt's mean query, as the release (dot)
-            scores = (reprs[:, :n_frames] @ torch.stack(prompt_means)[..., None]).squeeze(-1)
+        if compress:  # each frame's mean key against the prompt's mean query (every layer's), as the release (dot)
+            scores = (reprs[:, :n_frames] @ question_vectors(torch.cat(prompt_qs))[..., None]).squeeze(-1)
         keep = self.keep_counts(scores, n_frames) if compress else [n_frames] * g.num_layers
         cut = [idx for idx in range(g.num_layers) if keep[idx] < n_frames]
         chosen = torch.cat([scores[idx].topk(keep[idx]).indices.sort().values for idx in cut]).tolist() if cut else []
