@@ -342,8 +342,9 @@ def test_exact_match_and_multiple_choice_letters(reference, prediction, ok):
 
 
 # ------------------------------------------------------------------------------------------ hf judge
-def test_hf_judge_loads_a_local_causal_lm_and_counts_what_it_cannot_parse(tmp_path):
+def test_hf_judge_loads_a_local_causal_lm_and_counts_what_it_cannot_parse(tmp_path, monkeypatch):
     import torch
+    import transformers
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mukv.judge.hf import HFJudge
@@ -359,7 +360,14 @@ def test_hf_judge_loads_a_local_causal_lm_and_counts_what_it_cannot_parse(tmp_pa
     tok.save_pretrained(tmp_path / "lm")
     judge = HFJudge(str(tmp_path / "lm"), "v1", device="cpu", dtype="float32", max_tokens=8,
                     cache=JudgmentCache(tmp_path / "c.sqlite"))
+    asked = []
+    for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        real = auto.from_pretrained.__func__
+        monkeypatch.setattr(auto, "from_pretrained",
+                            classmethod(lambda c, *a, _r=real, **kw: asked.append(kw.get("local_files_only"))
+                                        or _r(c, *a, **kw)))
     judge.prepare()
+    assert asked == [True, True]  # a folder (or the Hub cache) loads with no request to the Hub
     prompt = judge.tokenizer.decode(judge._prompt_ids(get_prompt("v1").messages("q", "red", "red")))
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")  # chat template
     replies = [judge.complete(get_prompt("v1").messages("q", "red", "red")) for _ in range(2)]
@@ -373,6 +381,11 @@ def test_hf_judge_loads_a_local_causal_lm_and_counts_what_it_cannot_parse(tmp_pa
         assert judge.describe()["unparsable_replies"] == 1
     with pytest.raises(ConfigError, match="judge.model"):
         HFJudge(str(tmp_path / "nowhere"), "v1").prepare()
+    asked.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):  # an uncached Hub id, offline: no retries
+        HFJudge("nobody/no-such-judge", "v1").prepare()
+    assert asked == [True]
 
 
 # -------------------------------------------------------------------------------- the pipeline, judged

@@ -43,11 +43,24 @@ class HFJudge(LLMJudge):
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model)
-            self.lm = AutoModelForCausalLM.from_pretrained(self.model, dtype=getattr(torch, dtype)).to(device)
+            self.tokenizer = self._load(AutoTokenizer)
+            self.lm = self._load(AutoModelForCausalLM, dtype=getattr(torch, dtype)).to(device)
         except (OSError, ValueError) as err:
-            raise ConfigError("judge.model", f"cannot load the judge model '{self.model}': {err}") from err
+            raise ConfigError("judge.model", f"cannot load the judge model '{self.model}': {err} (on a machine "
+                                             f"without the Hub, HF_HUB_OFFLINE=1 fails at once)") from err
         self.lm.eval()
+
+    def _load(self, auto_class: Any, **kwargs: Any) -> Any:
+        """``auto_class.from_pretrained`` from a folder or the Hub cache first, with no request: a Hub id asks the
+        Hub only when it is not cached (offline, every ask is retried for about a minute before it fails)."""
+        import os
+
+        try:
+            return auto_class.from_pretrained(self.model, local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            if os.path.isdir(self.model) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+                raise
+            return auto_class.from_pretrained(self.model, **kwargs)
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.tokenizer
