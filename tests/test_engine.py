@@ -411,7 +411,7 @@ def test_the_sliding_window_kernel_is_the_band_of_one_softmax(dtype, lq, lk, win
     allowed = (j <= i) & ((j > i - window) if window is not None else True)
     s = (q.float() @ k.float().repeat_interleave(3, dim=1).mT * 0.25).masked_fill(~allowed, float("-inf"))
     out, lse = band(q, k, v, window, 0.25)
-    assert not kernels._MASKS if window is None else list(kernels._MASKS)[0][:4] == ("suffix", lq, lk, window)
+    assert not kernels._MASKS if window is None else list(kernels._MASKS)[0][:3] == (lq, lk, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and lse.dtype == torch.float32
     torch.testing.assert_close(lse, s.logsumexp(-1), atol=tol, rtol=tol)
@@ -710,9 +710,9 @@ def test_mask_memos_keep_the_newest_and_stay_within_their_bytes(monkeypatch):
     monkeypatch.setattr(kernels, "_MASKS", {})
     monkeypatch.setattr(kernels, "_BIASES", [])
     for lk in range(100, 400, 20):
-        mask = kernels.memo_mask("suffix", 64, lk, torch.device("cpu"))
+        mask = kernels.memo_mask(64, lk, torch.device("cpu"))
         bias = kernels.mask_bias(mask, torch.float32)
-        assert kernels.memo_mask("suffix", 64, lk, torch.device("cpu")) is mask  # the next layer's ask
+        assert kernels.memo_mask(64, lk, torch.device("cpu")) is mask  # the next layer's ask
         assert kernels.mask_bias(mask, torch.float32) is bias
         assert torch.equal(bias == 0, mask) and bool(torch.isneginf(bias[~mask]).all())
         assert sum(b.numel() * 4 for _, _, b in kernels._BIASES) <= kernels.MEMO_BYTES or len(kernels._BIASES) == 1
@@ -730,7 +730,7 @@ def test_grouped_attention_weights_are_the_softmax_of_each_query_heads_logits(dt
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, 9, 6, 16, generator=g).transpose(1, 2).to(dtype)  # (2, 6 heads, 9 queries, 16), strided
     k = torch.randn(2, 2, 20, 16, generator=g).to(dtype)  # 2 KV heads: groups of 3
-    mask = kernels.memo_mask("suffix", 9, 20, torch.device("cpu"))
+    mask = kernels.memo_mask(9, 20, torch.device("cpu"))
     want = (q.float() @ k.float().repeat_interleave(3, dim=1).mT * 0.25).masked_fill(~mask, float("-inf"))
     unmasked = q.float() @ k.float().repeat_interleave(3, dim=1).mT * 0.25
     for m, logits in ((None, unmasked), (mask, want)):

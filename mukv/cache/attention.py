@@ -244,30 +244,19 @@ class SinkWindowKV:
         return parts
 
     def _window_parts(self, q_rot, k_rot, vw, scaling) -> list[tuple[torch.Tensor, ...]]:
-        """The window as unmasked parts, for a device with no sliding-window kernel: the block's own keys
-        (causal: a square triangle); with no window, everything before them (all visible); with a window of
-        n_local, the keys every query sees, [qb - n_local + 1, qa), and the lq keys [lo, lo + lq) that query r
-        sees from offset r on: with queries and keys both reversed that is again a square causal triangle."""
+        """The window as unmasked parts, for a device with no sliding-window kernel. With no window, the block's
+        own keys (causal) and everything before them (``kernels.suffix_parts``). With a window of n_local, the
+        same over the keys from lo + lq on (its own keys, and the keys every query sees, [qb - n_local + 1,
+        qa)), and the lq keys [lo, lo + lq) that query r sees from offset r on: with queries and keys both
+        reversed that is again a square causal triangle."""
         kernel = kernels.lse_kernel(q_rot.device, q_rot.dtype, q_rot.shape[-1])
-        lq = q_rot.shape[-2]
-        own = k_rot.shape[-2] - lq
-
-        def run(a: int, b: int, causal: bool, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-            q, k, v = q_rot, token_range(k_rot, a, b), token_range(vw, a, b)
-            if not flip:
-                return kernel(q, k, v, causal, scaling)
-            out, lse = kernel(q.flip(-2), k.flip(-2), v.flip(-2), causal, scaling)
-            return out.flip(-2), lse.flip(-1)
-
-        parts = [run(own, own + lq, True)]
         if self.n_local is None:
-            if own > 0:
-                parts.append(run(0, own, False))
-        else:
-            if own > lq:
-                parts.append(run(lq, own, False))
-            parts.append(run(0, lq, True, flip=True))
-        return parts
+            return kernels.suffix_parts(kernel, q_rot, k_rot, vw, scaling)
+        lq = q_rot.shape[-2]
+        parts = kernels.suffix_parts(kernel, q_rot, token_range(k_rot, lq), token_range(vw, lq), scaling)
+        oldest_k, oldest_v = token_range(k_rot, 0, lq), token_range(vw, 0, lq)
+        out, lse = kernel(q_rot.flip(-2), oldest_k.flip(-2), oldest_v.flip(-2), True, scaling)
+        return parts + [(out.flip(-2), lse.flip(-1))]
 
 
 class ContextKV:

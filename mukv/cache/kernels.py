@@ -83,7 +83,7 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: flo
 
 def prefix_causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor | None:
     """Queries are the last ``lq`` of ``lk`` keys: every earlier key visible, causal among the new ones."""
-    return None if lq == 1 else memo_mask("suffix", lq, lk, torch.device(device))
+    return None if lq == 1 else memo_mask(lq, lk, torch.device(device))
 
 
 _SCALARS: dict[float, torch.Tensor] = {}
@@ -155,14 +155,12 @@ def _cpu_flash(q, k, v, causal: bool, scaling: float, mask: torch.Tensor | None 
 _MASKS: dict[tuple, torch.Tensor] = {}
 
 
-def memo_mask(kind: str, lq: int, lk: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+def memo_mask(lq: int, lk: int, device: torch.device, window: int | None = None) -> torch.Tensor:
     """Boolean masks of fixed shape, kept for the last few shapes (every layer of a forward asks for the same):
-    ``suffix``: queries are the last ``lq`` of ``lk`` keys, each sees every earlier key and itself, or only the
-    last ``window`` of them (itself included) where ``window`` is given (a sliding window, see ``band_kernel``)."""
-    if kind != "suffix":
-        raise ValueError(f"unknown mask kind {kind!r}")
+    queries are the last ``lq`` of ``lk`` keys, each sees every earlier key and itself, or only the last
+    ``window`` of them (itself included) where ``window`` is given (a sliding window, see ``band_kernel``)."""
     # inference tensors must not reach autograd (training evaluates under inference mode, then trains)
-    key = (kind, lq, lk, window, device, torch.is_inference_mode_enabled())
+    key = (lq, lk, window, device, torch.is_inference_mode_enabled())
     got = _MASKS.get(key)
     if got is None:
         i = torch.arange(lq, device=device)[:, None] + (lk - lq)
@@ -293,6 +291,18 @@ def _agrees(kernel, cases: list[tuple], device: torch.device, dtype: torch.dtype
     return True
 
 
+def suffix_parts(kernel: LseKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scaling: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of queries that are the last ``lq`` of the keys (every earlier key visible, causal among the new
+    ones) as parts that need no mask, each one ``kernel`` call: the new keys' square causal triangle, then the
+    earlier keys where there are any (``merge_parts`` combines them exactly)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    parts = [kernel(q, token_range(k, lk - lq), token_range(v, lk - lq), True, scaling)]
+    if lk > lq:
+        parts.append(kernel(q, token_range(k, 0, lk - lq), token_range(v, 0, lk - lq), False, scaling))
+    return parts
+
+
 # ------------------------------------------------------------------------ sliding-window (band) kernels
 # (q, k, v, window, scaling) -> (output (B, H, Lq, d), log-sum-exp (B, H, Lq) fp32): the queries are the last lq
 # of the lk keys; query r sees its own key and the ``window - 1`` keys before it, or every earlier key where
@@ -303,17 +313,14 @@ BandKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 def _cpu_flash_band(q, k, v, window: int | None, scaling: float):
     """torch's CPU flash kernel under the band as a memoized mask (``memo_mask``; its bias is built once per
     forward for every layer, ``mask_bias``). With no window (or one wider than the keys) no mask, whose bias
-    would grow with the context (``full`` over an hour of video): the square causal triangle alone, or after
-    earlier keys, the triangle and the earlier keys unmasked, merged by log-sum-exp (the kernel's causal
-    triangle is top-left aligned, so it cannot take both in one call)."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    if window is not None and window < lk:
-        return _cpu_flash(q, k, v, False, scaling, memo_mask("suffix", lq, lk, q.device, window))
-    if lq == lk:
-        return _cpu_flash(q, k, v, True, scaling)
-    own = _cpu_flash(q, token_range(k, lk - lq), token_range(v, lk - lq), True, scaling)
-    earlier = _cpu_flash(q, token_range(k, 0, lk - lq), token_range(v, 0, lk - lq), False, scaling)
-    return merge_parts([own, earlier], q.dtype), torch.logaddexp(own[1], earlier[1])
+    would grow with the context (``full`` over an hour of video): ``suffix_parts`` (the kernel's causal
+    triangle is top-left aligned, so it cannot take the triangle and the earlier keys in one call), merged."""
+    if window is not None and window < k.shape[-2]:
+        return _cpu_flash(q, k, v, False, scaling, memo_mask(q.shape[-2], k.shape[-2], q.device, window))
+    parts = suffix_parts(_cpu_flash, q, k, v, scaling)
+    if len(parts) == 1:
+        return parts[0]
+    return merge_parts(parts, q.dtype), torch.logaddexp(parts[0][1], parts[1][1])
 
 
 _FLASH_CUDA = getattr(torch.ops.aten, "_flash_attention_forward", None)
@@ -403,11 +410,7 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             count_attention(q, k)
             return band(q, k, v, None, scaling)[0]
         if kernel is not None:
-            new = slice(lk - lq, lk)
-            parts = [kernel(q, k[..., new, :], v[..., new, :], True, scaling)]
-            if lk > lq:
-                old = slice(0, lk - lq)
-                parts.append(kernel(q, k[..., old, :], v[..., old, :], False, scaling))
+            parts = suffix_parts(kernel, q, k, v, scaling)
             count_attention(q, k)
             return parts[0][0] if len(parts) == 1 else merge_parts(parts, q.dtype)
     except RuntimeError:  # a kernel constraint the start-up check did not meet: the masked path is exact
