@@ -36,31 +36,22 @@ class HFJudge(LLMJudge):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mukv.models.loading import _from_pretrained
+
         device = self.device_name
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = self.dtype_name
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        try:
-            self.tokenizer = self._load(AutoTokenizer)
-            self.lm = self._load(AutoModelForCausalLM, dtype=getattr(torch, dtype)).to(device)
+        try:  # as model.path loads: a folder as is, a Hub id from the cache alone when the Hub cannot be reached
+            self.tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, self.model, "judge's tokenizer",
+                                              field="judge.model")
+            self.lm = _from_pretrained(AutoModelForCausalLM.from_pretrained, self.model, "judge model",
+                                       field="judge.model", dtype=getattr(torch, dtype)).to(device)
         except (OSError, ValueError) as err:
-            raise ConfigError("judge.model", f"cannot load the judge model '{self.model}': {err} (on a machine "
-                                             f"without the Hub, HF_HUB_OFFLINE=1 fails at once)") from err
+            raise ConfigError("judge.model", f"cannot load the judge model '{self.model}': {err}") from err
         self.lm.eval()
-
-    def _load(self, auto_class: Any, **kwargs: Any) -> Any:
-        """``auto_class.from_pretrained`` from a folder or the Hub cache first, with no request: a Hub id asks the
-        Hub only when it is not cached (offline, every ask is retried for about a minute before it fails)."""
-        import os
-
-        try:
-            return auto_class.from_pretrained(self.model, local_files_only=True, **kwargs)
-        except (OSError, ValueError):
-            if os.path.isdir(self.model) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-                raise
-            return auto_class.from_pretrained(self.model, **kwargs)
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.tokenizer

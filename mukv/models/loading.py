@@ -181,11 +181,11 @@ def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
     return _hub_reachable[endpoint]
 
 
-def _offline_error(path: str) -> ConfigError:
+def _offline_error(path: str, field: str = "model.path") -> ConfigError:
     return ConfigError(
-        "model.path", f"'{path}' is not in the local Hugging Face cache and the Hub ({hub_endpoint()}) cannot be "
-                      f"reached; download it where the Hub is reachable (hf download {path} --local-dir DIR), "
-                      "copy DIR here and set model.path=DIR (a local folder)")
+        field, f"'{path}' is not in the local Hugging Face cache and the Hub ({hub_endpoint()}) cannot be "
+               f"reached; download it where the Hub is reachable (hf download {path} --local-dir DIR), "
+               f"copy DIR here and set {field}=DIR (a local folder)")
 
 
 def _looks_like_folder(path: str) -> bool:
@@ -193,33 +193,33 @@ def _looks_like_folder(path: str) -> bool:
     return path.startswith(("/", ".", "~", "\\")) or path.count("/") > 1 or "\\" in path
 
 
-def pretrained_source(path: str) -> tuple[str, bool]:
-    """(what ``from_pretrained`` is given, whether it must stay in local files) for ``model.path``: a local
-    folder as is; a Hub id from the local cache only when the Hub is unreachable; a folder that does not
-    exist is named."""
+def pretrained_source(path: str, field: str = "model.path") -> tuple[str, bool]:
+    """(what ``from_pretrained`` is given, whether it must stay in local files) for ``path`` (the config field
+    ``field``: ``model.path``, ``judge.model``): a local folder as is; a Hub id from the local cache only when
+    the Hub is unreachable; a folder that does not exist is named."""
     local = Path(path).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ConfigError("model.path", f"'{path}' is a file; give a Hub id or a model folder")
+            raise ConfigError(field, f"'{path}' is a file; give a Hub id or a model folder")
         return str(local), True
     if _looks_like_folder(path):
-        raise ConfigError("model.path", f"folder not found: {path}")
+        raise ConfigError(field, f"folder not found: {path}")
     return path, not hub_reachable()
 
 
-def _from_pretrained(load, path: str, what: str, **kwargs):
+def _from_pretrained(load, path: str, what: str, *, field: str = "model.path", **kwargs):
     """``load(source, local_files_only=..., **kwargs)`` with every failure to find the files as one line
-    naming ``model.path``."""
+    naming the config field ``field``."""
     from huggingface_hub.errors import HFValidationError  # a malformed Hub id
 
-    source, local_only = pretrained_source(path)
+    source, local_only = pretrained_source(path, field)
     try:
         return load(source, local_files_only=local_only, **kwargs)
     except (OSError, HFValidationError) as err:
         if local_only and source == path:  # a Hub id while offline, not in the cache
-            raise _offline_error(path) from err
+            raise _offline_error(path, field) from err
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ConfigError("model.path", f"cannot load the {what} from '{path}': {first}") from err
+        raise ConfigError(field, f"cannot load the {what} from '{path}': {first}") from err
 
 
 def load_pretrained(path: str, device: torch.device, dtype: torch.dtype, attn_implementation: str,
