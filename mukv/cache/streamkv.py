@@ -350,8 +350,8 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         frames) (``None`` without compression).
 
         The layers only attend and leave their keys, values and the prompt's queries; the prompt's mean queries,
-        the frames' mean keys, the scores, the counts and the kept frames of every layer are then found at once (a few operator calls
-        per segment instead of a few dozen per layer)."""
+        the frames' mean keys, the scores, the counts and the kept frames of every layer are then found at once
+        (a few operator calls per segment instead of a few dozen per layer)."""
         g, rope = self.geometry, self.llm.rope
         tpf = g.tokens_per_frame
         parts = list(frames) + ([torch.stack(frames).mean(0)] if self.use_segment_summary else [])
