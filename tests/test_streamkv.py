@@ -13,6 +13,7 @@ from test_engine import stream
 import mukv.cache.streamkv as streamkv
 from mukv.cache import FullCache
 from mukv.cache.base import video_tokens
+from mukv.cache.instrumentation import count_calls
 from mukv.cache.streamkv import (
     StreamKV,
     layer_counts,
@@ -162,6 +163,8 @@ def test_guidance_scores_and_what_each_layer_keeps(tiny_llm):
     method.start_video(tiny_llm.init_prompt_ids())
     visual = tiny_llm.encode_frames(random_frames(6))
     scores = method.encode_segment(list(visual), [[i] for i in range(6)], method.kept)
+    assert len(method.kept.store) == 0 and len(method.kept.pending) == 1  # chosen at the next settle
+    method.settle(method.kept)
     layer = tiny_llm.language_model.layers[0]
     attn, g = layer.self_attn, tiny_llm.geometry
     with torch.no_grad():
@@ -189,6 +192,22 @@ def test_guidance_scores_and_what_each_layer_keeps(tiny_llm):
         torch.testing.assert_close(bk[0].transpose(0, 1), k0[f], atol=1e-5, rtol=1e-5)
         mean = k0[f].mean(0).repeat_interleave(g.num_heads // g.num_kv_heads, dim=0).reshape(-1)
         torch.testing.assert_close(kept.reprs[block], mean, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_frames_keep_the_earliest_and_a_chunk_decides_its_segments_in_one_read(tiny_llm):
+    """Frames of equal score are kept earliest first (a stable order: topk leaves ties to the kernel); the
+    segments a chunk closes are chosen together after it, in one host read."""
+    method = StreamKV(min_segment_frames=3, max_segment_frames=3, segment_mode="uniform")
+    method.bind(tiny_llm)
+    method.start_video(tiny_llm.init_prompt_ids())
+    frame = tiny_llm.encode_frames(random_frames(1))[0]
+    # two segments of one frame repeated: every score ties
+    counted = count_calls(lambda: method.ingest(frame.expand(6, *frame.shape), 0))
+    assert method.segments == 2 and not method.kept.pending
+    assert counted.host_reads == 1, counted.sites  # uniform segments: no similarities read
+    # layer 0's keys are its projections of the embeddings: equal for equal frames (deeper layers' are not)
+    frames = [f[0] for f in method.kept.frames[0] if f]
+    assert frames == [0, 3] or frames == [0, 1, 3, 4], method.kept.frames  # each segment's first frames
 
 
 def test_a_question_mid_segment_is_answered_as_from_a_fresh_encoding(tiny_llm):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -130,14 +130,20 @@ def layer_counts(scores: list[torch.Tensor] | torch.Tensor, target: int) -> list
     count as uniform (the release divides by a zero deviation there). ``scores``: one tensor per layer, or a
     (layers, blocks) tensor when every layer has as many (a segment's frames): then each step runs for all
     layers at once (bit for bit the per-layer rule, tested), a few operator calls instead of a dozen per layer."""
-    if isinstance(scores, torch.Tensor):
-        table = _cumulative_shares(scores.float(), dim=1)
-    else:
-        cumulative = [_cumulative_shares(s.float(), dim=0) for s in scores]
-        width = max(c.numel() for c in cumulative)
-        table = torch.stack([torch.cat((c, c.new_full((width - c.numel(),), math.inf))) for c in cumulative])
+    return threshold_counts(np.asarray(count_table(scores).tolist(), dtype=np.float32), target)  # one host read
 
-    rows = np.asarray(table.tolist(), dtype=np.float32)  # one read by the host; the search runs there
+
+def count_table(scores: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``layer_counts``' table on the device: (layers, blocks) cumulative shares, rows padded with inf."""
+    if isinstance(scores, torch.Tensor):
+        return _cumulative_shares(scores.float(), dim=1)
+    cumulative = [_cumulative_shares(s.float(), dim=0) for s in scores]
+    width = max(c.numel() for c in cumulative)
+    return torch.stack([torch.cat((c, c.new_full((width - c.numel(),), math.inf))) for c in cumulative])
+
+
+def threshold_counts(rows: np.ndarray, target: int) -> list[int]:
+    """``layer_counts`` from its table read by the host (``count_table``, fp32): the search runs there."""
 
     def counts_at(threshold: float) -> np.ndarray:
         t = np.float32(threshold)  # compared in the table's precision, as torch.searchsorted on it would
@@ -202,6 +208,7 @@ class KeptBlocks:
     reprs: torch.Tensor  # (blocks, H * d), row i for block i
     ids: list[list[int]]
     frames: list[list[list[int]]]
+    pending: list[_EncodedSegment] = field(default_factory=list)  # encoded, not yet added (``StreamKV.settle``)
 
     @classmethod
     def empty(cls, store: BlockStore, num_layers: int, width: int, device: torch.device) -> KeptBlocks:
@@ -209,7 +216,8 @@ class KeptBlocks:
                    [[] for _ in range(num_layers)])
 
     def for_question(self) -> KeptBlocks:
-        """A copy whose additions (the open segment, for one question) leave this one as it is."""
+        """A copy whose additions (the open segment, for one question) leave this one as it is (settled)."""
+        assert not self.pending, "settle the kept blocks before copying them"
         return KeptBlocks(_OverlayStore(self.store), self.reprs, [list(i) for i in self.ids],
                           [list(f) for f in self.frames])
 
@@ -220,6 +228,21 @@ class KeptBlocks:
     def layer_reprs(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s representative keys (its blocks, H * d), in time order."""
         return self.reprs.index_select(0, torch.tensor(self.ids[layer], dtype=torch.long, device=self.reprs.device))
+
+
+@dataclass
+class _EncodedSegment:
+    """A segment through the LLM whose kept frames are not chosen yet: its frames' (and summary's) keys and
+    values (layers, kv_heads, parts, tpf, d), mean keys (layers, parts, H * d), the video frames each frame
+    covers, and ``decision`` (layers, 2, frames): ``count_table`` of the guidance scores and each layer's
+    frames by descending score, which the host reads (None: no compression, every frame kept)."""
+
+    kb: torch.Tensor
+    vb: torch.Tensor
+    reprs: torch.Tensor
+    spans: list[list[int]]
+    n_frames: int
+    decision: torch.Tensor | None
 
 
 @dataclass
@@ -311,6 +334,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
             else [None] * visual.shape[0]
         for i in range(visual.shape[0]):
             self._add_frame(visual[i], first_frame + i, features[i], sims[i])
+        self.settle(self.kept)  # the segments closed in this chunk, in one host read
         self.frames_seen = first_frame + visual.shape[0]
 
     def _add_frame(self, frame: torch.Tensor, index: int, features: torch.Tensor | None = None,
@@ -345,13 +369,13 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         self.open_frames, self.open_spans, self.open_sims = [], [], []
 
     def encode_segment(self, frames: list[torch.Tensor], spans: list[list[int]], kept: KeptBlocks) -> torch.Tensor | None:
-        """Encode one segment (+ its summary frame) through the window, score its frames with the guidance
-        prompt, and add each layer's kept frames (and the summary) to ``kept``. Returns the scores (layers,
-        frames) (``None`` without compression).
+        """Encode one segment (+ its summary frame) through the window and score its frames with the guidance
+        prompt; what each layer keeps of it joins ``kept`` at the next ``settle`` (with the other segments of the
+        chunk: one host read for all). Returns the scores (layers, frames) (``None`` without compression).
 
         The layers only attend and leave their keys, values and the prompt's queries; the prompt's mean queries,
-        the frames' mean keys, the scores, the counts and the kept frames of every layer are then found at once
-        (a few operator calls per segment instead of a few dozen per layer)."""
+        the frames' mean keys, the scores, the count table and each layer's frames by score are then found for
+        every layer at once (a few operator calls per segment instead of a few dozen per layer)."""
         g, rope = self.geometry, self.llm.rope
         tpf = g.tokens_per_frame
         parts = list(frames) + ([torch.stack(frames).mean(0)] if self.use_segment_summary else [])
@@ -369,6 +393,10 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
             keys[idx], values[idx] = k, v
             if not compress:
                 return out
+            # the video's and the prompt's outputs written into one tensor in the layout the layer's output
+            # projection reads ((B, L, H, d) memory): a cat, then a copy to that layout, took two copies
+            both = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+            token_range(both, 0, n_video).copy_(out)
             prompt_q = token_range(q, n_video)
             all_k, q_rot = rope.rotate_range(k, 0), rope.rotate_range(prompt_q, n_video)
             if all_k.shape[-2] <= self.n_local:
@@ -378,45 +406,70 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
                 j = torch.arange(all_k.shape[-2], device=q.device)[None, :]
                 prompt_out = grouped_sdpa(q_rot, all_k, v, scaling, (j <= i) & (i - j < self.n_local))
             prompt_qs[idx] = prompt_q
-            return torch.cat((out, prompt_out), dim=-2)
+            token_range(both, n_video).copy_(prompt_out)
+            return both
 
         self.run_layers(embeds, attend)
         # every layer's frames as blocks (layers, kv_heads, parts, tpf, d), un-rotated, and their mean keys
         kb = token_range(torch.cat(keys), 0, n_video).unflatten(2, (n_parts, tpf))
         vb = token_range(torch.cat(values), 0, n_video).unflatten(2, (n_parts, tpf))
         reprs = block_representatives(kb, g.num_heads)  # (layers, parts, H * d)
-        scores = None
+        scores = decision = None
         if compress:  # each frame's mean key against the prompt's mean query (every layer's), as the release (dot)
             scores = (reprs[:, :n_frames] @ question_vectors(torch.cat(prompt_qs))[..., None]).squeeze(-1)
-        keep = self.keep_counts(scores, n_frames) if compress else [n_frames] * g.num_layers
-        cut = [idx for idx in range(g.num_layers) if keep[idx] < n_frames]
-        chosen = torch.cat([scores[idx].topk(keep[idx]).indices.sort().values for idx in cut]).tolist() if cut else []
-        picks: dict[int, list[int]] = {}
-        for idx in cut:  # every layer's frames in one read
-            picks[idx], chosen = chosen[:keep[idx]], chosen[keep[idx]:]
-        layers_of: list[int] = []  # the layer and the part (frame, or the summary) of every kept block
-        parts_of: list[int] = []
-        for idx in range(g.num_layers):
-            picked = picks.get(idx, list(range(n_frames))) + ([n_frames] if self.use_segment_summary else [])
-            layers_of += [idx] * len(picked)
-            parts_of += picked
-        covers = [spans[f] if f < n_frames else [] for f in parts_of]  # the video frames each covers
-        layer_of, part_of = torch.tensor([layers_of, parts_of], dtype=torch.long, device=kb.device)
-        ids = kept.store.add_many(kb[layer_of, :, part_of][:, None], vb[layer_of, :, part_of][:, None],
-                                  torch.arange(tpf).expand(len(parts_of), tpf),
-                                  [c[0] if c else spans[0][0] for c in covers], [len(c) for c in covers],
-                                  {"summary": [f == n_frames for f in parts_of]})
-        for idx, block, c in zip(layers_of, ids, covers, strict=True):
-            kept.ids[idx].append(block)
-            kept.frames[idx].append(c)
-        kept.reprs = torch.cat((kept.reprs, reprs[layer_of, part_of]))  # the kept blocks of every layer, one gather
-        kept.store.flush()
+            # what the host needs to choose each layer's frames: the count table, and the frames by score
+            # (descending; ties to the earlier frame)
+            order = scores.argsort(dim=1, descending=True, stable=True)
+            decision = torch.stack((count_table(scores), order.float()), dim=1)  # (layers, 2, frames)
+        kept.pending.append(_EncodedSegment(kb, vb, reprs, spans, n_frames, decision))
         self.segments += 1
         return scores
 
+    def settle(self, kept: KeptBlocks) -> None:
+        """Add the pending segments' kept frames (each layer's top frames by score, as many as ``keep_counts``,
+        and the summary) to ``kept``: what every layer keeps of every pending segment is read by the host at
+        once (one wait for the device per chunk however many segments it closed), then gathered, added to the
+        store and moved to host memory together."""
+        pending, kept.pending = kept.pending, []
+        if not pending:
+            return
+        g, tpf = self.geometry, self.geometry.tokens_per_frame
+        decided = [p.decision for p in pending if p.decision is not None]
+        values = np.asarray(torch.cat([d.flatten() for d in decided]).tolist() if decided else [], np.float32)
+        for p in pending:
+            n_frames = p.n_frames
+            picks: dict[int, list[int]] = {}
+            if p.decision is not None:
+                size = p.decision.numel()
+                table, values = values[:size].reshape(p.decision.shape), values[size:]
+                keep = self._keep_from_table(table[:, 0], n_frames)
+                for idx in range(g.num_layers):
+                    if keep[idx] < n_frames:
+                        picks[idx] = sorted(int(f) for f in table[idx, 1, :keep[idx]])
+            layers_of: list[int] = []  # the layer and the part (frame, or the summary) of every kept block
+            parts_of: list[int] = []
+            for idx in range(g.num_layers):
+                picked = picks.get(idx, list(range(n_frames))) + ([n_frames] if self.use_segment_summary else [])
+                layers_of += [idx] * len(picked)
+                parts_of += picked
+            covers = [p.spans[f] if f < n_frames else [] for f in parts_of]  # the video frames each covers
+            layer_of, part_of = torch.tensor([layers_of, parts_of], dtype=torch.long, device=p.kb.device)
+            ids = kept.store.add_many(p.kb[layer_of, :, part_of][:, None], p.vb[layer_of, :, part_of][:, None],
+                                      torch.arange(tpf).expand(len(parts_of), tpf),
+                                      [c[0] if c else p.spans[0][0] for c in covers], [len(c) for c in covers],
+                                      {"summary": [f == n_frames for f in parts_of]})
+            for idx, block, c in zip(layers_of, ids, covers, strict=True):
+                kept.ids[idx].append(block)
+                kept.frames[idx].append(c)
+            kept.reprs = torch.cat((kept.reprs, p.reprs[layer_of, part_of]))  # every layer's kept blocks, one gather
+        kept.store.flush()
+
     def keep_counts(self, scores: torch.Tensor, n_frames: int) -> list[int]:
         """Frames each layer keeps of a segment of ``n_frames`` (``layer_counts`` then ``rescale_counts``)."""
-        counts = layer_counts(scores, int(len(scores) * n_frames * self.compression_ratio))
+        return self._keep_from_table(np.asarray(count_table(scores).tolist(), dtype=np.float32), n_frames)
+
+    def _keep_from_table(self, table: np.ndarray, n_frames: int) -> list[int]:
+        counts = threshold_counts(table, int(len(table) * n_frames * self.compression_ratio))
         mean = n_frames * self.compression_ratio
         low = max(1, int(mean * (1 - self.compress_temp)))
         high = min(n_frames, int(mean * (1 + self.compress_temp)))
@@ -430,6 +483,7 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
             window = [copy.copy(w) for w in self.layers]
             kept = self.kept.for_question()
             self.encode_segment(self.open_frames, self.open_spans, kept)
+            self.settle(kept)
             self.layers, self.segments = window, segments
             segments += 1
         ids = self.llm.tokenize(question)
