@@ -130,7 +130,7 @@ def layer_counts(scores: list[torch.Tensor] | torch.Tensor, target: int) -> list
     count as uniform (the release divides by a zero deviation there). ``scores``: one tensor per layer, or a
     (layers, blocks) tensor when every layer has as many (a segment's frames): then each step runs for all
     layers at once (bit for bit the per-layer rule, tested), a few operator calls instead of a dozen per layer."""
-    return threshold_counts(np.asarray(count_table(scores).tolist(), dtype=np.float32), target)  # one host read
+    return threshold_counts(read_count_table(scores), target)
 
 
 def count_table(scores: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -140,6 +140,11 @@ def count_table(scores: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     cumulative = [_cumulative_shares(s.float(), dim=0) for s in scores]
     width = max(c.numel() for c in cumulative)
     return torch.stack([torch.cat((c, c.new_full((width - c.numel(),), math.inf))) for c in cumulative])
+
+
+def read_count_table(scores: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
+    """``count_table`` read by the host (one read), in its fp32 precision."""
+    return np.asarray(count_table(scores).tolist(), dtype=np.float32)
 
 
 def threshold_counts(rows: np.ndarray, target: int) -> list[int]:
@@ -465,8 +470,9 @@ class StreamKV(WindowStreamingCache, SinkWindowOptions, StoreOptions):
         kept.store.flush()
 
     def keep_counts(self, scores: torch.Tensor, n_frames: int) -> list[int]:
-        """Frames each layer keeps of a segment of ``n_frames`` (``layer_counts`` then ``rescale_counts``)."""
-        return self._keep_from_table(np.asarray(count_table(scores).tolist(), dtype=np.float32), n_frames)
+        """Frames each layer keeps of a segment of ``n_frames`` (``layer_counts`` then ``rescale_counts``); ``settle``
+        applies the same rule (``_keep_from_table``) to the tables it reads with the chunk's other segments."""
+        return self._keep_from_table(read_count_table(scores), n_frames)
 
     def _keep_from_table(self, table: np.ndarray, n_frames: int) -> list[int]:
         counts = threshold_counts(table, int(len(table) * n_frames * self.compression_ratio))
