@@ -24,6 +24,7 @@ method.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -302,22 +303,20 @@ def steady_frames(method: CacheMethod, tokens_per_frame: int, chunk: int) -> int
     return -(-need // chunk) * chunk
 
 
-def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None = None) -> dict[str, Any]:
-    """Operator calls and host reads of one steady-state chunk of ``chunk`` frames (after ``steady_frames``,
-    random visual tokens: the vision tower is the same for every method) and of one decoded answer token,
-    each against the stock transformers computation of the same tokens: a causal forward over the same
-    (batch, tokens) as the method's forwards, and a decode step over a ``DynamicCache`` as long as the answer's
-    context. ``ratio_one_forward``: against one plain forward of the chunk's tokens (a method that runs more
-    tokens than the chunk, as MuKV does, is over 1 by that alone)."""
-    g, lm = llm.geometry, llm.model.model.language_model
+@contextlib.contextmanager
+def steady_state(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None = None):
+    """``method`` (bound to ``llm``) streamed ``frames`` frames (default ``steady_frames``) of random visual
+    tokens in ``chunk``-frame chunks, under the counting settings (one thread, ``count_calls``; the block stores
+    on their device path); yields (the next chunk's visual tokens, its first frame, the frames streamed), in
+    inference mode, and restores the settings after. Random embeddings: the vision tower is every method's."""
+    g = llm.geometry
     frames = steady_frames(method, g.tokens_per_frame, chunk) if frames is None else frames
     steps, gen = chunk // g.frames_per_step, torch.Generator().manual_seed(0)
 
-    def visual() -> torch.Tensor:  # random embeddings, packed as the model's visual tokens (Qwen-VL: side channels)
+    def visual() -> torch.Tensor:  # packed as the model's visual tokens (Qwen-VL: side channels)
         return llm.visual_tokens(torch.randn(steps, g.tokens_per_frame, g.hidden_size, generator=gen).to(
             llm.device, llm.dtype))
 
-    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=4, progress=False))
     from mukv.cache.block_store import BlockStore
 
     staged, threads = BlockStore.stage_host_blocks, torch.get_num_threads()
@@ -328,20 +327,32 @@ def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None =
             method.start_video(llm.init_prompt_ids())
             for first in range(0, frames, chunk):
                 method.ingest(visual(), first // g.frames_per_step)
-            x = visual()
-            sync(llm.device)
-            t = time.perf_counter()
-            step = count_calls(lambda: method.ingest(x, frames // g.frames_per_step), llm.device)
-            sync(llm.device)
-            chunk_s = time.perf_counter() - t
-            decode, decode_s, context_tokens = _decode_calls(llm, engine)
-            with _eager():  # the references are the stock eager computation, compiled layers or not
-                plain = plain_forward_calls(lm, step.forwards, g.hidden_size, llm.dtype, llm.device)
-                one = plain_forward_calls(lm, [(1, steps * g.tokens_per_frame)], g.hidden_size, llm.dtype, llm.device)
-                plain_decode, plain_decode_s = _plain_decode_calls(llm, context_tokens)
+            yield visual(), frames // g.frames_per_step, frames
     finally:
         BlockStore.stage_host_blocks = staged
         torch.set_num_threads(threads)
+
+
+def ops_row(llm: VideoLLM, method: CacheMethod, chunk: int, frames: int | None = None) -> dict[str, Any]:
+    """Operator calls and host reads of one steady-state chunk of ``chunk`` frames (``steady_state``) and of one
+    decoded answer token, each against the stock transformers computation of the same tokens: a causal forward
+    over the same (batch, tokens) as the method's forwards, and a decode step over a ``DynamicCache`` as long as
+    the answer's context. ``ratio_one_forward``: against one plain forward of the chunk's tokens (a method that
+    runs more tokens than the chunk, as MuKV does, is over 1 by that alone)."""
+    g, lm = llm.geometry, llm.model.model.language_model
+    engine = StreamingEngine(llm, method, EngineSettings(encode_chunk_size=chunk, max_new_tokens=4, progress=False))
+    with steady_state(llm, method, chunk, frames) as (x, first, frames):
+        sync(llm.device)
+        t = time.perf_counter()
+        step = count_calls(lambda: method.ingest(x, first), llm.device)
+        sync(llm.device)
+        chunk_s = time.perf_counter() - t
+        decode, decode_s, context_tokens = _decode_calls(llm, engine)
+        with _eager():  # the references are the stock eager computation, compiled layers or not
+            plain = plain_forward_calls(lm, step.forwards, g.hidden_size, llm.dtype, llm.device)
+            one = plain_forward_calls(lm, [(1, chunk // g.frames_per_step * g.tokens_per_frame)], g.hidden_size,
+                                      llm.dtype, llm.device)
+            plain_decode, plain_decode_s = _plain_decode_calls(llm, context_tokens)
     return {"method": method.name, "frames_before": frames, "chunk_ops": step.ops, "plain_ops": plain,
             "ratio": step.ops / plain if plain else None, "ratio_one_forward": step.ops / one,
             "forwards": step.forwards, "host_reads": step.host_reads, "host_read_sites": dict(step.sites),

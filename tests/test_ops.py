@@ -124,3 +124,25 @@ def test_the_counter_sees_planted_calls_and_reads(llm4):
     method.ingest = leaky
     row = ops_row(llm4, method, CHUNK)
     assert row["host_reads"] == 1 and "test_ops.py" in next(iter(row["host_read_sites"]))
+
+
+def test_the_split_divides_the_benchs_count_of_a_chunk(llm4):
+    """``experiments/ops_split.py`` (where a chunk's calls go: the method's attention, the layers around it, outside
+    the forwards) counts what ``ops_row`` counts, every call in one of its three parts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "ops_split.py"
+    spec = importlib.util.spec_from_file_location("ops_split", path)
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    for name in ("rekv", "streamkv"):
+        row = split.split_row(llm4, name, CHUNK, [f"budget_frames={BUDGET_FRAMES}"])
+        ref = method_row(llm4, name)
+        assert (row["chunk_ops"], row["plain_ops"], row["forwards"]) == \
+            (ref["chunk_ops"], ref["plain_ops"], ref["forwards"]), (row, ref)
+        layer_forwards = len(row["forwards"]) * llm4.geometry.num_layers
+        parts = [row[f"{k}_per_layer"] * layer_forwards for k in ("attention", "around", "outside")]
+        assert round(sum(parts)) == row["chunk_ops"] and min(parts) > 0, (name, parts)
+        # the layers around the attention are transformers' own: the plain layer's calls less its attention's
+        assert row["around_per_layer"] < row["plain_per_layer"] < row["around_per_layer"] + row["attention_per_layer"]
